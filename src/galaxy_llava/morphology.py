@@ -30,7 +30,7 @@ TYPE_PHRASES = {
     "elliptical": "This is an image of an elliptical galaxy",
     "spiral": "This is an image of a spiral galaxy",
     "edge-on disk": "This is an image of an edge-on disk galaxy",
-    "artifact": "This is an image of a star or artifact, not a galaxy",
+    "artifact": "This is an image of a star or artifact",
 }
 SHAPE_PHRASES = {
     "round": "nearly round in shape",
