@@ -1,0 +1,243 @@
+"""The training fast path: cached vision features and a loss computed only where labels are.
+
+The vision tower is frozen and the images are fixed, so its selected layer's output (the projector's
+input) is computed once per image and kept in memory or in a disk-backed ``.npy`` memmap. Each
+step then embeds the tokens, runs the (trainable) projector on the cached features, scatters them
+into the image-token positions exactly as ``LlavaModel`` does, runs the decoder to hidden states and
+applies ``lm_head`` only at positions whose next token is a label. Both shortcuts are exact; the
+plain Hugging Face forward stays available (``feature_cache="off", label_only_loss=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def llava_parts(model) -> SimpleNamespace:
+    """The pieces of a (possibly peft-wrapped) ``LlavaForConditionalGeneration`` the fast path uses."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = llava.model
+    return SimpleNamespace(llava=llava, inner=inner, config=llava.config,
+                           vision_tower=inner.vision_tower, projector=inner.multi_modal_projector,
+                           language_model=inner.language_model,
+                           embed=inner.get_input_embeddings(), lm_head=llava.lm_head)
+
+
+def num_image_tokens(config) -> int:
+    """Image tokens per image the language model sees (CLS dropped by the "default" strategy)."""
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n if config.vision_feature_select_strategy == "default" else n + 1
+
+
+class _Captured(Exception):
+    """Carries the projector's input out of ``get_image_features`` (stops before the projector)."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features = features
+
+
+@torch.no_grad()
+def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The frozen tower's selected features [B, T, D], exactly what HF feeds the projector.
+
+    Taken with a pre-hook on the projector during HF's own ``get_image_features``, so layer and
+    CLS-selection logic cannot drift from the library's. ``no_grad``, not ``inference_mode``: the
+    result is later saved for the projector's backward."""
+    parts = llava_parts(model)
+
+    def hook(_module, args):
+        raise _Captured(args[0])
+
+    handle = parts.projector.register_forward_pre_hook(hook)
+    try:
+        parts.inner.get_image_features(pixel_values=pixel_values)
+    except _Captured as c:
+        return c.features
+    finally:
+        handle.remove()
+    raise RuntimeError("the projector was never called by get_image_features")
+
+
+def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+                   label_only: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over label tokens (HF's shift-by-one loss).
+
+    ``label_only`` applies ``lm_head`` only at positions whose next label is not -100: the same
+    value, without the [B, L, vocab] logits (576 image tokens per galaxy carry no label)."""
+    shift = labels[:, 1:]
+    if label_only:
+        keep = shift != IGNORE
+        if not bool(keep.any()):  # keeps the graph (and DDP's reducer) intact on an empty batch
+            return hidden.sum() * 0.0
+        logits = lm_head(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, shift[keep])
+    logits = lm_head(hidden).float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift.reshape(-1),
+                           ignore_index=IGNORE)
+
+
+class LlavaTrainModule(nn.Module):
+    """``forward(batch) -> loss``: one module so DDP and torch.compile wrap the whole step.
+
+    ``batch`` holds ``input_ids``, ``attention_mask``, ``labels`` and either ``features`` (cached
+    tower output) or ``pixel_values``. Without features and without ``label_only`` it is the plain
+    HF forward with labels."""
+
+    def __init__(self, model, label_only_loss: bool = True):
+        super().__init__()
+        self.model = model
+        self.label_only = label_only_loss
+        self._parts = llava_parts(model)
+
+    def forward(self, input_ids, attention_mask, labels, features=None, pixel_values=None):
+        p = self._parts
+        if features is None and not self.label_only:
+            return p.llava(input_ids=input_ids, pixel_values=pixel_values,
+                           attention_mask=attention_mask, labels=labels, use_cache=False).loss
+        if features is None:
+            features = vision_features(self.model, pixel_values)
+        embeds = p.embed(input_ids)
+        proj_dtype = next(p.projector.parameters()).dtype
+        image = p.projector(features.to(proj_dtype))
+        mask = (input_ids == p.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, image.to(embeds.dtype))
+        hidden = p.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+        return causal_lm_loss(hidden, labels, p.lm_head, self.label_only)
+
+
+# ----------------------------------------------------------------- feature store
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+class FeatureStore:
+    """Vision features of N images, rows fetched by index: a tensor (memory) or a ``.npy`` memmap.
+
+    bf16 rows are stored on disk as their raw 16-bit patterns (numpy has no bf16)."""
+
+    def __init__(self, data, dtype: torch.dtype):
+        self.data, self.dtype = data, dtype
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, index, device) -> torch.Tensor:
+        """Rows ``index`` (list/tensor of ints) as a tensor on ``device``."""
+        if isinstance(self.data, torch.Tensor):
+            idx = torch.as_tensor(index, device=self.data.device)
+            return self.data.index_select(0, idx).to(device, non_blocking=True)
+        rows = np.ascontiguousarray(self.data[np.asarray(index)])
+        if self.dtype == torch.bfloat16:
+            rows = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+        else:
+            rows = torch.from_numpy(rows)
+        return rows.to(device, non_blocking=True)
+
+
+def cache_key(model, paths: list[str], dtype: torch.dtype, model_name: str) -> str:
+    """Identity of a feature cache: model, tower weights (cheap fingerprint), images, dtype."""
+    parts = llava_parts(model)
+    cfg = parts.config
+    with torch.no_grad():
+        weights = [float(p.float().sum()) for p in parts.vision_tower.parameters()][:64]
+    files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    blob = json.dumps([model_name, cfg.vision_config.to_dict(), cfg.vision_feature_layer,
+                       cfg.vision_feature_select_strategy, weights, files, str(dtype)],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _shard(n: int, rank: int, world: int) -> range:
+    per = -(-n // world)
+    return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def build_feature_store(model, processor, paths: list[str], *, mode: str, dtype: torch.dtype,
+                        device: torch.device, batch_size: int = 32, num_workers: int = 0,
+                        autocast=None, cache_dir: str | os.PathLike | None = None,
+                        model_name: str = "", rank: int = 0, world: int = 1,
+                        progress: bool = True) -> FeatureStore:
+    """Run the frozen tower once per image (``paths``); each rank computes its share of the rows.
+
+    ``mode="memory"`` keeps the rows on ``device``; ``"disk"`` writes ``cache_dir/features-<key>.npy``
+    (reused when model, images and dtype match) and reads rows per batch."""
+    import contextlib
+
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from galaxy_llava.data import load_image
+
+    n, t = len(paths), num_image_tokens(llava_parts(model).config)
+    d = llava_parts(model).config.vision_config.hidden_size
+    dd = dist.is_available() and dist.is_initialized() and world > 1
+    final = disk = None
+    if mode == "disk":
+        cache_dir = Path(cache_dir)
+        final = cache_dir / f"features-{cache_key(model, paths, dtype, model_name)}.npy"
+        if final.is_file():
+            return FeatureStore(np.load(final, mmap_mode="r"), dtype)
+        tmp = cache_dir / f".{final.name}.partial"
+        if rank == 0:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=_NP_DTYPES[dtype], shape=(n, t, d)).flush()
+        if dd:
+            dist.barrier()
+        disk = np.load(tmp, mmap_mode="r+")
+    mine = _shard(n, rank, world)
+    out = torch.zeros((len(mine), t, d), dtype=dtype, device=device) if disk is None else None
+
+    def load(batch_paths):
+        imgs = [load_image(p) for p in batch_paths]
+        return processor.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
+
+    chunks = [list(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+    loader = torch.utils.data.DataLoader([[paths[i] for i in c] for c in chunks], batch_size=None,
+                                         num_workers=num_workers, collate_fn=load)
+    was_training = model.training
+    model.eval()
+    done = 0
+    for chunk, pixels in zip(chunks, tqdm(loader, desc="vision features", unit="batch",
+                                          disable=not progress, leave=False)):
+        with autocast() if autocast else contextlib.nullcontext():
+            feats = vision_features(model, pixels.to(device)).to(dtype)
+        if disk is None:
+            out[done:done + len(chunk)] = feats
+        else:
+            rows = feats.cpu()
+            disk[chunk[0]:chunk[-1] + 1] = (rows.view(torch.int16).numpy().view(np.uint16)
+                                            if dtype == torch.bfloat16 else rows.numpy())
+        done += len(chunk)
+    model.train(was_training)
+    if disk is not None:
+        disk.flush()
+        del disk
+        if dd:
+            dist.barrier()
+        if rank == 0:
+            os.replace(tmp, final)
+        if dd:
+            dist.barrier()
+        return FeatureStore(np.load(final, mmap_mode="r"), dtype)
+    if dd:  # every rank needs every row: per-epoch shuffles draw from the whole set
+        per = -(-n // world)
+        padded = torch.zeros((per, t, d), dtype=dtype, device=device)
+        padded[:len(mine)] = out
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        out = torch.cat(gathered)[:n]
+    return FeatureStore(out, dtype)

@@ -1,0 +1,116 @@
+"""Describe galaxy images with a (fine-tuned) LLaVA model.
+
+One ``generate`` call per batch: the vision tower runs once per batch (generate encodes the images
+before expanding them to beams), prompts are left-padded, only new tokens are decoded and each
+answer ends at EOS. No n-gram blocking and no ``min_length`` (reference defect 6): the caption
+grammar repeats "bulge at its center", and ``min_length`` would count prompt tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from galaxy_llava.data import (IMAGE_SUFFIXES, encode_prompt, load_image, num_image_tokens,
+                               pixel_values)
+from galaxy_llava.errors import UserError
+from galaxy_llava.modeling import DEFAULT_PROMPT
+
+
+def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
+    p = next(model.parameters())
+    return p.dtype, p.device
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, length - len(s):] = 1
+    return ids, mask
+
+
+def _cut_at_eos(ids: list[int], stop_ids: set[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:i]
+    return ids
+
+
+def describe_images(model, processor, images: Iterable[Image.Image | str | os.PathLike],
+                    prompt: str | None = DEFAULT_PROMPT, batch_size: int = 16, num_beams: int = 3,
+                    max_new_tokens: int = 40, do_sample: bool = False,
+                    progress: bool = True) -> list[str]:
+    """One description per image (PIL images or paths, loaded a batch at a time), in order.
+
+    Greedy when ``num_beams=1``; stops at EOS; returns only the generated text, stripped."""
+    images = list(images)
+    tok = processor.tokenizer
+    if tok.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token; set one before generating")
+    prompt_ids = encode_prompt(tok, prompt or DEFAULT_PROMPT, num_image_tokens(processor))
+    dtype, device = _model_dtype_device(model)
+    stop_ids = {tok.eos_token_id}
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        # Explicit, so a checkpoint's generation_config cannot switch them back on (defect 6).
+        no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0)
+    texts: list[str] = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="describing", unit="batch", disable=not progress or len(starts) < 2):
+        batch = [im if isinstance(im, Image.Image) else load_image(im)
+                 for im in images[start:start + batch_size]]
+        ids, mask = _left_pad([prompt_ids] * len(batch), tok.pad_token_id)
+        pv = pixel_values(processor, batch).to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 pixel_values=pv, **gen_kwargs)
+        for row in out[:, ids.shape[1]:].tolist():
+            texts.append(tok.decode(_cut_at_eos(row, stop_ids), skip_special_tokens=True).strip())
+    return texts
+
+
+def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded to their .jpg/.jpeg/.png files (sorted); missing paths are errors."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise UserError(f"no .jpg/.jpeg/.png images in folder {p}")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{p} does not exist")
+    return out
+
+
+def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 16,
+                   num_beams: int = 3, max_new_tokens: int = 40, prompt: str | None = None,
+                   device=None) -> list[dict]:
+    """Describe image files and folders with a run, model folder or Hub id: ``[{image, text}]``.
+
+    Uses the prompt stored with the model unless ``prompt`` is given."""
+    files = expand_image_paths(paths)
+    # Validate every file before loading the model, so a stray text file fails fast and by name.
+    for f in files:
+        load_image(f, decode=False)
+    from galaxy_llava.modeling import load_for_inference
+
+    with warnings.catch_warnings():
+        if prompt is not None:  # the stored prompt is not needed, so neither is its warning
+            warnings.simplefilter("ignore", UserWarning)
+        net, processor, stored = load_for_inference(model, device=device)
+    texts = describe_images(net, processor, files, prompt or stored, batch_size=batch_size,
+                            num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return [{"image": str(f), "text": t} for f, t in zip(files, texts)]

@@ -1,0 +1,508 @@
+"""Build, load, adapt and export LLaVA models (TinyLLaVA by default), and store the prompt with them.
+
+Folders this module writes or reads:
+
+* a *model folder*: a plain Hugging Face LLaVA checkpoint (``config.json``, ``model.safetensors``,
+  processor files) plus ``galaxy_llava.json`` = ``{"kind": "model", "prompt", "base_model"}``;
+* a *RUN folder* (written by the trainer through :func:`save_run_model`): ``RUN/model/`` (full
+  fine-tune, a model folder) or ``RUN/adapter/`` (peft LoRA adapter with the processor beside it and
+  ``galaxy_llava.json`` kind ``"adapter"``), and ``RUN/galaxy_llava.json`` kind ``"run"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from galaxy_llava.errors import UserError
+from galaxy_llava.io import atomic_path, write_json
+
+DEFAULT_MODEL = "bczhou/tiny-llava-v1-hf"
+DEFAULT_PROMPT = "USER: <image>\nDescribe this galaxy.\nASSISTANT:"
+MARKER = "galaxy_llava.json"
+PRESETS = ("tiny", "tinyllava")
+# LoRA targets: the decoder's attention and MLP projections and the projector's two linears. A
+# regex (peft full-matches it against module names) so the CLIP tower's q/k/v_proj never match.
+LANGUAGE_TARGET_REGEX = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LORA_TARGET_REGEX = LANGUAGE_TARGET_REGEX + r"|.*multi_modal_projector\.linear_[12]"
+
+# ----------------------------------------------------------------- prompt / marker storage
+
+
+def _read_marker(folder: Path) -> dict:
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _write_marker(folder: Path, **fields: Any) -> None:
+    data = {**_read_marker(folder), **{k: v for k, v in fields.items() if v is not None}}
+    write_json(Path(folder) / MARKER, data)
+
+
+def write_prompt(folder: str | os.PathLike, prompt: str, kind: str | None = None,
+                 base_model: str | None = None) -> None:
+    """Store the prompt a model was trained with in ``folder/galaxy_llava.json`` (kept with the model)."""
+    _write_marker(Path(folder), prompt=prompt, kind=kind, base_model=base_model)
+
+
+def read_prompt(folder: str | os.PathLike) -> str | None:
+    """The prompt stored with a model, adapter or RUN folder, or None when none is stored."""
+    folder = Path(folder)
+    for f in (folder, folder / "model", folder / "adapter"):
+        prompt = _read_marker(f).get("prompt")
+        if prompt:
+            return prompt
+    return None
+
+
+# ----------------------------------------------------------------- device and dtype
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to use: as given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that supports it (over 10x the fp32 throughput, defect 9), fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+        if dtype not in named:
+            raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(named)}")
+        return named[dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# ----------------------------------------------------------------- tiny models
+
+_GENERIC_ENGLISH = (
+    "The quick brown fox jumps over the lazy dog. What is this? It is a picture of the night sky. "
+    "Please describe the image in one sentence. The telescope observed a bright star, a faint "
+    "nebula and a distant cluster of galaxies. Astronomers classify galaxies by their shape: some "
+    "are smooth and round, others have a disk, spiral arms, a bar or a bulge. Answer the question "
+    "about the photo. There are 0 1 2 3 4 5 6 7 8 9 numbers and punctuation: ; ! ? ( ) - ' \" ."
+)
+_TINY = dict(vision_hidden=64, vision_layers=3, vision_heads=4, vision_mlp=128, image_size=64,
+             patch=16, text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=344,
+             max_positions=512, spm_vocab=640)
+_TINYLLAVA = dict(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
+                  image_size=336, patch=14, text_hidden=2048, text_layers=22, text_heads=32,
+                  text_kv_heads=4, text_mlp=5632, max_positions=2048, spm_vocab=640, vocab=32064)
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _preset(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    return _TINY if preset == "tiny" else _TINYLLAVA
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Caption grammar (every reachable caption of both rule sets), prompts and generic English."""
+    from galaxy_llava.morphology import reachable_morphologies
+
+    captions = sorted({m.caption() for rules in ("reference", "tree")
+                       for m in reachable_morphologies(rules)})
+    prompts = [DEFAULT_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
+    # Repetition weights the prompt and generic words so they become whole pieces too.
+    return captions * 4 + prompts * 40 + [_GENERIC_ENGLISH] * 10
+
+
+def _train_sentencepiece(vocab_size: int) -> bytes:
+    """A SentencePiece BPE model with Llama's settings (byte fallback, split digits, dummy prefix)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_tokenizer_corpus()), model_writer=buf, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True, split_digits=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    return buf.getvalue()
+
+
+def build_tokenizer(max_length: int = 512, vocab_size: int = 640):
+    """A Llama tokenizer like TinyLLaVA's, from a SentencePiece BPE model trained on the caption grammar.
+
+    Byte fallback (any text encodes), ``<s>``/``</s>``, ``<image>`` then ``<pad>`` added as special
+    tokens (pad != eos, as in TinyLLaVA), words carry their leading space (``▁This``). Deterministic."""
+    import tempfile
+
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(_train_sentencepiece(vocab_size))
+        tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True,
+                                             add_eos_token=False, model_max_length=max_length)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def _image_processor(size: int):
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers: the torchvision-free class was the only one
+        from transformers import CLIPImageProcessor as ImageProcessor
+    return ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                          do_center_crop=True, do_resize=True, image_mean=_CLIP_MEAN,
+                          image_std=_CLIP_STD, resample=3, do_convert_rgb=True)
+
+
+def tiny_config(preset: str = "tiny", tokenizer=None):
+    """The LlavaConfig of a preset: ``tiny`` (CPU-sized) or ``tinyllava`` (TinyLLaVA's exact shapes)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    p = _preset(preset)
+    tok = tokenizer if tokenizer is not None else build_tokenizer(p["max_positions"], p["spm_vocab"])
+    # Round the vocabulary up like TinyLLaVA's 32064 (a multiple of 64 is faster on GPUs).
+    vocab = p.get("vocab") or -(-len(tok) // 64) * 64
+    vision = CLIPVisionConfig(
+        hidden_size=p["vision_hidden"], intermediate_size=p["vision_mlp"],
+        num_hidden_layers=p["vision_layers"], num_attention_heads=p["vision_heads"],
+        image_size=p["image_size"], patch_size=p["patch"], projection_dim=p["vision_hidden"],
+        hidden_act="quick_gelu")
+    text = LlamaConfig(
+        vocab_size=vocab, hidden_size=p["text_hidden"], intermediate_size=p["text_mlp"],
+        num_hidden_layers=p["text_layers"], num_attention_heads=p["text_heads"],
+        num_key_value_heads=p["text_kv_heads"], max_position_embeddings=p["max_positions"],
+        rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    n_patches = (p["image_size"] // p["patch"]) ** 2
+    return LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=n_patches,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        vision_feature_layer=-2, tie_word_embeddings=False)
+
+
+def build_model_in_memory(preset: str = "tiny", seed: int = 0, device=None, dtype=None):
+    """A random-initialised LLaVA of a preset and its processor, built directly on ``device``
+    (default CPU) in ``dtype`` (default fp32); returns ``(model, processor)``, model in eval mode.
+
+    For benchmarks of the ``tinyllava`` shapes without writing 5.6 GB: initialising on the GPU
+    takes seconds."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    p = _preset(preset)
+    device = resolve_device(device) if device is not None else torch.device("cpu")
+    dtype = resolve_dtype(dtype, device) if dtype is not None else torch.float32
+    tok = build_tokenizer(p["max_positions"], p["spm_vocab"])
+    config = tiny_config(preset, tok)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype,
+                                                           attn_implementation="sdpa")
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    processor = LlavaProcessor(
+        image_processor=_image_processor(p["image_size"]), tokenizer=tok, patch_size=p["patch"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model.eval(), processor
+
+
+def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-initialised LLaVA with its processor and prompt in the Hugging Face layout.
+
+    ``tiny`` has 0.72 M parameters (64 px images, 16 image tokens) for CPU tests and the demo;
+    ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in bf16, ~2.8 GB)."""
+    out = Path(out)
+    model, processor = build_model_in_memory(
+        preset, seed=seed, dtype=torch.bfloat16 if preset == "tinyllava" else torch.float32)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        # The SentencePiece model too, as TinyLLaVA ships it (tokenizer.json stays authoritative).
+        (tmp / "tokenizer.model").write_bytes(_train_sentencepiece(_preset(preset)["spm_vocab"]))
+        _write_marker(tmp, prompt=DEFAULT_PROMPT, kind="model", preset=preset, seed=seed)
+    return out
+
+
+# ----------------------------------------------------------------- loading
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _is_local(name: str) -> bool:
+    """A path (existing, or not shaped like a Hub id ``org/name``) rather than a Hub id."""
+    return Path(name).expanduser().exists() or not _HUB_ID.match(name)
+
+
+def _hub_error(name: str, e: Exception) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "it could not be fetched"
+    return UserError(f"no local folder {name!r}, and cannot load it from the Hugging Face Hub: {why} "
+                     f"or the id is unknown "
+                     f"({first[:160]}); download it once with `hf download {name} --local-dir DIR` "
+                     f"and pass --model DIR (a local folder)")
+
+
+def _load_config(name: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if _is_local(name):
+        if not path.is_dir():
+            raise UserError(f"model folder {name} does not exist")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name} is not a galaxy-llava run or LLaVA model (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(str(path) if _is_local(name) else name,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if _is_local(name):
+            raise UserError(f"cannot read the model config in {name}: {str(e).splitlines()[0]}") from None
+        raise _hub_error(name, e) from None
+
+
+def fix_processor(processor, config) -> None:
+    """Make the processor expand ``<image>`` to as many tokens as the model has image features.
+
+    TinyLLaVA's processor ships without ``patch_size`` (the notebook set it by hand); take it from
+    the vision config, and the CLS/strategy accounting from the model config."""
+    from galaxy_llava.data import num_image_tokens
+
+    vc = config.vision_config
+    patch = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = patch
+    side = (vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]) // patch
+    expected = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    if num_image_tokens(processor) != expected:
+        processor.num_additional_image_tokens = 1
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    if num_image_tokens(processor) != expected:
+        raise UserError(f"the processor gives {num_image_tokens(processor)} image tokens per image "
+                        f"but the model expects {expected}; check the image processor's crop size")
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None,
+               trust_remote_code: bool = False):
+    """Load a LLaVA model and processor (Hub id or local folder), safetensors only, on ``device``.
+
+    Returns ``(model, processor)``; bf16 on a capable GPU, fp32 on CPU, SDPA attention."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    name = str(name_or_path)
+    config = _load_config(name, trust_remote_code)
+    if config.model_type != "llava":
+        raise UserError(f"{name} is a {config.model_type!r} checkpoint, not a LLaVA model "
+                        f"(LlavaForConditionalGeneration); pass a LLaVA model such as {DEFAULT_MODEL}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    source = str(Path(name).expanduser()) if _is_local(name) else name
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
+                  trust_remote_code=trust_remote_code)
+    if device.type != "cpu":
+        kwargs["device_map"] = {"": str(device)}
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _is_local(name):
+            if not list(Path(source).glob("*.safetensors")):
+                raise UserError(f"{name} has no .safetensors weights (pickle .bin files are not "
+                                "loaded for safety); convert it to safetensors first") from None
+            raise UserError(f"cannot load the LLaVA model in {name}: {msg[:200]}") from None
+        raise _hub_error(name, e) from None
+    fix_processor(processor, model.config)
+    return model, processor
+
+
+def _adapter_base(run: Path) -> str:
+    """The base model of a LoRA run: from our marker, else from peft's adapter_config.json."""
+    base = _read_marker(run).get("base_model") or _read_marker(run / "adapter").get("base_model")
+    if not base:
+        cfg = run / "adapter" / "adapter_config.json"
+        if cfg.is_file():
+            base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"the adapter in {run} does not name its base model; "
+                        f"add \"base_model\" to {run / MARKER}")
+    if _is_local(base) and not Path(base).expanduser().is_dir():
+        raise UserError(f"the base model of the adapter in {run}, {base}, was not found; "
+                        f"set \"base_model\" in {run / MARKER} to its folder or Hub id")
+    return base
+
+
+def _run_kind(path: Path) -> str | None:
+    """'adapter', 'full' (RUN folders), 'model' (a plain checkpoint folder) or None."""
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "model" / "config.json").is_file():
+        return "full"
+    if (path / "config.json").is_file():
+        return "model"
+    return None
+
+
+def _load_adapter_model(run: Path, device=None, dtype=None, merge: bool = True):
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    base_name = _adapter_base(run)
+    model, processor = load_model(base_name, device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(model, str(run / "adapter"))
+    if (run / "adapter" / "processor_config.json").is_file():
+        processor = AutoProcessor.from_pretrained(str(run / "adapter"))
+        fix_processor(processor, model.config)
+    return (model.merge_and_unload() if merge else model), processor
+
+
+def load_for_inference(run_or_model: str | os.PathLike, device=None):
+    """Load a RUN folder (``model/`` or LoRA ``adapter/``), a model folder or a Hub id for inference.
+
+    Returns ``(model, processor, prompt)`` with the model in eval mode and LoRA merged; the prompt
+    is the one stored with the model, else DEFAULT_PROMPT with a warning."""
+    name = str(run_or_model)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        kind = _run_kind(path)
+        if kind is None:
+            raise UserError(f"{name} is not a galaxy-llava run or LLaVA model "
+                            "(no adapter/, model/ or config.json inside)")
+        if kind == "adapter":
+            model, processor = _load_adapter_model(path, device=device)
+        else:
+            model, processor = load_model(path / "model" if kind == "full" else path, device=device)
+        prompt = read_prompt(path)
+    elif _is_local(name):
+        raise UserError(f"{name} does not exist (expected a run folder, model folder or Hub id)")
+    else:
+        model, processor = load_model(name, device=device)
+        prompt = None
+    if prompt is None:
+        warnings.warn(f"no prompt stored with {name}; using the default {DEFAULT_PROMPT!r}",
+                      stacklevel=2)
+        prompt = DEFAULT_PROMPT
+    return model.eval(), processor, prompt
+
+
+# ----------------------------------------------------------------- training helpers
+
+
+def _vision_tower(model):
+    for name, module in model.named_modules():
+        if name.endswith("vision_tower"):
+            return module
+    raise UserError("the model has no vision_tower; is it a LLaVA model?")
+
+
+def freeze_vision_tower(model) -> None:
+    """Stop gradients into the CLIP tower: 1.8k galaxies would only erode its general features."""
+    for p in _vision_tower(model).parameters():
+        p.requires_grad_(False)
+
+
+def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, projector: str = "lora"):
+    """Wrap ``model`` in peft LoRA on the language model's q/k/v/o/gate/up/down and the projector.
+
+    The projector is LoRA-adapted by default (``projector="lora"``), not trained whole: the caption
+    grammar carries ~20 attribute values, a low-rank change of what reaches the decoder, and a
+    rank-r update of the pretrained 6.3 M-parameter MLP cannot wreck it at LoRA learning rates on
+    1.8k images, while the adapter stays small. ``projector="full"`` trains it whole
+    (peft ``modules_to_save``) for a randomly initialised or badly mismatched projector. The
+    reference's ``mm_projector`` target matched nothing (defect 1); the vision tower is untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    if projector not in ("lora", "full"):
+        raise UserError(f"projector must be 'lora' or 'full', not {projector!r}")
+    target = LORA_TARGET_REGEX if projector == "lora" else LANGUAGE_TARGET_REGEX
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=target,
+        modules_to_save=["multi_modal_projector"] if projector == "full" else None)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
+    freeze_vision_tower(peft_model)
+    return peft_model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _abs_if_local(name: str | None) -> str | None:
+    if name and _is_local(name) and Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def save_run_model(model, processor, run: str | os.PathLike, prompt: str = DEFAULT_PROMPT,
+                   base_model: str | None = None) -> Path:
+    """Save a trained model into a RUN folder: ``RUN/adapter/`` for a peft model, else ``RUN/model/``.
+
+    The processor goes beside the weights; the prompt, base model and kind go in galaxy_llava.json
+    files, so :func:`load_for_inference` and :func:`export_run` need nothing else. Returns the folder."""
+    from peft import PeftModel
+
+    run = Path(run)
+    base_model = _abs_if_local(base_model or getattr(model, "name_or_path", None))
+    is_adapter = isinstance(model, PeftModel)
+    folder = run / ("adapter" if is_adapter else "model")
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        write_prompt(tmp, prompt, kind="adapter" if is_adapter else "model", base_model=base_model)
+    # Only one kind of weights per run: a stale folder of the other kind would shadow this one.
+    shutil.rmtree(run / ("model" if is_adapter else "adapter"), ignore_errors=True)
+    _write_marker(run, kind="run", prompt=prompt, base_model=base_model,
+                  method="lora" if is_adapter else "full")
+    return folder
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a RUN as a plain LLaVA checkpoint (LoRA merged into the base weights) with processor and prompt."""
+    run, out = Path(run), Path(out)
+    kind = _run_kind(run) if run.is_dir() else None
+    if kind not in ("adapter", "full"):
+        raise UserError(f"{run} is not a galaxy-llava run (no adapter/ or model/ folder inside)")
+    prompt = read_prompt(run) or DEFAULT_PROMPT
+    with atomic_path(out) as tmp:
+        if kind == "full":
+            shutil.copytree(run / "model", tmp)
+            base = _read_marker(run).get("base_model")
+        else:
+            base = _adapter_base(run)
+            # Merge in fp32 on the CPU (exact), then store in the base checkpoint's dtype.
+            saved = getattr(_load_config(base, False), "dtype", None)
+            model, processor = _load_adapter_model(run, device="cpu", dtype=torch.float32)
+            if isinstance(saved, str):
+                saved = getattr(torch, saved, None)
+            if isinstance(saved, torch.dtype) and saved != torch.float32:
+                model = model.to(saved)
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+        write_prompt(tmp, prompt, kind="model", base_model=base)
+    return out

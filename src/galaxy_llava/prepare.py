@@ -1,0 +1,422 @@
+"""Build the caption dataset: a balanced, seeded selection of GZ2 galaxies, resized JPEGs,
+captions under a rule set, stratified train/val/test splits, statistics and a preview.
+
+Output folder::
+
+    manifest.json   arguments and a fingerprint of the catalogue (guards against mixing datasets)
+    dataset.jsonl   {"image", "text", "id_str", "split", "morphology", "fractions"} per galaxy
+    images/<md5(id_str)>.jpg
+    stats.json      counts, caption lengths, skipped images
+    preview.png     a grid of sample galaxies with their captions
+
+Every file is a pure function of the arguments and the catalogue, so a re-run writes nothing
+new: images already present are kept and the other files are only replaced when their bytes
+would change.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from galaxy_llava import __version__, io as gio, morphology
+from galaxy_llava.catalog import ID_COLUMN, Catalog, ImageError, decode_image, load_catalog
+from galaxy_llava.errors import UserError
+
+CLASSES = ("elliptical", "spiral")
+SPLITS = ("train", "val", "test")
+MANIFEST_FORMAT = "galaxy-llava-prepared/1"
+# Manifest fields that decide the dataset's content; the rest (source path, versions) are
+# informational, so the same catalogue copied elsewhere still matches.
+IDENTITY_KEYS = ("rules", "min_votes", "n_per_class", "seed", "image_size", "val_fraction",
+                 "test_fraction", "catalog_rows", "catalog_sha256")
+JPEG_QUALITY = 85
+_MAX_WARNINGS = 10
+
+
+def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int = 1000,
+            seed: int = 42, image_size: int = 336, rules: str = "reference", min_votes: int = 5,
+            val_fraction: float = 0.1, test_fraction: float = 0.1, hub_config: str | None = None,
+            hub_split: str = "train", workers: int | None = None) -> dict:
+    """Select ``n_per_class`` elliptical and spiral galaxies, write images, captions, splits,
+    stats and a preview under ``out``; return the stats.
+
+    An unreadable, truncated or oversized image is skipped with a warning naming the galaxy and
+    listed in the stats, not replaced by another galaxy: the selection and the splits stay a pure
+    function of the votes and the seed, so classes may then differ by the skipped count.
+    """
+    _check_args(n_per_class, seed, image_size, rules, min_votes, val_fraction, test_fraction,
+                workers)
+    out = Path(out)
+    workers = workers or min(4, os.cpu_count() or 1)
+    args = {"rules": rules, "min_votes": min_votes if rules == "tree" else None,
+            "n_per_class": n_per_class, "seed": seed, "image_size": image_size,
+            "val_fraction": val_fraction, "test_fraction": test_fraction}
+    _check_out(out, args)  # cheap: before a possibly large catalogue is opened
+    catalog = load_catalog(source, rules=rules, hub_config=hub_config, hub_split=hub_split)
+    manifest = {"format": MANIFEST_FORMAT, "source": _source_name(source),
+                "source_kind": catalog.kind, "hub_config": hub_config, "hub_split": hub_split,
+                **args, "catalog_rows": len(catalog), "catalog_sha256": _fingerprint(catalog)}
+    _check_out(out, manifest)
+
+    usable, excluded = _usable_rows(catalog.votes)
+    sel = select(catalog.votes.loc[usable], n_per_class, seed, val_fraction, test_fraction)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "manifest.json").exists():  # written first: an interrupted run can resume
+        gio.write_json(out / "manifest.json", {**manifest, "version": __version__})
+
+    records = _records(catalog.votes, sel, rules, min_votes)
+    failed, written, reused = _write_images(catalog, sel["row"].tolist(), records,
+                                            out / "images", image_size, workers)
+    kept = [r for row, r in zip(sel["row"], records) if row not in failed]
+    if not kept:
+        first = next(iter(failed.values()))
+        raise UserError(f"none of the {len(records)} selected images could be read "
+                        f"(first: {first})")
+    changed = _write_if_changed(
+        out / "dataset.jsonl",
+        "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept).encode())
+    stats = _stats(records, sel, failed, excluded, n_per_class, manifest)
+    _write_if_changed(out / "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
+    if changed or not (out / "preview.png").exists():  # same records, same preview: save ~2 s
+        gio.write_bytes(out / "preview.png", render_preview(out, kept))
+    _print_summary(stats, out, written, reused)
+    return {**stats, "images_written": written, "images_reused": reused}
+
+
+def select(votes: pd.DataFrame, n_per_class: int, seed: int, val_fraction: float = 0.1,
+           test_fraction: float = 0.1) -> pd.DataFrame:
+    """Balanced seeded selection, vectorised over the smooth-fraction column.
+
+    Returns one row per selected galaxy in record order with columns ``row`` (catalogue
+    position), ``class`` and ``split``; ``.attrs`` holds ``available`` and ``n_per_class``.
+    Like the notebook, both classes get ``min(N, #elliptical, #spiral)`` galaxies.
+    """
+    smooth = votes[morphology.col("smooth-or-featured", "smooth")].to_numpy(np.float64)
+    is_ell = morphology.is_elliptical(smooth)  # NaN > 0.6 is False: spiral, as in the notebook
+    rows = votes.index.to_numpy()
+    pools = {"elliptical": rows[is_ell], "spiral": rows[~is_ell]}
+    available = {c: int(len(p)) for c, p in pools.items()}
+    n = min(n_per_class, *available.values())
+    if n == 0:
+        raise UserError("empty selection: the catalogue has " + " and ".join(
+            f"{available[c]} {c} galaxies" for c in CLASSES) + " (elliptical: smooth fraction "
+            "> 0.6); both classes are needed")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for c in CLASSES:
+        chosen = rng.permutation(pools[c])[:n]  # a random prefix: larger N extends the set
+        n_test = _round(n * test_fraction)
+        n_val = _round(n * val_fraction)
+        split = np.array(["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val))
+        parts.append(pd.DataFrame({"row": chosen, "class": c, "split": split}))
+    sel = pd.concat(parts, ignore_index=True)
+    sel = sel.iloc[rng.permutation(len(sel))].reset_index(drop=True)  # interleave the classes
+    sel.attrs.update(available=available, n_per_class=n)
+    return sel
+
+
+def image_name(id_str: str) -> str:
+    """File name of a galaxy's image: the md5 of its id, as in the notebook."""
+    return hashlib.md5(str(id_str).encode()).hexdigest() + ".jpg"
+
+
+def to_jpeg(data: bytes, size: int) -> bytes:
+    """Decode untrusted image bytes and return a ``size``-square RGB JPEG (quality 85).
+
+    A non-square image is padded with black to a square first, so that resizing never
+    stretches a galaxy (elongation is one of the caption's attributes)."""
+    img = decode_image(data)
+    try:
+        img = img.convert("RGB")
+        if img.width != img.height:
+            side = max(img.size)
+            canvas = Image.new("RGB", (side, side))
+            canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+            img = canvas
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=JPEG_QUALITY)
+    except (OSError, ValueError) as e:  # an odd mode PIL cannot convert
+        raise ImageError(f"cannot convert image ({type(e).__name__}: {e})") from None
+    return buf.getvalue()
+
+
+def render_preview(out: Path, records: list[dict], n: int = 16) -> bytes:
+    """PNG bytes of a grid of up to ``n`` galaxies (both classes) with wrapped captions."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    by_class = [[r for r in records if r["morphology"]["type"] == c] for c in CLASSES]
+    picks = [r for pair in zip(*by_class) for r in pair][:n]  # alternate the classes
+    for r in records:  # top up (a class ran short, or tree-rule types) in record order
+        if len(picks) >= n:
+            break
+        if all(r is not p for p in picks):
+            picks.append(r)
+    cols, cell_w, cell_h, text_h = 4, 3.0, 3.9, 0.8  # inches
+    rows = max(1, math.ceil(len(picks) / cols))
+    fig = Figure(figsize=(cols * cell_w, rows * cell_h))
+    FigureCanvasAgg(fig)
+    fw, fh = fig.get_figwidth(), fig.get_figheight()
+    for k, rec in enumerate(picks):
+        # Explicit axes and plain text: subplot titles and layout engines cost seconds.
+        x0, y0 = (k % cols) * cell_w, fh - (k // cols + 1) * cell_h
+        ax = fig.add_axes(((x0 + 0.05) / fw, (y0 + 0.05) / fh, (cell_w - 0.1) / fw,
+                           (cell_h - text_h - 0.1) / fh))
+        with Image.open(out / rec["image"]) as img:
+            ax.imshow(np.asarray(img.convert("RGB")))
+        ax.set_axis_off()
+        fig.text((x0 + 0.08) / fw, (y0 + cell_h - 0.05) / fh, f"{rec['id_str']} ({rec['split']})\n"
+                 + textwrap.fill(rec["text"], 44), fontsize=7, va="top", ha="left")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- helpers
+
+def _check_args(n_per_class, seed, image_size, rules, min_votes, val_fraction, test_fraction,
+                workers) -> None:
+    if rules not in morphology.RULE_SETS:
+        raise UserError(f"--rules must be one of {', '.join(morphology.RULE_SETS)} (got {rules!r})")
+    if not isinstance(n_per_class, int) or n_per_class < 1:
+        raise UserError(f"--n-per-class must be at least 1 (got {n_per_class})")
+    if not isinstance(seed, int) or seed < 0:
+        raise UserError(f"--seed must be a non-negative integer (got {seed})")
+    if not 8 <= image_size <= 4096:
+        raise UserError(f"--image-size must be between 8 and 4096 pixels (got {image_size})")
+    if min_votes < 0:
+        raise UserError(f"--min-votes must be non-negative (got {min_votes})")
+    for flag, f in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise UserError(f"{flag} must be in [0, 1) (got {f})")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"--val-fraction + --test-fraction must be below 1 "
+                        f"(got {val_fraction} + {test_fraction}): no galaxies left to train on")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {workers})")
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))  # half up: Python's round() is half-to-even
+
+
+def _source_name(source: Any) -> str:
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def _fingerprint(catalog: Catalog) -> str:
+    """sha256 of the ids and vote values: the same catalogue gives the same hash anywhere."""
+    v = catalog.votes
+    cols = [c for c in v.columns if c != ID_COLUMN]
+    values = v[cols].to_numpy(np.float64)
+    values = np.where(np.isnan(values), np.nan, values)  # one NaN bit pattern
+    h = hashlib.sha256("\n".join(cols).encode())
+    h.update("\0".join("" if i is None else str(i) for i in v[ID_COLUMN]).encode())
+    h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()
+
+
+def _check_out(out: Path, fields: dict) -> None:
+    """Refuse an output folder holding something else: never mix two datasets' images."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    path = out / "manifest.json"
+    if not path.exists():
+        if any(out.iterdir()):
+            raise UserError(f"--out {out} is not empty and holds no manifest.json from "
+                            "`galaxy-llava prepare`; pass a new or empty folder")
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); pass a new --out folder") from None
+    diffs = [f"{k} {old.get(k)!r} -> {fields[k]!r}" for k in IDENTITY_KEYS
+             if k in fields and old.get(k) != fields[k]]
+    if "catalog_sha256" in fields and old.get("catalog_sha256") != fields["catalog_sha256"]:
+        diffs = [d for d in diffs if not d.startswith(("catalog_sha256", "catalog_rows"))]
+        diffs.append(f"catalogue content differs (was prepared from {old.get('source')}, "
+                     f"now {fields['source']})")
+    if diffs:
+        raise UserError(f"--out {out} holds a different dataset: {'; '.join(diffs)}; pass a new "
+                        "--out folder or delete this one")
+
+
+def _usable_rows(votes: pd.DataFrame) -> tuple[pd.Index, dict]:
+    """Rows with an id; a repeated id keeps its first row (one image file per id)."""
+    ids = votes[ID_COLUMN]
+    missing = ids.isna() | (ids.astype(str).str.strip() == "")
+    dup = ids.duplicated(keep="first") & ~missing
+    for what, mask in (("no id_str", missing), ("a repeated id_str", dup)):
+        if mask.any():
+            print(f"warning: {int(mask.sum())} catalogue row(s) with {what} left out",
+                  file=sys.stderr)
+    return votes.index[~(missing | dup)], {"missing_id": int(missing.sum()),
+                                           "duplicate_id": int(dup.sum())}
+
+
+def _records(votes: pd.DataFrame, sel: pd.DataFrame, rules: str, min_votes: int) -> list[dict]:
+    fraction_cols = [c for c in morphology.required_columns(rules) if c.endswith("_fraction")]
+    rows = votes.iloc[sel["row"].to_numpy()].to_dict("records")
+    records = []
+    for row, split in zip(rows, sel["split"]):
+        m = morphology.morphology_from_fractions(row, rules, min_votes)
+        records.append({
+            "image": f"images/{image_name(row[ID_COLUMN])}",
+            "text": m.caption(),  # == caption_from_fractions(row, rules, min_votes)
+            "id_str": str(row[ID_COLUMN]),
+            "split": split,
+            "morphology": m.to_dict(),  # every key always present: one Arrow schema
+            "fractions": {c: None if math.isnan(row[c]) else float(row[c]) for c in fraction_cols},
+        })
+    return records
+
+
+def _convert_and_write(data: bytes, dest: Path, size: int) -> str | None:
+    """Worker: the reason an image was refused, or None once its JPEG is written."""
+    try:
+        jpeg = to_jpeg(data, size)
+    except ImageError as e:
+        return str(e)
+    gio.write_bytes(dest, jpeg)  # disk errors are not the image's fault: they propagate
+    return None
+
+
+def _write_images(catalog: Catalog, rows: list[int], records: list[dict], folder: Path,
+                  size: int, workers: int) -> tuple[dict[int, str], int, int]:
+    """Write the missing JPEGs (decode/resize/encode in threads: PIL releases the GIL there).
+
+    Returns ({row: reason} for refused images, #written, #already present)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = {row: folder / Path(r["image"]).name for row, r in zip(rows, records)}
+    ids = {row: r["id_str"] for row, r in zip(rows, records)}
+    todo = [row for row in rows if not dest[row].exists()]
+    failed: dict[int, str] = {}
+
+    def done(row: int, reason: str | None) -> None:
+        if reason is not None:
+            failed[row] = reason
+            if len(failed) <= _MAX_WARNINGS:
+                tqdm.write(f"warning: galaxy {ids[row]}: {reason}; skipped", file=sys.stderr)
+
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=not todo)
+    pool = cf.ThreadPoolExecutor(workers) if workers > 1 else None
+    pending: dict[cf.Future, int] = {}
+    try:
+        for row, data, err in catalog.image_bytes(todo):
+            if err is not None:
+                done(row, err)
+                bar.update()
+            elif pool is None:
+                done(row, _convert_and_write(data, dest[row], size))
+                bar.update()
+            else:
+                pending[pool.submit(_convert_and_write, data, dest[row], size)] = row
+                if len(pending) >= 4 * workers:  # bound the encoded images held in memory
+                    finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
+                        done(pending.pop(fut), fut.result())
+                        bar.update()
+        for fut in cf.as_completed(list(pending)):
+            done(pending.pop(fut), fut.result())
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if len(failed) > _MAX_WARNINGS:
+        print(f"warning: {len(failed)} images skipped in all (listed in stats.json)",
+              file=sys.stderr)
+    return failed, len(todo) - len(failed), len(rows) - len(todo)
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    """Atomic write, skipped when the bytes are already there (a re-run leaves mtimes alone).
+
+    Returns whether the file was written."""
+    if path.exists() and path.read_bytes() == data:
+        return False
+    gio.write_bytes(path, data)
+    return True
+
+
+def _stats(records: list[dict], sel: pd.DataFrame, failed: dict[int, str], excluded: dict,
+           n_requested: int, manifest: dict) -> dict:
+    """Counts, caption lengths, skipped images; ``records``: all selected, in ``sel`` order."""
+    n = sel.attrs["n_per_class"]
+    available = sel.attrs["available"]
+    note = None
+    if n < n_requested:
+        short = min(CLASSES, key=lambda c: available[c])
+        note = (f"asked for {n_requested} per class but the catalogue has only "
+                f"{available[short]} {short} galaxies: took {n} of each")
+    split_counts = {s: {c: 0 for c in CLASSES} for s in SPLITS}
+    kept, skipped = [], []
+    for row, c, r in zip(sel["row"], sel["class"], records):
+        if row in failed:
+            skipped.append({"id_str": r["id_str"], "reason": failed[row]})
+        else:
+            kept.append(r)
+            split_counts[r["split"]][c] += 1
+    by_type: dict[str, list[dict]] = {}
+    for r in kept:
+        by_type.setdefault(r["morphology"]["type"], []).append(r["morphology"])
+    attrs = [a for a in morphology.ATTRIBUTES if a != "type"]
+
+    def n_attrs(m: dict) -> int:
+        return sum(bool(m[a]) for a in attrs)
+
+    ordered = sorted(kept, key=lambda r: len(r["text"]))  # stable: ties keep record order
+    return {
+        "n_records": len(kept),
+        "classes": {c: sum(v[c] for v in split_counts.values()) for c in CLASSES},
+        "splits": {s: {**v, "total": sum(v.values())} for s, v in split_counts.items()},
+        "available": available,
+        "n_per_class_requested": n_requested,
+        "n_per_class": n,
+        "capped_note": note,
+        "morphology_types": {t: len(v) for t, v in sorted(by_type.items())},
+        # attributes stated beyond the type clause (the notebook's count included the type)
+        "mean_attributes": {t: round(float(np.mean([n_attrs(m) for m in v])), 3)
+                            for t, v in sorted(by_type.items())},
+        "attribute_rates": {t: {a: round(sum(bool(m[a]) for m in v) / len(v), 3) for a in attrs}
+                            for t, v in sorted(by_type.items())},
+        "captions": {"shortest": ordered[0]["text"], "median": ordered[len(ordered) // 2]["text"],
+                     "longest": ordered[-1]["text"], "distinct": len({r["text"] for r in kept})},
+        "skipped_images": skipped,
+        "excluded_rows": excluded,
+        "manifest": {k: v for k, v in manifest.items() if k != "format"},
+    }
+
+
+def _print_summary(stats: dict, out: Path, written: int, reused: int) -> None:
+    print(f"\n=== {out} ===")
+    print(f"records: {stats['n_records']}  " + "  ".join(
+        f"{c}: {n}" for c, n in stats["classes"].items()))
+    for s, v in stats["splits"].items():
+        print(f"  {s:5s}: " + "  ".join(f"{k}={n}" for k, n in v.items()))
+    if stats["capped_note"]:
+        print(f"note: {stats['capped_note']}")
+    print("mean attributes per caption (beyond the type): " + ", ".join(
+        f"{t} {m}" for t, m in stats["mean_attributes"].items()))
+    for k in ("shortest", "median", "longest"):
+        print(f"{k:8s}: {stats['captions'][k]}")
+    print(f"images: {written} written, {reused} already present, "
+          f"{len(stats['skipped_images'])} skipped")

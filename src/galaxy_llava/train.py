@@ -1,0 +1,416 @@
+"""One trainer for full fine-tuning and LoRA: a plain PyTorch loop over the fast path (features.py).
+
+Trains on the ``train`` split, reports validation loss on ``val`` each epoch, checkpoints each epoch
+(resumable to the same weights as an uninterrupted run), and runs unchanged under ``torchrun`` /
+``accelerate launch`` (DDP; only rank 0 writes). RUN layout: ``config.yaml``, ``loss_log.jsonl``,
+``loss_curve.png``, ``train_metrics.json``, ``checkpoints/epoch-N/``, ``adapter/`` or ``model/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from galaxy_llava import checkpoints as ckpt
+from galaxy_llava.config import TrainConfig, load_config, parse_set, save_config
+from galaxy_llava.errors import UserError
+from galaxy_llava.features import LlavaTrainModule, build_feature_store, num_image_tokens
+from galaxy_llava.io import write_json
+
+
+# ----------------------------------------------------------------- data
+
+
+class TrainData(torch.utils.data.Dataset):
+    """Examples tokenised once (prompt, caption + EOS, labels) with their image's row index.
+
+    Items carry ``image_index``; without a feature store they also carry ``pixel_values``, loaded
+    and processed per item (the uncached path)."""
+
+    def __init__(self, records, processor, prompt, paths: list[str], with_pixels: bool):
+        from galaxy_llava.data import encode_text
+        from galaxy_llava.data import num_image_tokens as processor_image_tokens
+
+        n_img = processor_image_tokens(processor)
+        row = {p: i for i, p in enumerate(paths)}
+        self.examples = [encode_text(processor.tokenizer, r["text"], prompt, n_img) for r in records]
+        self.image_index = [row[r["image"]] for r in records]
+        self.paths, self.processor, self.with_pixels = paths, processor, with_pixels
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        from galaxy_llava.data import load_image, pixel_values
+
+        item = dict(self.examples[i], image_index=torch.tensor(self.image_index[i]))
+        if self.with_pixels:
+            item["pixel_values"] = pixel_values(self.processor,
+                                                load_image(self.paths[self.image_index[i]]))
+        return item
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                  shuffle: bool = True) -> list[list[int]]:
+    """This rank's batches of one epoch: a permutation from (seed, epoch), sharded like
+    DistributedSampler (padded by wrapping so every rank takes as many steps)."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        order += order[: (-len(order)) % world]
+    else:
+        order = list(range(n))
+    mine = order[rank::world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+# ----------------------------------------------------------------- one training step
+
+
+class TrainStep:
+    """Forward/backward/optimizer step of the fast path, usable without the CLI (benchmarks).
+
+    ``step(batch)`` runs a whole optimizer step on one batch; the trainer uses ``forward_backward``
+    and ``optimizer_step`` for gradient accumulation. Batches come from :meth:`to_device`."""
+
+    def __init__(self, model, cfg: TrainConfig, device, total_steps: int, store=None, ddp=False):
+        self.model, self.cfg, self.device, self.store = model, cfg, torch.device(device), store
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        module = LlavaTrainModule(model, cfg.label_only_loss)
+        if ddp:
+            # Buffers (rotary inv_freq, position ids) are constants: no per-step broadcast.
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.plain_module = module.module if ddp else module
+        self.module = torch.compile(module) if cfg.compile else module
+        self.ddp = ddp
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]  # biases and norms, as HF Trainer
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.lr_scheduler, total_steps, cfg.warmup_ratio))
+
+    def autocast(self):
+        """bf16 autocast over fp32 master weights, or nothing (fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, batch: dict) -> dict:
+        """Move a collated batch to the device; cached features replace ``image_index``."""
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+               if k != "image_index"}
+        if self.store is not None:
+            out["features"] = self.store.get(batch["image_index"], self.device)
+        return out
+
+    def forward_backward(self, batch: dict, scale: float = 1.0, sync: bool = True) -> float:
+        """Loss of one (device) batch, gradients accumulated (DDP all-reduce only when ``sync``)."""
+        no_sync = self.module.no_sync if (self.ddp and not sync) else contextlib.nullcontext
+        with no_sync():
+            with self.autocast():
+                loss = self.module(**batch)
+            (loss * scale).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """Clip, step, schedule, zero the gradients."""
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, batch: dict) -> float:
+        """One full optimizer step on one device batch; returns the loss."""
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return float(loss)
+
+    @torch.no_grad()
+    def eval_sums(self, batch: dict) -> tuple[float, int]:
+        """(loss x label tokens, label tokens) of one batch, for a token-weighted mean."""
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with self.autocast():  # not through DDP: ranks may hold unequal numbers of val batches
+            loss = self.plain_module(**batch)
+        return float(loss) * n, n
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 for "bf16", or "auto" on a GPU with bf16; None (fp32) otherwise."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def lr_lambda(kind: str, total: int, warmup_ratio: float):
+    """LR multiplier per step: linear warmup, then linear/cosine decay to 0 or constant."""
+    warmup = math.ceil(total * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - frac) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1, frac)))
+    return f
+
+
+def build_training_step(model, cfg: TrainConfig, device=None, total_steps: int = 1000,
+                        store=None) -> TrainStep:
+    """A :class:`TrainStep` for ``model`` (already frozen / LoRA-wrapped) under ``cfg``."""
+    from galaxy_llava.modeling import resolve_device
+
+    device = resolve_device(device or cfg.device)
+    set_backends(cfg, device)
+    return TrainStep(model, cfg.resolved(), device, total_steps, store=store)
+
+
+def set_backends(cfg: TrainConfig, device: torch.device) -> None:
+    """TF32 matmuls on Ampere+ (fp32 parts stay fast) when allowed."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+
+
+# ----------------------------------------------------------------- the trainer
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _device(cfg: TrainConfig, local_rank: int, world: int) -> torch.device:
+    if cfg.device:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None and world > 1:
+            device = torch.device("cuda", local_rank)
+        return device
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _all_mean(value: float, device, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+def _evaluate(step: TrainStep, data: TrainData, cfg, rank, world, collate) -> float | None:
+    batches = epoch_batches(len(data), cfg.eval_batch_size or cfg.batch_size, 0, 0, rank, world,
+                            shuffle=False)
+    step.model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=step.device)
+    for b in batches:
+        s, n = step.eval_sums(step.to_device(collate([data[i] for i in b])))
+        total += torch.tensor([s, n], dtype=torch.float64, device=step.device)
+    step.model.train()
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def resolve_config(model=None, data=None, method=None, out=None, config=None, resume=False,
+                   **overrides) -> TrainConfig:
+    """Defaults < saved RUN/config.yaml (on resume) < ``config`` (YAML path or TrainConfig) < args."""
+    base = config if isinstance(config, TrainConfig) else None
+    if base is None and resume and out is not None and (Path(out) / "config.yaml").is_file():
+        base = load_config(Path(out) / "config.yaml")
+    yaml_path = config if config is not None and not isinstance(config, TrainConfig) else None
+    explicit = dict(model=model, data=data, method=method, out=out, **overrides)
+    cfg = load_config(yaml_path, explicit, base=base).resolved()
+    for key in ("data", "out"):
+        if getattr(cfg, key) is None:
+            raise UserError(f"no {key} given: pass --{key}")
+    return cfg
+
+
+def train(model=None, data=None, method=None, out=None, config=None, resume: bool = False,
+          **overrides) -> dict:
+    """Fine-tune ``model`` on ``data``'s train split (full or LoRA); returns train_metrics.
+
+    ``config``: a TrainConfig or a YAML path; ``overrides``: any TrainConfig field."""
+    cfg = resolve_config(model, data, method, out, config, resume, **overrides)
+    rank, local_rank, world = _dist_env()
+    device = _device(cfg, local_rank, world)
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, resume, rank, world, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dict:
+    from tqdm.auto import tqdm
+
+    from galaxy_llava.data import Collator, load_records
+    from galaxy_llava.modeling import (apply_lora, count_parameters, freeze_vision_tower,
+                                       load_model, save_run_model)
+
+    t_start = time.time()
+    run, main = Path(cfg.out), rank == 0
+    resume_from = ckpt.check_run_folder(run, resume, cfg.overwrite)
+    records = load_records(cfg.data)
+    train_recs = [r for r in records if r.get("split") == "train"]
+    val_recs = [r for r in records if r.get("split") == "val"]
+    if not train_recs:
+        raise UserError(f"{cfg.data} has no train split; prepare it with `galaxy-llava prepare`")
+    if not val_recs and main:
+        print("note: no val split; validation loss is skipped")
+    ckpt.seed_everything(cfg.seed)
+    set_backends(cfg, device)
+    model, processor = load_model(cfg.model, device=device, dtype=torch.float32)
+    freeze_vision_tower(model)
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_projector)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if world > 1:  # every rank inspects the folder before rank 0 changes it
+        dist.barrier()
+    # The folder is touched only once data and model have loaded: a typo leaves nothing behind.
+    if main:
+        ckpt.prepare_run_folder(run, resume, cfg.overwrite)
+        save_config(cfg, run / "config.yaml")
+    trainable, total_params = count_parameters(model)
+    if main:
+        print(f"{cfg.method}: {trainable:,} trainable of {total_params:,} parameters "
+              f"({100 * trainable / total_params:.2f}%) on {device}, world size {world}")
+
+    paths = list(dict.fromkeys(r["image"] for r in train_recs + val_recs))
+    cached = cfg.feature_cache != "off"
+    train_data = TrainData(train_recs, processor, cfg.prompt, paths, with_pixels=not cached)
+    val_data = TrainData(val_recs, processor, cfg.prompt, paths, with_pixels=not cached)
+    t_feat = time.time()
+    store = None
+    ac = autocast_dtype(cfg.precision, device)
+    if cached:
+        if num_image_tokens(model.config) != len(train_data.examples[0]["input_ids"][
+                train_data.examples[0]["input_ids"] == model.config.image_token_id]):
+            raise UserError("the processor's image-token count does not match the model's features")
+        store = build_feature_store(
+            model, processor, paths, mode=cfg.feature_cache,
+            dtype=ac if (ac is not None and device.type == "cuda") else torch.float32,
+            device=device, batch_size=cfg.feature_batch_size, num_workers=cfg.num_workers,
+            autocast=(lambda: torch.autocast(device.type, dtype=ac)) if ac else None,
+            cache_dir=cfg.feature_cache_dir or run / "cache", model_name=cfg.model,
+            rank=rank, world=world, progress=main)
+    feature_seconds = time.time() - t_feat
+
+    n_micro = len(epoch_batches(len(train_data), cfg.batch_size, cfg.seed, 0, rank, world))
+    per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    total_steps = math.ceil(cfg.epochs * per_epoch)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    step = TrainStep(model, cfg, device, total_steps, store=store, ddp=world > 1)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "log": []}
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, step.optimizer, step.scheduler, rank, cfg)
+        if main:
+            print(f"resuming from {resume_from} (step {state['global_step']})")
+    log = state["log"]
+    collate = Collator(processor.tokenizer.pad_token_id)
+    gstep, samples, tokens, running = state["global_step"], 0, 0, []
+    bar = tqdm(total=total_steps, initial=gstep, desc=f"train {cfg.method}", unit="step",
+               disable=not main)
+    t_train = time.time()
+    epoch = state["epoch"]
+    while gstep < total_steps:
+        batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch, rank, world)
+        skip = state["step_in_epoch"] * cfg.grad_accum if epoch == state["epoch"] else 0
+        groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        loader = torch.utils.data.DataLoader(
+            train_data, batch_sampler=batches[skip:], collate_fn=collate,
+            num_workers=cfg.num_workers if not cached else 0,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        it = iter(loader)
+        in_epoch = skip // cfg.grad_accum
+        for group in groups[in_epoch:]:
+            for k in range(len(group)):
+                batch = step.to_device(next(it))
+                loss = step.forward_backward(batch, 1 / len(group), sync=k == len(group) - 1)
+                running.append(loss)
+                samples += len(group[k]) * world
+                tokens += int(batch["attention_mask"].sum()) * world
+            lr = step.scheduler.get_last_lr()[0]
+            step.optimizer_step()
+            gstep, in_epoch = gstep + 1, in_epoch + 1
+            bar.update(1)
+            if gstep % cfg.log_every == 0 or gstep == total_steps or in_epoch == len(groups):
+                value = _all_mean(float(torch.stack(running).float().mean()), device, world)
+                running = []
+                log.append({"step": gstep, "epoch": round(epoch + in_epoch / len(groups), 4),
+                            "loss": value, "split": "train", "lr": lr})
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            if gstep >= total_steps:
+                break
+        finished_epoch = in_epoch == len(groups)
+        if val_recs:
+            val = _evaluate(step, val_data, cfg, rank, world, collate)
+            log.append({"step": gstep, "epoch": epoch + in_epoch / len(groups), "loss": val,
+                        "split": "val", "lr": step.scheduler.get_last_lr()[0]})
+            if main:
+                bar.write(f"epoch {epoch + 1}: val loss {val:.4f}")
+        epoch, state["step_in_epoch"] = (epoch + 1, 0) if finished_epoch else (epoch, in_epoch)
+        state.update(epoch=epoch, global_step=gstep, log=log)
+        if main:
+            ckpt.write_log(run, log)
+        ckpt.save_checkpoint(run, model, step.optimizer, step.scheduler, state, cfg, rank, world,
+                             name=f"epoch-{epoch}" if finished_epoch else f"step-{gstep}")
+    bar.close()
+    train_seconds = time.time() - t_train
+
+    metrics = {
+        "method": cfg.method, "model": cfg.model, "device": str(device), "world_size": world,
+        "precision": str(ac).replace("torch.", "") if ac else "fp32",
+        "feature_cache": cfg.feature_cache, "label_only_loss": cfg.label_only_loss,
+        "train_samples": len(train_recs), "val_samples": len(val_recs), "steps": gstep,
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "trainable_parameters": trainable, "total_parameters": total_params,
+        "wall_seconds": time.time() - t_start, "feature_cache_seconds": feature_seconds,
+        "train_seconds": train_seconds,
+        "samples_per_second": samples / train_seconds if samples else None,
+        "tokens_per_second": tokens / train_seconds if tokens else None,
+        "final_train_loss": next((e["loss"] for e in reversed(log) if e["split"] == "train"), None),
+        "val_losses": [{"epoch": e["epoch"], "step": e["step"], "loss": e["loss"]}
+                       for e in log if e["split"] == "val"],
+    }
+    if main:
+        save_run_model(model, processor, run, prompt=cfg.prompt, base_model=cfg.model)
+        ckpt.plot_losses(log, run / "loss_curve.png")
+        write_json(run / "train_metrics.json", metrics)
+        print(f"trained in {train_seconds:.0f} s ({metrics['samples_per_second'] or 0:.2f} samples/s); "
+              f"final train loss {metrics['final_train_loss']}; wrote {run}")
+    if world > 1:
+        dist.barrier()
+    return metrics
+
+
+def train_from_cli(args) -> dict:
+    """``galaxy-llava train``: flags given (not None) and ``--set KEY=VALUE`` override the YAML."""
+    flags = {k: getattr(args, k, None) for k in
+             ("model", "data", "method", "out", "epochs", "batch_size", "lr", "lora_r",
+              "lora_alpha", "lora_dropout", "max_steps", "seed")}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    flags.update(parse_set(getattr(args, "set", None)))
+    return train(config=args.config, resume=bool(args.resume), **flags)

@@ -1,0 +1,196 @@
+"""Synthetic GZ2 catalogue: determinism, Hub schema, truth <-> caption agreement, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from galaxy_llava.errors import UserError
+from galaxy_llava.morphology import ATTRIBUTES, morphology_from_fractions
+from galaxy_llava.synthetic import (
+    GZ2_QUESTIONS, TRUTH_MIX, draw_truth, simulate_votes, synthesize, truth_morphology,
+)
+
+
+def _frame(folder) -> pd.DataFrame:
+    return pd.read_parquet(sorted((folder / "data").glob("train-*.parquet")))
+
+
+def _truth_and_votes(n: int, seed: int = 7):
+    """Draw truths and votes without rendering (votes never depend on the image)."""
+    out = []
+    for i in range(n):
+        truth = draw_truth(np.random.default_rng([seed, i, 0]))
+        out.append((truth, simulate_votes(truth, np.random.default_rng([seed, i, 2]))))
+    return out
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
+    a = synthesize(tmp_path / "a", n=6, seed=3, image_size=64, shard_rows=4)
+    b = synthesize(tmp_path / "b", n=6, seed=3, image_size=64, shard_rows=4)
+    c = synthesize(tmp_path / "c", n=6, seed=4, image_size=64, shard_rows=4)
+    assert [p.name for p in a] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert a[0].read_bytes() != c[0].read_bytes()
+
+
+def test_worker_pool_gives_the_same_bytes(tmp_path):
+    one = synthesize(tmp_path / "one", n=4, seed=5, image_size=48, workers=1)
+    two = synthesize(tmp_path / "two", n=4, seed=5, image_size=48, workers=2)
+    assert one[0].read_bytes() == two[0].read_bytes()
+
+
+def test_rerun_with_fewer_shards_removes_stale_ones(tmp_path):
+    synthesize(tmp_path, n=5, seed=0, image_size=32, shard_rows=2)
+    assert len(list((tmp_path / "data").glob("*.parquet"))) == 3
+    paths = synthesize(tmp_path, n=2, seed=0, image_size=32, shard_rows=2)
+    assert sorted((tmp_path / "data").glob("*.parquet")) == paths
+    assert not list((tmp_path / "data").glob(".*"))  # no temporary files left behind
+
+
+def test_every_gz2_column_present_with_consistent_counts_and_fractions(synth_dir):
+    df = _frame(synth_dir)
+    assert len(df) == 48 and df["id_str"].is_unique
+    assert df["id_str"].iloc[0] == "synth-1-0"
+    for q, answers in GZ2_QUESTIONS.items():
+        total = df[f"{q}-gz2_total-votes"]
+        counts = df[[f"{q}-gz2_{a}" for a in answers]]
+        fractions = df[[f"{q}-gz2_{a}_fraction" for a in answers]]
+        assert (counts.sum(axis=1) == total).all(), q
+        asked = total > 0
+        assert np.allclose(fractions[asked].sum(axis=1), 1.0), q
+        assert fractions[~asked].isna().all().all(), q
+        assert not fractions[asked].isna().any().any(), q
+    first = df["smooth-or-featured-gz2_total-votes"]
+    assert first.between(38, 52).all()
+    # Later questions only reach volunteers who took that branch, so counts shrink.
+    assert (df["bar-gz2_total-votes"] <= first).all()
+    assert (df["spiral-arm-count-gz2_total-votes"] <= df["has-spiral-arms-gz2_total-votes"]).all()
+    assert (df["bar-gz2_total-votes"] == 0).any()  # some branch nobody reached
+    truth = json.loads(df["synthetic_truth"].iloc[0])
+    assert {"type", "shape", "bar", "arms", "bulge", "boxy", "disturbed", "render"} <= set(truth)
+
+
+def test_loads_with_datasets_and_decodes_images(synth_dir, tmp_path):
+    import datasets
+    from PIL import Image
+
+    ds = datasets.load_dataset("parquet", data_files=str(synth_dir / "data" / "*.parquet"),
+                               split="train", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds.features["image"], datasets.Image)
+    row = ds[0]
+    assert isinstance(row["image"], Image.Image)
+    assert row["image"].size == (128, 128) and row["image"].mode == "RGB"
+    assert row["id_str"] == "synth-1-0"
+    assert ds.with_format(None).cast_column("image", datasets.Image(decode=False))[0]["image"][
+        "path"] == "synth-1-0.jpg"
+
+
+def test_reference_and_tree_captions_follow_the_drawn_truth():
+    rows = _truth_and_votes(1500)
+    for rules, full_min in (("reference", 0.85), ("tree", 0.95)):
+        type_ok = full_ok = 0
+        for truth, votes in rows:
+            got, want = morphology_from_fractions(votes, rules), truth_morphology(truth, rules)
+            type_ok += got.type == want.type
+            full_ok += got == want
+        assert type_ok / len(rows) > 0.97, rules
+        assert full_ok / len(rows) > full_min, (rules, full_ok / len(rows))
+
+
+def test_stray_votes_exist_so_min_votes_matters():
+    """Ellipticals get a few off-branch votes; reference rules sometimes read them, tree never."""
+    strays, polluted, tree_right = 0, 0, []
+    for truth, votes in _truth_and_votes(1500):
+        if truth["type"] != "elliptical":
+            continue
+        strays += 0 < votes["bulge-size-gz2_total-votes"] < 5
+        ref = morphology_from_fractions(votes, "reference")
+        if ref.prominent_bulge or ref.boxy_bulge:
+            polluted += 1
+            tree = morphology_from_fractions(votes, "tree", min_votes=5)
+            tree_right.append(tree == truth_morphology(truth, "tree"))
+    assert strays > 50
+    assert 0 < polluted < 0.15 * strays
+    assert np.mean(tree_right) > 0.9
+
+
+def test_rendered_catalogue_agrees_with_truth(synth_dir):
+    df = _frame(synth_dir)
+    agree = [morphology_from_fractions(r, "tree") == truth_morphology(json.loads(r["synthetic_truth"]),
+                                                                       "tree")
+             for _, r in df.iterrows()]
+    assert np.mean(agree) > 0.85
+
+
+def test_class_mix_follows_truth_mix():
+    truths = [t for t, _ in _truth_and_votes(2000)]
+    types = Counter(t["type"] for t in truths)
+    for kind, share in TRUTH_MIX["type"].items():
+        assert abs(types[kind] / len(truths) - share) < 0.04, kind
+    spirals = [t for t in truths if t["type"] == "spiral"]
+    assert {t["arms"] for t in spirals} == {None, "2", "3", "many"}
+    assert 0.2 < np.mean([t["bar"] for t in spirals]) < 0.4
+    assert {t["shape"] for t in truths if t["type"] == "elliptical"} == {"round", "in-between", "cigar"}
+    assert 0.07 < np.mean([t["disturbed"] for t in truths]) < 0.13
+    assert {t["disturbance"] for t in truths} == {None, "companion", "tidal"}
+    assert any(t["boxy"] for t in truths) and {t["artifact"] for t in truths} == {None, "star", "trail"}
+    every = {truth_morphology(t, "tree").type for t in truths}
+    assert every == {"elliptical", "spiral", "edge-on disk", "artifact"}
+    assert set(ATTRIBUTES) == set(truth_morphology(truths[0]).to_dict())
+
+
+def test_ellipticals_are_redder_than_spiral_disks(synth_dir):
+    """Bulges and ellipticals are redder than disks (i->R, g->B), as in SDSS images."""
+    import io
+
+    from PIL import Image
+
+    df = _frame(synth_dir)
+    colour = {"elliptical": [], "spiral": []}
+    for _, row in df.iterrows():
+        kind = json.loads(row["synthetic_truth"])["type"]
+        if kind in colour:
+            rgb = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])), float)
+            bright = rgb.sum(axis=2) > np.percentile(rgb.sum(axis=2), 90)
+            colour[kind].append(np.mean(rgb[bright, 0] - rgb[bright, 2]))
+    assert colour["elliptical"] and colour["spiral"]
+    assert np.mean(colour["elliptical"]) > np.mean(colour["spiral"]) + 10
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"n": 0}, {"n": -3}, {"n": 2.5}, {"n": 4, "image_size": 16}, {"n": 4, "seed": -1},
+    {"n": 4, "shard_rows": 0}, {"n": 4, "image_size": 10_000},
+])
+def test_bad_input_is_one_line_user_error(tmp_path, kwargs):
+    with pytest.raises(UserError) as err:
+        synthesize(tmp_path, **kwargs)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from galaxy_llava.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--n", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "n must be" in err and "Traceback" not in err
+
+
+def test_question_nobody_reached_has_zero_votes_and_nan_fractions():
+    truth = draw_truth(np.random.default_rng(0))
+    truth.update(type="elliptical", shape="round", axis_ratio=0.9)
+    empty = 0
+    for seed in range(20):
+        votes = simulate_votes(truth, np.random.default_rng(seed))
+        assert votes["smooth-or-featured-gz2_smooth_fraction"] > 0.6
+        for q, answers in GZ2_QUESTIONS.items():
+            if votes[f"{q}-gz2_total-votes"] == 0:
+                empty += 1
+                assert all(math.isnan(votes[f"{q}-gz2_{a}_fraction"]) for a in answers)
+    assert empty > 0
