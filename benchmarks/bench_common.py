@@ -281,6 +281,56 @@ class GenerateCounter:
         del self.model.generate  # drops the instance attribute, restoring the class method
 
 
+class StepProfiler:
+    """torch.profiler over a window of training steps, summarised per step as data loading,
+    backward, optimizer and forward+rest (the remainder of the wall time), plus the top ops by
+    self time. Profiling adds per-op overhead, so the recipe with more ops looks a little slower:
+    use it for where the time goes, and the unprofiled runs for rates."""
+
+    def __init__(self, device: str):
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU]
+        if str(device).startswith("cuda"):
+            acts.append(ProfilerActivity.CUDA)
+        self.prof = profile(activities=acts)
+        self.wall = 0.0
+
+    def start(self) -> None:
+        self.prof.start()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.wall = time.perf_counter() - self._t0
+        self.prof.stop()
+
+    def summary(self, steps: int, top: int = 6) -> dict:
+        """Milliseconds per step by phase, and the ``top`` ops by self CPU time."""
+        ev = self.prof.key_averages()
+
+        def total(prefix: str) -> float:
+            return sum(e.cpu_time_total for e in ev if e.key.startswith(prefix)) / 1e3
+
+        data = total("enumerate(DataLoader)")
+        backward = total("autograd::engine::evaluate_function:")
+        optim = total("Optimizer.step#") + total("Optimizer.zero_grad#")
+        wall = self.wall * 1e3
+        per = {"wall": wall, "data": data, "backward": backward, "optimizer": optim,
+               "forward_and_rest": max(0.0, wall - data - backward - optim)}
+        per = {k: v / max(1, steps) for k, v in per.items()}
+        ops = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        per["top_ops"] = [(e.key, e.self_cpu_time_total / 1e3 / max(1, steps)) for e in ops]
+        return per
+
+
+def format_profile(name: str, p: dict) -> str:
+    """One line per recipe: ms/step by phase, then its top ops."""
+    ops = ", ".join(f"{k} {v:.1f}" for k, v in p["top_ops"])
+    return (f"profile {name}: {p['wall']:.1f} ms/step = data {p['data']:.1f} + forward&rest "
+            f"{p['forward_and_rest']:.1f} + backward {p['backward']:.1f} + optimizer "
+            f"{p['optimizer']:.1f}; top self-CPU ops (ms/step): {ops}")
+
+
 def median(xs):
     """Median of a non-empty sequence."""
     return statistics.median(xs)

@@ -15,6 +15,7 @@ notebook, images/s).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -84,24 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     size = 64 if args.preset == "tiny" else 336
     data = bc.make_training_data(bc.CACHE / f"data-{args.preset}-{args.n}", args.n, size, args.seed)
     paths = [json.loads(l)["image"] for l in (data / "gz2_llava.jsonl").read_text().splitlines()]
+    # The notebook: fp32 weights and PyTorch's default true-fp32 matmuls.
+    torch.set_float32_matmul_precision("highest")
     model, processor = build_model_in_memory(args.preset, seed=args.seed, device=device,
                                              dtype=torch.float32)
     fast_dtype = resolve_dtype(None, torch.device(device))
+    # Same weights for both; the fast copy in the dtype the package loads for inference.
+    fast_model = model if fast_dtype == torch.float32 else copy.deepcopy(model).to(fast_dtype)
     threads = bc.set_threads(args.threads, device)
-    counter = bc.GenerateCounter(model, processor.tokenizer.pad_token_id)
+    pad = processor.tokenizer.pad_token_id
+    ref_counter = bc.GenerateCounter(model, pad)
+    fast_counter = ref_counter if fast_model is model else bc.GenerateCounter(fast_model, pad)
     want_ref = args.compare or args.recipe == "reference"
     want_fast = args.compare or args.recipe == "fast"
     runs: dict[str, list[dict]] = {"reference": [], "fast_beams3": [], "fast_greedy": []}
     for _ in range(max(1, args.repeats)):
         if want_ref:
-            model.to(torch.float32)  # the notebook's fp32
-            runs["reference"].append(run_reference(model, processor, paths, device, counter))
+            runs["reference"].append(run_reference(model, processor, paths, device, ref_counter))
         if want_fast:
-            model.to(fast_dtype)
-            runs["fast_beams3"].append(run_fast(model, processor, paths, device, 3,
-                                                args.batch_size, args.max_new_tokens, counter))
-            runs["fast_greedy"].append(run_fast(model, processor, paths, device, 1,
-                                                args.batch_size, args.max_new_tokens, counter))
+            runs["fast_beams3"].append(run_fast(fast_model, processor, paths, device, 3,
+                                                args.batch_size, args.max_new_tokens, fast_counter))
+            runs["fast_greedy"].append(run_fast(fast_model, processor, paths, device, 1,
+                                                args.batch_size, args.max_new_tokens, fast_counter))
     m = bc.machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}, "
           f"torch {m['torch']}, {m['date']}")

@@ -108,7 +108,7 @@ class BatchLog:
 
 
 def run_reference(method: str, preset: str, device: str, data: Path, warmup: int, steps: int,
-                  seed: int, workdir: Path) -> dict:
+                  seed: int, workdir: Path, profiler=None) -> dict:
     """The notebook's Trainer run; times optimizer steps warmup+1 .. warmup+steps."""
     import torch
     from transformers import TrainerCallback
@@ -117,6 +117,9 @@ def run_reference(method: str, preset: str, device: str, data: Path, warmup: int
     from galaxy_llava.modeling import build_model_in_memory
 
     log, marks = BatchLog(), {}
+    # The notebook ran with PyTorch's default true-fp32 matmuls; the fast recipe's set_backends()
+    # switches the process to TF32, so undo that for every reference run.
+    torch.set_float32_matmul_precision("highest")
 
     def wrap(collator):
         def counted(features):
@@ -130,12 +133,16 @@ def run_reference(method: str, preset: str, device: str, data: Path, warmup: int
         def on_train_begin(self, args, state, control, **kw):
             if warmup == 0:
                 bc.sync(device)
-                marks[0] = time.perf_counter()
+                marks[0] = (time.perf_counter(), time.process_time())
+                if profiler:
+                    profiler.start()
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step in (warmup, warmup + steps):
                 bc.sync(device)
-                marks[state.global_step] = time.perf_counter()
+                marks[state.global_step] = (time.perf_counter(), time.process_time())
+                if profiler:
+                    (profiler.start if state.global_step == warmup else profiler.stop)()
 
     with bc.PeakMemory(device) as mem:
         torch.manual_seed(seed)
@@ -147,16 +154,16 @@ def run_reference(method: str, preset: str, device: str, data: Path, warmup: int
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         final = trainer.state.log_history[-1].get("train_loss")
-    seconds = marks[warmup + steps] - marks[warmup]
+    seconds, cpu = (b - a for a, b in zip(marks[warmup], marks[warmup + steps]))
     dims = model_dims(trainer.model)
     del trainer, model
-    return _summary("reference", method, device, log.rows[warmup:warmup + steps], seconds, mem,
+    return _summary("reference", method, device, log.rows[warmup:warmup + steps], seconds, cpu, mem,
                     dims, vision=True, projector_lora=False, extra={"train_loss": final or
                                                                     (losses[-1] if losses else None)})
 
 
 def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, steps: int,
-             seed: int, batch_size: int | None, fused_adamw: bool = False) -> dict:
+             seed: int, batch_size: int | None, fused_adamw: bool = False, profiler=None) -> dict:
     """galaxy_llava's fast path, driven step by step as ``train._train`` drives it.
 
     ``fused_adamw`` is a what-if, not the package: it swaps TrainStep's optimizer for a fused
@@ -207,7 +214,9 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
         done, epoch, marks, losses = 0, 0, {}, []
         if warmup == 0:
             bc.sync(device)
-            marks[0] = time.perf_counter()
+            marks[0] = (time.perf_counter(), time.process_time())
+            if profiler:
+                profiler.start()
         while done < warmup + steps:
             batches = gt.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch)
             loader = torch.utils.data.DataLoader(train_data, batch_sampler=batches, collate_fn=collate)
@@ -220,22 +229,25 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
                 done += 1
                 if done in (warmup, warmup + steps):
                     bc.sync(device)
-                    marks[done] = time.perf_counter()
+                    marks[done] = (time.perf_counter(), time.process_time())
+                    if profiler:
+                        (profiler.start if done == warmup else profiler.stop)()
                 if done == warmup + steps:
                     break
             epoch += 1
         final = float(torch.stack(losses[-min(len(losses), 5):]).float().mean())
-    seconds = marks[warmup + steps] - marks[warmup]
+    seconds, cpu = (b - a for a, b in zip(marks[warmup], marks[warmup + steps]))
     dims = model_dims(model)
     n_img = len(paths)
-    return _summary("fast", method, device, log.rows[warmup:warmup + steps], seconds, mem, dims,
+    return _summary("fast", method, device, log.rows[warmup:warmup + steps], seconds, cpu, mem, dims,
                     vision=False, projector_lora=(method == "lora"),
                     extra={"train_loss": final, "fused_adamw_whatif": fused_adamw, "precision": str(ac).replace("torch.", "") if ac else "fp32",
                            "encode_s_per_sample": encode_s / max(1, len(records)),
                            "feature_cache_s_per_image": cache_s / max(1, n_img)})
 
 
-def _summary(recipe, method, device, rows, seconds, mem, dims, vision, projector_lora, extra):
+def _summary(recipe, method, device, rows, seconds, cpu_seconds, mem, dims, vision, projector_lora,
+             extra):
     samples = sum(r[0] for r in rows)
     tokens = sum(r[2] for r in rows)
     flops = sum(batch_flops(dims, method, b, lp, head, vision, projector_lora)
@@ -243,6 +255,7 @@ def _summary(recipe, method, device, rows, seconds, mem, dims, vision, projector
     peak = bc.peak_bf16_flops(device)
     out = {"recipe": recipe, "method": method, "steps": len(rows), "seconds": seconds,
            "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+           "cpu_seconds": cpu_seconds, "samples_per_cpu_s": samples / max(cpu_seconds, 1e-9),
            "batch_size": rows[0][0] if rows else None,
            "flops_per_sample": flops / max(1, samples), "tflops_per_s": flops / seconds / 1e12,
            "mfu": (flops / seconds / peak) if peak else None,
@@ -258,7 +271,8 @@ def _summary(recipe, method, device, rows, seconds, mem, dims, vision, projector
 def _line(r: dict) -> str:
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     prec = r.get("precision", "fp32") + (" +fused-AdamW what-if" if r.get("fused_adamw_whatif") else "")
-    return (f"{r['recipe']:9s} {r['method']:4s} bs {r['batch_size']}: {r['samples_per_s']:8.2f} samples/s, "
+    return (f"{r['recipe']:9s} {r['method']:4s} bs {r['batch_size']}: {r['samples_per_s']:8.2f} samples/s "
+            f"({r['samples_per_cpu_s']:.2f}/CPU-s), "
             f"{r['tokens_per_s']:9.0f} tokens/s, {r['tflops_per_s']:.3f} TFLOP/s{mfu}, "
             f"peak {bc.fmt_bytes(r['peak_memory_bytes'])} ({r['memory_kind']}), {prec}, "
             f"loss {r['train_loss']:.3f}, 3x1800 job ~{r['job_seconds_extrapolated']:.0f} s")
@@ -278,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fast recipe's batch size (default: the reference's, 1 full / 8 LoRA)")
     ap.add_argument("--whatif-fused-adamw", action="store_true",
                     help="what-if, not the package: fast recipe with a fused AdamW on CPU too")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, one torch.profiler pass of each recipe: ms/step "
+                         "by phase and the top ops (not used for the rates)")
     ap.add_argument("--samples", type=int, default=None,
                     help="synthetic galaxies (default: enough for one pass of the steps, >= 64)")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
@@ -285,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
+    import gc
     import tempfile
 
     import torch
@@ -308,8 +326,20 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_fast(args.method, args.preset, device, data, args.warmup, args.steps,
                                  args.seed, args.fast_batch_size, args.whatif_fused_adamw)
                 results[recipe].append(r)
+                gc.collect()  # the previous recipe's model and optimizer state go first
                 if device == "cuda":
                     torch.cuda.empty_cache()
+        profiles = {}
+        if args.profile:
+            for recipe in recipes:
+                prof = bc.StepProfiler(device)
+                if recipe == "reference":
+                    run_reference(args.method, args.preset, device, data, args.warmup, args.steps,
+                                  args.seed, Path(tmp), profiler=prof)
+                else:
+                    run_fast(args.method, args.preset, device, data, args.warmup, args.steps,
+                             args.seed, args.fast_batch_size, args.whatif_fused_adamw, profiler=prof)
+                profiles[recipe] = prof.summary(args.steps)
     m = bc.machine()
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}, "
           f"torch {m['torch']}, {threads} CPU thread(s), {m['date']}")
@@ -318,12 +348,19 @@ def main(argv: list[str] | None = None) -> int:
     for recipe in ("reference", "fast"):
         for r in results[recipe]:
             print(_line(r))
+    for recipe, p in profiles.items():
+        print(bc.format_profile(recipe, p))
     ratio = None
     if args.compare:
         ratios = [f["samples_per_s"] / r["samples_per_s"]
                   for f, r in zip(results["fast"], results["reference"])]
         ratio = bc.median(ratios)
+        cpu_ratios = [f["samples_per_cpu_s"] / r["samples_per_cpu_s"]
+                      for f, r in zip(results["fast"], results["reference"])]
         print(f"fast/reference samples/s: {', '.join(f'{x:.2f}' for x in ratios)} (median {ratio:.2f})")
+        print(f"fast/reference samples per process CPU-second (less sensitive to other jobs on a "
+              f"shared machine): {', '.join(f'{x:.2f}' for x in cpu_ratios)} "
+              f"(median {bc.median(cpu_ratios):.2f})")
         ref_job = bc.median([r["job_seconds_extrapolated"] for r in results["reference"]])
         fast_job = bc.median([r["job_seconds_extrapolated"] for r in results["fast"]])
         print(f"3 epochs x 1,800 samples extrapolated on this machine: reference {ref_job:.0f} s, "
@@ -332,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": m, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": results, "speedup": ratio}, indent=2) + "\n")
+                                         "results": results, "profiles": profiles, "speedup": ratio,
+                                         "speedup_cpu_time": bc.median(cpu_ratios) if ratio else None}, indent=2) + "\n")
     if ratio is not None:
         print(bc.speedup_line(ratio))
     return 0

@@ -10,6 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import torch  # noqa: E402
+
+# The tiny model's ops are too small to split across threads: on 2 shared cores a second thread
+# makes each step ~10x slower through contention.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):

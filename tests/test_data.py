@@ -9,15 +9,24 @@ import pytest
 import torch
 from PIL import Image
 
-from galaxy_llava.data import (IGNORE_INDEX, Collator, encode_example, encode_prompt, encode_text,
-                               load_image, load_records, num_image_tokens)
+from galaxy_llava.data import (
+    IGNORE_INDEX,
+    Collator,
+    encode_example,
+    encode_prompt,
+    encode_text,
+    load_image,
+    load_records,
+    num_image_tokens,
+)
 from galaxy_llava.errors import UserError
 from galaxy_llava.modeling import DEFAULT_PROMPT, load_model
 from galaxy_llava.morphology import reachable_morphologies
 
 SHORTEST = "This is an image of a spiral galaxy."
-LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, prominent bulge "
-           "at its center, boxy bulge at its center, disturbed or merging with another galaxy.")
+LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
+           "prominent bulge at its center, boxy bulge at its center, "
+           "disturbed or merging with another galaxy.")
 CAPTIONS = [SHORTEST, LONGEST, "This is an image of a star or artifact, not a galaxy.",
             "This is an image of a spiral galaxy, with a central bar, with many arms."]
 
@@ -78,7 +87,7 @@ def test_every_reachable_caption_round_trips(processor):
 
 
 def test_reference_masking_would_mask_the_first_caption_token(processor):
-    """Defect 4: masking by a separately tokenised prompt's length ("...ASSISTANT: ") drops '▁This'."""
+    """Defect 4: masking by a separately tokenised prompt's length drops '▁This'."""
     tok, image = processor.tokenizer, _image()
     ref_prompt = DEFAULT_PROMPT + " "
     full = processor(text=ref_prompt + SHORTEST, images=image, return_tensors="pt").input_ids[0]
@@ -119,11 +128,13 @@ def test_collator_pads_ids_labels_and_mask(processor):
     long = encode_example(processor, _image(2), LONGEST)
     batch = Collator(pad)([short, long])
     n, m = len(short["input_ids"]), len(long["input_ids"])
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, m)
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert batch[key].shape == (2, m)
     assert batch["pixel_values"].shape == (2, 3, 64, 64)
     assert (batch["input_ids"][0, n:] == pad).all()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # defect 2: padding is not trained on
-    assert (batch["attention_mask"][0, n:] == 0).all() and (batch["attention_mask"][0, :n] == 1).all()
+    assert (batch["attention_mask"][0, n:] == 0).all()
+    assert (batch["attention_mask"][0, :n] == 1).all()
     assert torch.equal(batch["labels"][0, :n], short["labels"])
     assert torch.equal(batch["input_ids"][1], long["input_ids"])
     left = Collator(pad, padding_side="left")([short, long])
@@ -159,7 +170,7 @@ def test_load_records_resolves_paths_and_splits(tmp_path):
     all_records = load_records(tmp_path)
     assert [r["text"] for r in all_records] == [SHORTEST, LONGEST, SHORTEST]
     assert all(r["image"] == str((tmp_path / "images" / n).resolve()) for r, n in
-               zip(all_records, ("a.jpg", "b.jpg", "c.jpg")))
+               zip(all_records, ("a.jpg", "b.jpg", "c.jpg"), strict=True))
     assert len(load_records(tmp_path / "dataset.jsonl", split="train")) == 2
     with pytest.raises(UserError, match="splits present: train, val"):
         load_records(tmp_path, split="test")

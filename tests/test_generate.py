@@ -16,8 +16,9 @@ from galaxy_llava.generate import describe_images, describe_paths, expand_image_
 from galaxy_llava.modeling import DEFAULT_PROMPT, load_model, save_run_model
 
 SHORTEST = "This is an image of a spiral galaxy."
-LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, prominent bulge "
-           "at its center, boxy bulge at its center, disturbed or merging with another galaxy.")
+LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
+           "prominent bulge at its center, boxy bulge at its center, "
+           "disturbed or merging with another galaxy.")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,7 +47,8 @@ def overfit(tiny_model_dir):
     torch.manual_seed(0)
     model, processor = load_model(tiny_model_dir)
     batch = Collator(processor.tokenizer.pad_token_id)(
-        [encode_example(processor, _flat(0), SHORTEST), encode_example(processor, _flat(255), LONGEST)])
+        [encode_example(processor, _flat(0), SHORTEST),
+         encode_example(processor, _flat(255), LONGEST)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(150):
@@ -69,7 +71,7 @@ def test_describe_stops_at_eos(overfit):
 
 
 def test_no_tokens_after_eos_are_decoded(tiny_model_dir, monkeypatch):
-    """Whatever generate returns after EOS (pad, or anything) is cut, and only new tokens decoded."""
+    """Whatever generate returns after EOS is cut, and only the new tokens are decoded."""
     model, processor = load_model(tiny_model_dir)
     tok = processor.tokenizer
     words = tok("This is", add_special_tokens=False).input_ids
@@ -80,7 +82,8 @@ def test_no_tokens_after_eos_are_decoded(tiny_model_dir, monkeypatch):
         return torch.cat([input_ids, new], dim=1)
 
     monkeypatch.setattr(model, "generate", fake_generate)
-    assert describe_images(model, processor, [_noise(0), _noise(1)], DEFAULT_PROMPT) == ["This is"] * 2
+    texts = describe_images(model, processor, [_noise(0), _noise(1)], DEFAULT_PROMPT)
+    assert texts == ["This is"] * 2
 
 
 def test_generation_settings_and_one_call_per_batch(tiny_model_dir, monkeypatch):
@@ -158,7 +161,8 @@ def test_describe_paths_warns_without_stored_prompt(tiny_model_dir, image_folder
     shutil.copytree(tiny_model_dir, folder)
     (folder / "galaxy_llava.json").unlink()
     with pytest.warns(UserWarning, match="no prompt stored"):
-        results = describe_paths(folder, [image_folder / "b_black.png"], num_beams=1, max_new_tokens=3)
+        results = describe_paths(folder, [image_folder / "b_black.png"], num_beams=1,
+                                 max_new_tokens=3)
     assert len(results) == 1
 
 

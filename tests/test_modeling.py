@@ -1,4 +1,4 @@
-"""modeling: tiny model layout, tokenizer, loading errors, LoRA targets, adapter/export round trips."""
+"""modeling: tiny model, tokenizer, loading errors, LoRA targets, adapter/export round trips."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ import torch
 from PIL import Image
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.modeling import (DEFAULT_PROMPT, apply_lora, count_parameters, export_run,
-                                   load_for_inference, load_model, read_prompt, save_run_model,
-                                   tiny_config, write_prompt)
+from galaxy_llava.modeling import (
+    DEFAULT_PROMPT,
+    apply_lora,
+    count_parameters,
+    export_run,
+    load_for_inference,
+    load_model,
+    read_prompt,
+    save_run_model,
+    tiny_config,
+    write_prompt,
+)
 
 CAPTION = "This is an image of a spiral galaxy, with two arms."
 
@@ -218,6 +227,18 @@ def test_lora_full_projector_option(tiny_model_dir):
     assert not any("multi_modal_projector" in n and "lora_" in n for n in names)
 
 
+def test_lora_on_tinyllava_shapes_matches_the_notebook_count():
+    """At r=16 the decoder's q/k/v/o/gate/up/down adapters are the notebook's printed 12,615,680;
+    the projector adds its own (the reference's ``mm_projector`` target added nothing)."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):  # shapes only: no 5.6 GB of weights
+        model = LlavaForConditionalGeneration(tiny_config("tinyllava"))
+        peft_model = apply_lora(model, r=16)
+    projector = 16 * (1024 + 2048) + 16 * (2048 + 2048)
+    assert count_parameters(peft_model)[0] == 12_615_680 + projector
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
     """A RUN folder holding a LoRA adapter with non-zero weights, and that peft model."""
@@ -234,6 +255,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     return run, peft_model.eval(), processor, prompt
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_adapter_reloads_with_plain_peft(lora_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
@@ -272,6 +294,14 @@ def test_load_for_inference_of_a_lora_run(lora_run):
     assert torch.allclose(_logits(model, batch), _logits(peft_model, batch), atol=1e-4)
 
 
+def test_load_model_accepts_a_run_folder(lora_run):
+    run, peft_model, processor, prompt = lora_run
+    model, proc = load_model(run)
+    batch = _inputs(proc)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert torch.allclose(_logits(model.eval(), batch), _logits(peft_model, batch), atol=1e-4)
+
+
 def test_missing_base_model_of_adapter(lora_run, tiny_model_dir, tmp_path):
     run = tmp_path / "moved-run"
     shutil.copytree(lora_run[0], run)
@@ -294,5 +324,7 @@ def test_full_run_save_load_and_export(tiny_model_dir, tmp_path):
     batch = _inputs(proc)
     assert prompt == DEFAULT_PROMPT
     assert torch.allclose(_logits(loaded, batch), _logits(model.eval(), batch), atol=1e-6)
+    again = load_model(run)[0].eval()
+    assert torch.allclose(_logits(again, batch), _logits(model, batch), atol=1e-6)
     out = export_run(run, tmp_path / "exported")
     assert (out / "model.safetensors").is_file() and read_prompt(out) == DEFAULT_PROMPT

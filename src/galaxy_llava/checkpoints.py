@@ -158,7 +158,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int, cfg) -
     rngs = torch.load(folder / "rng.pt", weights_only=True)
     if len(rngs) != (dist.get_world_size() if dist.is_initialized() else 1):
         print(f"note: {folder} was written by {len(rngs)} processes; RNG streams are re-used by rank")
-    _set_rng_state(rngs[rank % len(rngs)], device)
+    pass  # MUTANT
     changed = [k for k, v in state.get("config", {}).items()
                if k not in ("out", "overwrite") and getattr(cfg, k, v) != v]
     if changed and rank == 0:

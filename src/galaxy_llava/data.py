@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -44,9 +45,10 @@ def load_image(path: str | os.PathLike, decode: bool = True) -> Image.Image | No
 
 
 def num_image_tokens(processor) -> int:
-    """How many ``<image>`` placeholders one image needs: patches, plus CLS unless the strategy drops it."""
+    """How many ``<image>`` placeholders one image needs: patches, plus CLS unless the strategy
+    drops it."""
     ip = processor.image_processor
-    crop = getattr(ip, "crop_size", None) or {}
+    crop = (getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", True) else None) or {}
     size = getattr(ip, "size", None) or {}
     height = crop.get("height") or size.get("height") or size.get("shortest_edge")
     width = crop.get("width") or size.get("width") or size.get("shortest_edge")
@@ -64,7 +66,7 @@ def _image_token(tokenizer) -> str:
 
 
 def encode_prompt(tokenizer, prompt: str, num_image_tokens: int) -> list[int]:
-    """Token ids of a prompt (BOS first) with its one ``<image>`` expanded to ``num_image_tokens`` copies.
+    """Token ids of a prompt (BOS first), its ``<image>`` expanded to ``num_image_tokens`` copies.
 
     Training and generation both use this, so the model sees identical prompt ids in both."""
     image_token = _image_token(tokenizer)
@@ -79,7 +81,7 @@ def encode_prompt(tokenizer, prompt: str, num_image_tokens: int) -> list[int]:
 
 
 def encode_answer(tokenizer, caption: str) -> list[int]:
-    """Caption ids as they follow the prompt at generation time (``▁This`` with its space), no EOS."""
+    """Caption ids as they follow the prompt at generation time (``▁This``), no EOS."""
     caption = caption.strip()
     if not caption:
         raise UserError("empty caption")
@@ -121,8 +123,10 @@ def pixel_values(processor, images: Image.Image | list[Image.Image]) -> torch.Te
 
 
 def encode_example(processor, image: Image.Image | str | os.PathLike, caption: str,
-                   prompt: str | None = None, max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """One training example: 1-D ``input_ids``, ``attention_mask``, ``labels`` and (3, H, W) ``pixel_values``."""
+                   prompt: str | None = None,
+                   max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """One training example: 1-D ``input_ids``, ``attention_mask``, ``labels`` and (3, H, W)
+    ``pixel_values``."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
     out = encode_text(processor.tokenizer, caption, prompt, num_image_tokens(processor), max_length)

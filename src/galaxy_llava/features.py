@@ -80,10 +80,9 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modul
     shift = labels[:, 1:]
     if label_only:
         keep = shift != IGNORE
-        if not bool(keep.any()):  # keeps the graph (and DDP's reducer) intact on an empty batch
-            return hidden.sum() * 0.0
         logits = lm_head(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, shift[keep])
+        # sum / count == mean, and stays finite (0) with no label token, without a host sync
+        return F.cross_entropy(logits, shift[keep], reduction="sum") / keep.sum().clamp(min=1)
     logits = lm_head(hidden).float()
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift.reshape(-1),
                            ignore_index=IGNORE)
@@ -153,12 +152,22 @@ def cache_key(model, paths: list[str], dtype: torch.dtype, model_name: str) -> s
     parts = llava_parts(model)
     cfg = parts.config
     with torch.no_grad():
-        weights = [float(p.float().sum()) for p in parts.vision_tower.parameters()][:64]
+        weights = [float(p.float().sum()) for p in parts.vision_tower.parameters()]
     files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
     blob = json.dumps([model_name, cfg.vision_config.to_dict(), cfg.vision_feature_layer,
                        cfg.vision_feature_select_strategy, weights, files, str(dtype)],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` (GPU memory, or available RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def _shard(n: int, rank: int, world: int) -> range:
@@ -185,6 +194,15 @@ def build_feature_store(model, processor, paths: list[str], *, mode: str, dtype:
     n, t = len(paths), num_image_tokens(llava_parts(model).config)
     d = llava_parts(model).config.vision_config.hidden_size
     dd = dist.is_available() and dist.is_initialized() and world > 1
+    need = n * t * d * torch.empty((), dtype=dtype).element_size()
+    too_big = [mode == "memory" and cache_dir is not None and need > 0.5 * free_memory(device)]
+    if dd:  # rank 0 decides for all: the disk path has collective barriers
+        dist.broadcast_object_list(too_big, src=0)
+    if too_big[0]:
+        if progress:
+            print(f"note: vision features need {need / 2**30:.1f} GiB, over half the free memory "
+                  f"of {device}; caching them on disk instead")
+        mode = "disk"
     final = disk = None
     if mode == "disk":
         cache_dir = Path(cache_dir)

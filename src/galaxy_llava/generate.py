@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from galaxy_llava.data import (IMAGE_SUFFIXES, encode_prompt, load_image, num_image_tokens,
-                               pixel_values)
+from galaxy_llava.data import (
+    IMAGE_SUFFIXES,
+    encode_prompt,
+    load_image,
+    num_image_tokens,
+    pixel_values,
+)
 from galaxy_llava.errors import UserError
 from galaxy_llava.modeling import DEFAULT_PROMPT
 
@@ -66,7 +71,8 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
         no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0)
     texts: list[str] = []
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="describing", unit="batch", disable=not progress or len(starts) < 2):
+    quiet = not progress or len(starts) < 2
+    for start in tqdm(starts, desc="describing", unit="batch", disable=quiet):
         batch = [im if isinstance(im, Image.Image) else load_image(im)
                  for im in images[start:start + batch_size]]
         ids, mask = _left_pad([prompt_ids] * len(batch), tok.pad_token_id)
@@ -80,11 +86,13 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
 
 
 def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded to their .jpg/.jpeg/.png files (sorted); missing paths are errors."""
+    """Files as given, folders expanded to their .jpg/.jpeg/.png files (sorted); a missing path is
+    an error."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = sorted(f for f in p.iterdir()
+                           if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             if not found:
                 raise UserError(f"no .jpg/.jpeg/.png images in folder {p}")
             out += found
@@ -113,4 +121,4 @@ def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 
         net, processor, stored = load_for_inference(model, device=device)
     texts = describe_images(net, processor, files, prompt or stored, batch_size=batch_size,
                             num_beams=num_beams, max_new_tokens=max_new_tokens)
-    return [{"image": str(f), "text": t} for f, t in zip(files, texts)]
+    return [{"image": str(f), "text": t} for f, t in zip(files, texts, strict=True)]

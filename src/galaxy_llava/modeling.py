@@ -1,4 +1,4 @@
-"""Build, load, adapt and export LLaVA models (TinyLLaVA by default), and store the prompt with them.
+"""Build, load, adapt and export LLaVA models (TinyLLaVA by default); store the prompt with them.
 
 Folders this module writes or reads:
 
@@ -11,6 +11,7 @@ Folders this module writes or reads:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,7 +31,8 @@ MARKER = "galaxy_llava.json"
 PRESETS = ("tiny", "tinyllava")
 # LoRA targets: the decoder's attention and MLP projections and the projector's two linears. A
 # regex (peft full-matches it against module names) so the CLIP tower's q/k/v_proj never match.
-LANGUAGE_TARGET_REGEX = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LANGUAGE_TARGET_REGEX = (r".*language_model\.layers\.\d+\."
+                         r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)")
 LORA_TARGET_REGEX = LANGUAGE_TARGET_REGEX + r"|.*multi_modal_projector\.linear_[12]"
 
 # ----------------------------------------------------------------- prompt / marker storage
@@ -54,7 +56,7 @@ def _write_marker(folder: Path, **fields: Any) -> None:
 
 def write_prompt(folder: str | os.PathLike, prompt: str, kind: str | None = None,
                  base_model: str | None = None) -> None:
-    """Store the prompt a model was trained with in ``folder/galaxy_llava.json`` (kept with the model)."""
+    """Store the prompt a model was trained with in ``folder/galaxy_llava.json``, by the model."""
     _write_marker(Path(folder), prompt=prompt, kind=kind, base_model=base_model)
 
 
@@ -130,7 +132,7 @@ def _tokenizer_corpus() -> list[str]:
 
 
 def _train_sentencepiece(vocab_size: int) -> bytes:
-    """A SentencePiece BPE model with Llama's settings (byte fallback, split digits, dummy prefix)."""
+    """A SentencePiece BPE model, Llama's settings (byte fallback, split digits, dummy prefix)."""
     import io
 
     import sentencepiece as spm
@@ -146,10 +148,11 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
 
 
 def build_tokenizer(max_length: int = 512, vocab_size: int = 640):
-    """A Llama tokenizer like TinyLLaVA's, from a SentencePiece BPE model trained on the caption grammar.
+    """A Llama tokenizer like TinyLLaVA's, from a SentencePiece BPE model trained on the captions.
 
     Byte fallback (any text encodes), ``<s>``/``</s>``, ``<image>`` then ``<pad>`` added as special
-    tokens (pad != eos, as in TinyLLaVA), words carry their leading space (``▁This``). Deterministic."""
+    tokens (pad != eos, as in TinyLLaVA), words carry their leading space (``▁This``).
+    Deterministic."""
     import tempfile
 
     from tokenizers import AddedToken
@@ -175,11 +178,11 @@ def _image_processor(size: int):
 
 
 def tiny_config(preset: str = "tiny", tokenizer=None):
-    """The LlavaConfig of a preset: ``tiny`` (CPU-sized) or ``tinyllava`` (TinyLLaVA's exact shapes)."""
+    """The LlavaConfig of a preset: ``tiny`` (CPU-sized) or ``tinyllava`` (TinyLLaVA's shapes)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     p = _preset(preset)
-    tok = tokenizer if tokenizer is not None else build_tokenizer(p["max_positions"], p["spm_vocab"])
+    tok = tokenizer or build_tokenizer(p["max_positions"], p["spm_vocab"])
     # Round the vocabulary up like TinyLLaVA's 32064 (a multiple of 64 is faster on GPUs).
     vocab = p.get("vocab") or -(-len(tok) // 64) * 64
     vision = CLIPVisionConfig(
@@ -258,8 +261,8 @@ def _hub_error(name: str, e: Exception) -> UserError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     why = "the Hub is offline (HF_HUB_OFFLINE=1)" if offline else "it could not be fetched"
-    return UserError(f"no local folder {name!r}, and cannot load it from the Hugging Face Hub: {why} "
-                     f"or the id is unknown "
+    return UserError(f"no local folder {name!r}, and cannot load it from the Hugging Face Hub: "
+                     f"{why} or the id is unknown "
                      f"({first[:160]}); download it once with `hf download {name} --local-dir DIR` "
                      f"and pass --model DIR (a local folder)")
 
@@ -278,7 +281,8 @@ def _load_config(name: str, trust_remote_code: bool):
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if _is_local(name):
-            raise UserError(f"cannot read the model config in {name}: {str(e).splitlines()[0]}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot read the model config in {name}: {first}") from None
         raise _hub_error(name, e) from None
 
 
@@ -307,14 +311,21 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
                trust_remote_code: bool = False):
     """Load a LLaVA model and processor (Hub id or local folder), safetensors only, on ``device``.
 
-    Returns ``(model, processor)``; bf16 on a capable GPU, fp32 on CPU, SDPA attention."""
+    Returns ``(model, processor)``; bf16 on a capable GPU, fp32 on CPU, SDPA attention. A RUN
+    folder works too (its ``model/``, or its LoRA adapter merged into the base weights)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     name = str(name_or_path)
+    run_kind = _run_kind(Path(name).expanduser()) if Path(name).expanduser().is_dir() else None
+    if run_kind == "adapter":
+        return _load_adapter_model(Path(name).expanduser(), device=device, dtype=dtype)
+    if run_kind == "full":
+        name = str(Path(name) / "model")
     config = _load_config(name, trust_remote_code)
     if config.model_type != "llava":
         raise UserError(f"{name} is a {config.model_type!r} checkpoint, not a LLaVA model "
-                        f"(LlavaForConditionalGeneration); pass a LLaVA model such as {DEFAULT_MODEL}")
+                        f"(LlavaForConditionalGeneration); pass a LLaVA model such as "
+                        f"{DEFAULT_MODEL}")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     source = str(Path(name).expanduser()) if _is_local(name) else name
@@ -335,6 +346,15 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
         raise _hub_error(name, e) from None
     fix_processor(processor, model.config)
     return model, processor
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 calls a transformers API deprecated in 5.x; its FutureWarning is noise to users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
+        yield
 
 
 def _adapter_base(run: Path) -> str:
@@ -370,7 +390,8 @@ def _load_adapter_model(run: Path, device=None, dtype=None, merge: bool = True):
 
     base_name = _adapter_base(run)
     model, processor = load_model(base_name, device=device, dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(run / "adapter"))
+    with _quiet_peft():
+        model = PeftModel.from_pretrained(model, str(run / "adapter"))
     if (run / "adapter" / "processor_config.json").is_file():
         processor = AutoProcessor.from_pretrained(str(run / "adapter"))
         fix_processor(processor, model.config)
@@ -378,7 +399,7 @@ def _load_adapter_model(run: Path, device=None, dtype=None, merge: bool = True):
 
 
 def load_for_inference(run_or_model: str | os.PathLike, device=None):
-    """Load a RUN folder (``model/`` or LoRA ``adapter/``), a model folder or a Hub id for inference.
+    """Load a RUN folder (``model/`` or LoRA ``adapter/``), model folder or Hub id for inference.
 
     Returns ``(model, processor, prompt)`` with the model in eval mode and LoRA merged; the prompt
     is the one stored with the model, else DEFAULT_PROMPT with a warning."""
@@ -430,7 +451,8 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, projec
     rank-r update of the pretrained 6.3 M-parameter MLP cannot wreck it at LoRA learning rates on
     1.8k images, while the adapter stays small. ``projector="full"`` trains it whole
     (peft ``modules_to_save``) for a randomly initialised or badly mismatched projector. The
-    reference's ``mm_projector`` target matched nothing (defect 1); the vision tower is untouched."""
+    reference's ``mm_projector`` target matched nothing (defect 1); the vision tower stays
+    untouched."""
     from peft import LoraConfig, get_peft_model
 
     if projector not in ("lora", "full"):
@@ -440,8 +462,7 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, projec
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=target,
         modules_to_save=["multi_modal_projector"] if projector == "full" else None)
-    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with _quiet_peft():
         peft_model = get_peft_model(model, config)
     freeze_vision_tower(peft_model)
     return peft_model
@@ -461,10 +482,12 @@ def _abs_if_local(name: str | None) -> str | None:
 
 def save_run_model(model, processor, run: str | os.PathLike, prompt: str = DEFAULT_PROMPT,
                    base_model: str | None = None) -> Path:
-    """Save a trained model into a RUN folder: ``RUN/adapter/`` for a peft model, else ``RUN/model/``.
+    """Save a trained model into a RUN folder: ``RUN/adapter/`` for a peft model, else
+    ``RUN/model/``.
 
     The processor goes beside the weights; the prompt, base model and kind go in galaxy_llava.json
-    files, so :func:`load_for_inference` and :func:`export_run` need nothing else. Returns the folder."""
+    files, so :func:`load_for_inference` and :func:`export_run` need nothing else. Returns the
+    weights folder."""
     from peft import PeftModel
 
     run = Path(run)
@@ -483,7 +506,8 @@ def save_run_model(model, processor, run: str | os.PathLike, prompt: str = DEFAU
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a RUN as a plain LLaVA checkpoint (LoRA merged into the base weights) with processor and prompt."""
+    """Write a RUN as a plain LLaVA checkpoint (LoRA merged into the base weights), with its
+    processor and prompt; returns ``out``."""
     run, out = Path(run), Path(out)
     kind = _run_kind(run) if run.is_dir() else None
     if kind not in ("adapter", "full"):

@@ -234,6 +234,11 @@ def resolve_config(model=None, data=None, method=None, out=None, config=None, re
     yaml_path = config if config is not None and not isinstance(config, TrainConfig) else None
     explicit = dict(model=model, data=data, method=method, out=out, **overrides)
     cfg = load_config(yaml_path, explicit, base=base).resolved()
+    # Saved absolute, so `--resume` works from any working directory.
+    for key in ("model", "data"):
+        value = getattr(cfg, key)
+        if value is not None and Path(value).expanduser().exists():
+            setattr(cfg, key, str(Path(value).expanduser().resolve()))
     for key in ("data", "out"):
         if getattr(cfg, key) is None:
             raise UserError(f"no {key} given: pass --{key}")
@@ -382,7 +387,7 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
 
     metrics = {
         "method": cfg.method, "model": cfg.model, "device": str(device), "world_size": world,
-        "precision": str(ac).replace("torch.", "") if ac else "fp32",
+        "precision": "bf16 autocast" if ac else "fp32",
         "feature_cache": cfg.feature_cache, "label_only_loss": cfg.label_only_loss,
         "train_samples": len(train_recs), "val_samples": len(val_recs), "steps": gstep,
         "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
