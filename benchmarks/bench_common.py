@@ -38,7 +38,9 @@ GZ2_TREE: dict[str, tuple[tuple[str, ...], tuple[str, str] | None]] = {
     "spiral-winding": (("tight", "medium", "loose"), ("has-spiral-arms", "yes")),
     "spiral-arm-count": (("1", "2", "3", "4", "more-than-4", "cant-tell"), ("has-spiral-arms", "yes")),
 }
-# Dirichlet base weights per question; concentration 2 spreads the fractions like real votes.
+# Dirichlet base weights per question. Concentration 2 spreads the fractions; the first two
+# questions get 0.5 (decisive votes), so many galaxies never reach the disk branch and its
+# questions are NaN, as in the real catalogue (there ~76% of rows lack a bar fraction).
 _BASE = {
     "smooth-or-featured": (0.66, 0.31, 0.03), "disk-edge-on": (0.3, 0.7),
     "has-spiral-arms": (0.6, 0.4), "bar": (0.3, 0.7), "bulge-size": (0.1, 0.45, 0.35, 0.1),
@@ -63,7 +65,8 @@ def synth_votes(n: int, seed: int = 0):
             total = top_total
         else:
             total = counts[f"{parent[0]}/{parent[1]}"]
-        p = rng.dirichlet(np.asarray(_BASE[q]) * 2.0, size=n)
+        conc = 0.5 if q in ("smooth-or-featured", "disk-edge-on") else 2.0
+        p = rng.dirichlet(np.asarray(_BASE[q]) * conc, size=n)
         c = rng.multinomial(total, p) if n else np.zeros((0, len(answers)), np.int64)
         totals[q] = total
         with np.errstate(invalid="ignore", divide="ignore"):

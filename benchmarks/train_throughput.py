@@ -9,6 +9,9 @@
   ``TrainStep`` (bf16 autocast on a GPU, loss only at label positions, fused AdamW on CUDA), the
   same batch sizes and a LoRA of the same rank (16, alpha 16) as the reference.
 
+samples/s and tokens/s count real tokens (attention mask: prompt, image tokens and caption; not
+padding) over the timed steps; peak memory is CUDA max-allocated on a GPU, else the process's peak
+resident set sampled during the recipe (which includes the ~0.6 GiB of imported libraries).
 Both train on the same synthetic galaxies (real GZ2-grammar captions, the preset's image size).
 ``--warmup`` optimizer steps run first and are not timed; the next ``--steps`` are. With
 ``--compare`` both recipes run in this process (``--repeats`` times, alternating which goes first)
@@ -184,7 +187,8 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
         freeze_vision_tower(model)
         if method == "lora":
             model = apply_lora(model, LORA_R, LORA_ALPHA, LORA_DROPOUT)
-        model.train()
+        # As the trainer: train mode, the frozen tower in eval (older train.py: plain train()).
+        getattr(gt, "train_mode", lambda m: m.train())(model)
         cfg = TrainConfig(method=method, data=str(data), out="unused", device=device,
                           batch_size=batch_size or REFERENCE_BATCH[method], lora_r=LORA_R,
                           lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, seed=seed).resolved()
@@ -221,10 +225,10 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
             batches = gt.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch)
             loader = torch.utils.data.DataLoader(train_data, batch_sampler=batches, collate_fn=collate)
             for raw in loader:
-                batch = step.to_device(raw)
-                log.add(batch["input_ids"], batch["attention_mask"],
-                        int((batch["labels"][:, 1:] != -100).sum()))
-                losses.append(step.forward_backward(batch))
+                # Counted on the host copy, as the trainer does: no device sync per step.
+                log.add(raw["input_ids"], raw["attention_mask"],
+                        int((raw["labels"][:, 1:] != -100).sum()))
+                losses.append(step.forward_backward(step.to_device(raw)))
                 step.optimizer_step()
                 done += 1
                 if done in (warmup, warmup + steps):
@@ -278,6 +282,43 @@ def _line(r: dict) -> str:
             f"loss {r['train_loss']:.3f}, 3x1800 job ~{r['job_seconds_extrapolated']:.0f} s")
 
 
+def flops_table(preset: str, seq_len: int, label_tokens: int) -> list[str]:
+    """Executed FLOPs per sample of each recipe and method at the given sequence shape, from the
+    preset's config on the meta device (no weights, nothing run)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    import reference_recipe as rr
+    from galaxy_llava.modeling import apply_lora, tiny_config
+
+    lines = []
+    for method in ("full", "lora"):
+        for recipe in ("reference", "fast"):
+            with torch.device("meta"):
+                model = LlavaForConditionalGeneration._from_config(tiny_config(preset))
+            if method == "lora":
+                if recipe == "reference":
+                    model = get_peft_model(model, rr.lora_config())
+                    for name, param in model.named_parameters():
+                        if "vision_tower" in name and "lora_" in name:
+                            param.requires_grad = False
+                else:
+                    model = apply_lora(model, LORA_R, LORA_ALPHA, LORA_DROPOUT)
+            d = model_dims(model)
+            b = REFERENCE_BATCH[method]
+            head = b * seq_len if recipe == "reference" else b * label_tokens
+            f = batch_flops(d, method, b, seq_len, head, vision=recipe == "reference",
+                            projector_lora=(recipe == "fast" and method == "lora")) / b
+            line = f"{preset} {method:4s} {recipe:9s}: {f / 1e12:.4g} TFLOP/sample"
+            if recipe == "reference":
+                rate = JOB_SAMPLES / NOTEBOOK_SECONDS[method]
+                line += (f" (the notebook's {rate:.2f} samples/s = {rate * f / 1e12:.1f} TFLOP/s "
+                         "achieved)")
+            lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "tinyllava"])
@@ -295,12 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, one torch.profiler pass of each recipe: ms/step "
                          "by phase and the top ops (not used for the rates)")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="print FLOPs/sample of both recipes at --seq-len/--label-tokens and exit")
+    ap.add_argument("--seq-len", type=int, default=612,
+                    help="with --flops-only: tokens per sample (the notebook printed 609-618)")
+    ap.add_argument("--label-tokens", type=int, default=19,
+                    help="with --flops-only: caption+EOS tokens (the notebook printed 14-23)")
     ap.add_argument("--samples", type=int, default=None,
                     help="synthetic galaxies (default: enough for one pass of the steps, >= 64)")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.flops_only:
+        print("\n".join(flops_table(args.preset, args.seq_len, args.label_tokens)))
+        return 0
 
     import gc
     import tempfile

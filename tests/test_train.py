@@ -165,6 +165,25 @@ def test_cached_and_label_only_equal_plain_hf_forward(tiny_model_dir, tiny_batch
             assert torch.allclose(g, ref_grads[n], rtol=1e-4, atol=1e-6), (key, n)
 
 
+def test_fast_and_plain_training_runs_end_identical(tiny_model_dir, prepared_dir, tmp_path):
+    """Whole runs (LoRA with dropout): cached + label-only vs the plain HF forward on pixels."""
+    kw = dict(epochs=2, lora_dropout=0.1, keep_checkpoints=0, **FAST)
+    fast = train(str(tiny_model_dir), prepared_dir, "lora", tmp_path / "fast", **kw)
+    plain = train(str(tiny_model_dir), prepared_dir, "lora", tmp_path / "plain",
+                  feature_cache="off", label_only_loss=False, **kw)
+    assert fast["final_train_loss"] == pytest.approx(plain["final_train_loss"], abs=1e-5)
+    a, b = (_weights(tmp_path / r / "adapter") for r in ("fast", "plain"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not (tmp_path / "fast" / "checkpoints").exists() or not any(
+        (tmp_path / "fast" / "checkpoints").iterdir())
+
+
+def test_shipped_configs_load():
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        cfg = load_config(path).resolved()
+        assert cfg.method in ("full", "lora"), path
+
+
 def test_disk_feature_cache_matches_memory_and_is_reused(tiny_model_dir, prepared_dir, tmp_path):
     from galaxy_llava.data import load_records
     from galaxy_llava.features import build_feature_store

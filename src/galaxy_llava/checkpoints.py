@@ -158,7 +158,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int, cfg) -
     rngs = torch.load(folder / "rng.pt", weights_only=True)
     if len(rngs) != (dist.get_world_size() if dist.is_initialized() else 1):
         print(f"note: {folder} was written by {len(rngs)} processes; RNG streams are re-used by rank")
-    pass  # MUTANT
+    _set_rng_state(rngs[rank % len(rngs)], device)
     changed = [k for k, v in state.get("config", {}).items()
                if k not in ("out", "overwrite") and getattr(cfg, k, v) != v]
     if changed and rank == 0:
@@ -169,6 +169,12 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int, cfg) -
 def write_log(run: Path, log: list[dict]) -> None:
     """Rewrite ``RUN/loss_log.jsonl`` (atomically) from the in-memory log."""
     write_jsonl(Path(run) / "loss_log.jsonl", log)
+
+
+def append_log(run: Path, entry: dict) -> None:
+    """Append one line to ``RUN/loss_log.jsonl`` (live progress between checkpoints)."""
+    with open(Path(run) / "loss_log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, allow_nan=False) + "\n")
 
 
 def plot_losses(log: list[dict], path: Path) -> Path:
@@ -187,7 +193,8 @@ def plot_losses(log: list[dict], path: Path) -> Path:
     ax.set_ylabel("cross-entropy per caption token")
     ax.set_title("galaxy-llava training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)

@@ -225,7 +225,8 @@ def build_feature_store(model, processor, paths: list[str], *, mode: str, dtype:
 
     chunks = [list(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
     loader = torch.utils.data.DataLoader([[paths[i] for i in c] for c in chunks], batch_size=None,
-                                         num_workers=num_workers, collate_fn=load)
+                                         num_workers=num_workers, collate_fn=load,
+                                         generator=torch.Generator())  # leave the global RNG be
     was_training = model.training
     model.eval()
     done = 0

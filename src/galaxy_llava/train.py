@@ -9,6 +9,7 @@ Trains on the ``train`` split, reports validation loss on ``val`` each epoch, ch
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -85,19 +86,23 @@ class TrainStep:
         module = LlavaTrainModule(model, cfg.label_only_loss)
         if ddp:
             # Buffers (rotary inv_freq, position ids) are constants: no per-step broadcast.
+            sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+                nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers")
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+                **{sync: False})
         self.plain_module = module.module if ddp else module
         self.module = torch.compile(module) if cfg.compile else module
         self.ddp = ddp
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]  # biases and norms, as HF Trainer
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, fused=self.device.type == "cuda")
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        try:  # fused kernels: one launch per step on GPUs, ~6x faster than foreach on CPU too
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+        except (RuntimeError, ValueError):
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, total_steps, cfg.warmup_ratio))
 
@@ -115,8 +120,8 @@ class TrainStep:
             out["features"] = self.store.get(batch["image_index"], self.device)
         return out
 
-    def forward_backward(self, batch: dict, scale: float = 1.0, sync: bool = True) -> float:
-        """Loss of one (device) batch, gradients accumulated (DDP all-reduce only when ``sync``)."""
+    def forward_backward(self, batch: dict, scale: float = 1.0, sync: bool = True) -> torch.Tensor:
+        """Detached loss of one (device) batch; gradients accumulate (DDP all-reduces if ``sync``)."""
         no_sync = self.module.no_sync if (self.ddp and not sync) else contextlib.nullcontext
         with no_sync():
             with self.autocast():
@@ -189,6 +194,18 @@ def set_backends(cfg: TrainConfig, device: torch.device) -> None:
 # ----------------------------------------------------------------- the trainer
 
 
+def train_mode(model) -> None:
+    """Train mode, except the frozen tower: a fixed feature extractor (as its cached features)."""
+    from galaxy_llava.features import llava_parts
+
+    model.train()
+    llava_parts(model).vision_tower.eval()
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def _dist_env() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
@@ -219,10 +236,11 @@ def _evaluate(step: TrainStep, data: TrainData, cfg, rank, world, collate) -> fl
     for b in batches:
         s, n = step.eval_sums(step.to_device(collate([data[i] for i in b])))
         total += torch.tensor([s, n], dtype=torch.float64, device=step.device)
-    step.model.train()
+    train_mode(step.model)
     if world > 1:
         dist.all_reduce(total)
-    return float(total[0] / total[1]) if total[1] > 0 else None
+    val = float(total[0] / total[1]) if total[1] > 0 else None
+    return val if val is not None and math.isfinite(val) else None
 
 
 def resolve_config(model=None, data=None, method=None, out=None, config=None, resume=False,
@@ -265,6 +283,19 @@ def train(model=None, data=None, method=None, out=None, config=None, resume: boo
             dist.destroy_process_group()
 
 
+def _resume(folder: Path, step: TrainStep, rank: int, cfg: TrainConfig) -> dict:
+    state = ckpt.load_checkpoint(folder, step.model, step.optimizer, step.scheduler, rank, cfg)
+    # The schedule follows this run's total (epochs / max_steps may have grown on resume);
+    # unchanged, this recomputes the very value the optimizer already holds.
+    sched = step.scheduler
+    for group, base, f in zip(step.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * f(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in step.optimizer.param_groups]
+    if rank == 0:
+        print(f"resuming from {folder} (step {state['global_step']})")
+    return state
+
+
 def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dict:
     from tqdm.auto import tqdm
 
@@ -290,7 +321,7 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_projector)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    train_mode(model)
     if world > 1:  # every rank inspects the folder before rank 0 changes it
         dist.barrier()
     # The folder is touched only once data and model have loaded: a typo leaves nothing behind.
@@ -330,10 +361,10 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
     step = TrainStep(model, cfg, device, total_steps, store=store, ddp=world > 1)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "log": []}
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, step.optimizer, step.scheduler, rank, cfg)
-        if main:
-            print(f"resuming from {resume_from} (step {state['global_step']})")
+        state = _resume(resume_from, step, rank, cfg)
     log = state["log"]
+    if main:  # drop entries a crash left after the checkpoint
+        ckpt.write_log(run, log)
     collate = Collator(processor.tokenizer.pad_token_id)
     gstep, samples, tokens, running = state["global_step"], 0, 0, []
     bar = tqdm(total=total_steps, initial=gstep, desc=f"train {cfg.method}", unit="step",
@@ -352,11 +383,12 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
         in_epoch = skip // cfg.grad_accum
         for group in groups[in_epoch:]:
             for k in range(len(group)):
-                batch = step.to_device(next(it))
-                loss = step.forward_backward(batch, 1 / len(group), sync=k == len(group) - 1)
-                running.append(loss)
+                cpu_batch = next(it)
                 samples += len(group[k]) * world
-                tokens += int(batch["attention_mask"].sum()) * world
+                tokens += int(cpu_batch["attention_mask"].sum()) * world  # on the host: no sync
+                loss = step.forward_backward(step.to_device(cpu_batch), 1 / len(group),
+                                             sync=k == len(group) - 1)
+                running.append(loss)
             lr = step.scheduler.get_last_lr()[0]
             step.optimizer_step()
             gstep, in_epoch = gstep + 1, in_epoch + 1
@@ -364,18 +396,23 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
             if gstep % cfg.log_every == 0 or gstep == total_steps or in_epoch == len(groups):
                 value = _all_mean(float(torch.stack(running).float().mean()), device, world)
                 running = []
+                if not math.isfinite(value) and main:
+                    bar.write(f"warning: training loss is {value} at step {gstep}; lower --lr?")
                 log.append({"step": gstep, "epoch": round(epoch + in_epoch / len(groups), 4),
-                            "loss": value, "split": "train", "lr": lr})
+                            "loss": value if math.isfinite(value) else None, "split": "train",
+                            "lr": lr})
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                if main:  # appended live; rewritten whole (atomically) at each checkpoint
+                    ckpt.append_log(run, log[-1])
             if gstep >= total_steps:
                 break
         finished_epoch = in_epoch == len(groups)
         if val_recs:
             val = _evaluate(step, val_data, cfg, rank, world, collate)
-            log.append({"step": gstep, "epoch": epoch + in_epoch / len(groups), "loss": val,
+            log.append({"step": gstep, "epoch": round(epoch + in_epoch / len(groups), 4), "loss": val,
                         "split": "val", "lr": step.scheduler.get_last_lr()[0]})
             if main:
-                bar.write(f"epoch {epoch + 1}: val loss {val:.4f}")
+                bar.write(f"epoch {epoch + 1}: val loss {_fmt(val)}")
         epoch, state["step_in_epoch"] = (epoch + 1, 0) if finished_epoch else (epoch, in_epoch)
         state.update(epoch=epoch, global_step=gstep, log=log)
         if main:
@@ -405,7 +442,7 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
         ckpt.plot_losses(log, run / "loss_curve.png")
         write_json(run / "train_metrics.json", metrics)
         print(f"trained in {train_seconds:.0f} s ({metrics['samples_per_second'] or 0:.2f} samples/s); "
-              f"final train loss {metrics['final_train_loss']}; wrote {run}")
+              f"final train loss {_fmt(metrics['final_train_loss'])}; wrote {run}")
     if world > 1:
         dist.barrier()
     return metrics
