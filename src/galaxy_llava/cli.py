@@ -35,8 +35,10 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_tiny_model(args: argparse.Namespace) -> None:
     from galaxy_llava.modeling import build_tiny_model
 
-    out = build_tiny_model(args.out, preset=args.preset, seed=args.seed)
-    print(f"wrote a random-initialised {args.preset} LLaVA to {out}")
+    out = build_tiny_model(args.out, preset=args.preset, seed=args.seed,
+                           pretrain_steps=args.pretrain_steps)
+    stage = f", pretrained {args.pretrain_steps} steps on generic scenes" if args.pretrain_steps else ""
+    print(f"wrote a random-initialised {args.preset} LLaVA{stage} to {out}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--preset", default="tiny", choices=["tiny", "tinyllava"])
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--pretrain-steps", type=int, default=0,
+                   help="first caption generic scenes for N steps so the model can see and speak")
     s.set_defaults(func=_cmd_tiny_model)
 
     s = sub.add_parser("train", help="fine-tune (full or LoRA) on a prepared dataset")

@@ -126,9 +126,11 @@ def _tokenizer_corpus() -> list[str]:
 
     captions = sorted({m.caption() for rules in ("reference", "tree")
                        for m in reachable_morphologies(rules)})
-    prompts = [DEFAULT_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
+    from galaxy_llava.pretrain import PRETRAIN_PROMPT, scene_words
+
+    prompts = [DEFAULT_PROMPT, PRETRAIN_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
     # Repetition weights the prompt and generic words so they become whole pieces too.
-    return captions * 4 + prompts * 40 + [_GENERIC_ENGLISH] * 10
+    return captions * 4 + prompts * 40 + [_GENERIC_ENGLISH] * 10 + scene_words()
 
 
 def _train_sentencepiece(vocab_size: int) -> bytes:
@@ -229,20 +231,30 @@ def build_model_in_memory(preset: str = "tiny", seed: int = 0, device=None, dtyp
     return model.eval(), processor
 
 
-def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
+def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
+                     pretrain_steps: int = 0) -> Path:
     """Write a random-initialised LLaVA with its processor and prompt in the Hugging Face layout.
 
     ``tiny`` has 0.72 M parameters (64 px images, 16 image tokens) for CPU tests and the demo;
-    ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in bf16, ~2.8 GB)."""
+    ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in bf16, ~2.8 GB).
+    ``pretrain_steps`` > 0 first trains it to caption generic scenes (see
+    :mod:`galaxy_llava.pretrain`) so it can see and speak, as a real base model can."""
     out = Path(out)
+    if pretrain_steps < 0:
+        raise UserError(f"--pretrain-steps must be >= 0, got {pretrain_steps}")
     model, processor = build_model_in_memory(
         preset, seed=seed, dtype=torch.bfloat16 if preset == "tinyllava" else torch.float32)
+    if pretrain_steps:
+        from galaxy_llava.pretrain import pretrain_tiny
+
+        pretrain_tiny(model, processor, steps=pretrain_steps, seed=seed)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         # The SentencePiece model too, as TinyLLaVA ships it (tokenizer.json stays authoritative).
         (tmp / "tokenizer.model").write_bytes(_train_sentencepiece(_preset(preset)["spm_vocab"]))
-        _write_marker(tmp, prompt=DEFAULT_PROMPT, kind="model", preset=preset, seed=seed)
+        _write_marker(tmp, prompt=DEFAULT_PROMPT, kind="model", preset=preset, seed=seed,
+                      pretrain_steps=pretrain_steps)
     return out
 
 
