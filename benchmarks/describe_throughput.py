@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from galaxy_llava.modeling import build_model_in_memory, resolve_dtype
+    from galaxy_llava.modeling import resolve_dtype
+    from galaxy_llava.tiny import build_model_in_memory
 
     device = bc.pick_device(args.device)
     torch.manual_seed(args.seed)

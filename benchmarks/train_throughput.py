@@ -117,7 +117,7 @@ def run_reference(method: str, preset: str, device: str, data: Path, warmup: int
     from transformers import TrainerCallback
 
     import reference_recipe as rr
-    from galaxy_llava.modeling import build_model_in_memory
+    from galaxy_llava.tiny import build_model_in_memory
 
     log, marks = BatchLog(), {}
     # The notebook ran with PyTorch's default true-fp32 matmuls; the fast recipe's set_backends()
@@ -166,16 +166,14 @@ def run_reference(method: str, preset: str, device: str, data: Path, warmup: int
 
 
 def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, steps: int,
-             seed: int, batch_size: int | None, fused_adamw: bool = False, profiler=None) -> dict:
-    """galaxy_llava's fast path, driven step by step as ``train._train`` drives it.
-
-    ``fused_adamw`` is a what-if, not the package: it swaps TrainStep's optimizer for a fused
-    AdamW with the same settings (TrainStep fuses only on CUDA; HF Trainer fuses on CPU too)."""
+             seed: int, batch_size: int | None, profiler=None, compile: bool = False) -> dict:
+    """galaxy_llava's fast path, run by ``train.run_steps`` over ``train.batch_source``: the very
+    loop ``train._train`` runs (minus its logging and checkpoints), on the same settings."""
     import torch
 
     from galaxy_llava import train as gt
     from galaxy_llava.config import TrainConfig
-    from galaxy_llava.data import Collator, load_records
+    from galaxy_llava.data import load_records
     from galaxy_llava.modeling import (DEFAULT_PROMPT, apply_lora, build_model_in_memory,
                                        freeze_vision_tower)
 
@@ -187,11 +185,11 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
         freeze_vision_tower(model)
         if method == "lora":
             model = apply_lora(model, LORA_R, LORA_ALPHA, LORA_DROPOUT)
-        # As the trainer: train mode, the frozen tower in eval (older train.py: plain train()).
-        getattr(gt, "train_mode", lambda m: m.train())(model)
+        gt.train_mode(model)  # as the trainer: train mode, the frozen tower in eval
         cfg = TrainConfig(method=method, data=str(data), out="unused", device=device,
                           batch_size=batch_size or REFERENCE_BATCH[method], lora_r=LORA_R,
-                          lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, seed=seed).resolved()
+                          lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, seed=seed,
+                          compile=compile).resolved()
         records = load_records(data / "dataset.jsonl", split="train")
         records = records[: len(records) - int(0.1 * len(records))]  # the reference's 90% too
         paths = list(dict.fromkeys(r["image"] for r in records))
@@ -208,13 +206,9 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
         bc.sync(device)
         cache_s = time.perf_counter() - t0
         step = gt.build_training_step(model, cfg, device=dev, total_steps=warmup + steps, store=store)
-        if fused_adamw:
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-                      for g in step.optimizer.param_groups]
-            step.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-            step.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                step.optimizer, gt.lr_lambda(cfg.lr_scheduler, warmup + steps, cfg.warmup_ratio))
-        collate = Collator(processor.tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        source = gt.batch_source(train_data, step, processor, seed=cfg.seed)
+        pack_s = time.perf_counter() - t0
         done, epoch, marks, losses = 0, 0, {}, []
         if warmup == 0:
             bc.sync(device)
@@ -223,21 +217,17 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
                 profiler.start()
         while done < warmup + steps:
             batches = gt.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch)
-            loader = torch.utils.data.DataLoader(train_data, batch_sampler=batches, collate_fn=collate)
-            for raw in loader:
-                # Counted on the host copy, as the trainer does: no device sync per step.
-                log.add(raw["input_ids"], raw["attention_mask"],
-                        int((raw["labels"][:, 1:] != -100).sum()))
-                losses.append(step.forward_backward(step.to_device(raw)))
-                step.optimizer_step()
+            batches = batches[: warmup + steps - done]  # grad_accum 1: one micro-batch per step
+            for result in gt.run_steps(step, source.epoch(batches, epoch), [1] * len(batches)):
+                for size, padded, tokens, labels in result.batches:
+                    log.rows.append((size, padded, tokens, labels))
+                losses += result.losses
                 done += 1
                 if done in (warmup, warmup + steps):
                     bc.sync(device)
                     marks[done] = (time.perf_counter(), time.process_time())
                     if profiler:
                         (profiler.start if done == warmup else profiler.stop)()
-                if done == warmup + steps:
-                    break
             epoch += 1
         final = float(torch.stack(losses[-min(len(losses), 5):]).float().mean())
     seconds, cpu = (b - a for a, b in zip(marks[warmup], marks[warmup + steps]))
@@ -245,8 +235,9 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
     n_img = len(paths)
     return _summary("fast", method, device, log.rows[warmup:warmup + steps], seconds, cpu, mem, dims,
                     vision=False, projector_lora=(method == "lora"),
-                    extra={"train_loss": final, "fused_adamw_whatif": fused_adamw, "precision": str(ac).replace("torch.", "") if ac else "fp32",
-                           "encode_s_per_sample": encode_s / max(1, len(records)),
+                    extra={"train_loss": final, "compile": compile,
+                           "precision": str(ac).replace("torch.", "") if ac else "fp32",
+                           "encode_s_per_sample": (encode_s + pack_s) / max(1, len(records)),
                            "feature_cache_s_per_image": cache_s / max(1, n_img)})
 
 
@@ -274,7 +265,7 @@ def _summary(recipe, method, device, rows, seconds, cpu_seconds, mem, dims, visi
 
 def _line(r: dict) -> str:
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
-    prec = r.get("precision", "fp32") + (" +fused-AdamW what-if" if r.get("fused_adamw_whatif") else "")
+    prec = r.get("precision", "fp32") + (" +torch.compile" if r.get("compile") else "")
     return (f"{r['recipe']:9s} {r['method']:4s} bs {r['batch_size']}: {r['samples_per_s']:8.2f} samples/s "
             f"({r['samples_per_cpu_s']:.2f}/CPU-s), "
             f"{r['tokens_per_s']:9.0f} tokens/s, {r['tflops_per_s']:.3f} TFLOP/s{mfu}, "
@@ -290,7 +281,8 @@ def flops_table(preset: str, seq_len: int, label_tokens: int) -> list[str]:
     from transformers import LlavaForConditionalGeneration
 
     import reference_recipe as rr
-    from galaxy_llava.modeling import apply_lora, tiny_config
+    from galaxy_llava.modeling import apply_lora
+    from galaxy_llava.tiny import tiny_config
 
     lines = []
     for method in ("full", "lora"):
@@ -331,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fast-batch-size", type=int, default=None,
                     help="fast recipe's batch size (default: the reference's, 1 full / 8 LoRA)")
-    ap.add_argument("--whatif-fused-adamw", action="store_true",
-                    help="what-if, not the package: fast recipe with a fused AdamW on CPU too")
+    ap.add_argument("--compile", action="store_true",
+                    help="fast recipe with the trainer's compile option (torch.compile of the "
+                         "training module); its compile time falls in the warm-up steps")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, one torch.profiler pass of each recipe: ms/step "
                          "by phase and the top ops (not used for the rates)")
@@ -374,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.steps, args.seed, Path(tmp))
                 else:
                     r = run_fast(args.method, args.preset, device, data, args.warmup, args.steps,
-                                 args.seed, args.fast_batch_size, args.whatif_fused_adamw)
+                                 args.seed, args.fast_batch_size, compile=args.compile)
                 results[recipe].append(r)
                 gc.collect()  # the previous recipe's model and optimizer state go first
                 if device == "cuda":
@@ -388,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.seed, Path(tmp), profiler=prof)
                 else:
                     run_fast(args.method, args.preset, device, data, args.warmup, args.steps,
-                             args.seed, args.fast_batch_size, args.whatif_fused_adamw, profiler=prof)
+                             args.seed, args.fast_batch_size, profiler=prof, compile=args.compile)
                 profiles[recipe] = prof.summary(args.steps)
     m = bc.machine()
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}, "

@@ -41,6 +41,16 @@ def prepared_dir(synth_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random-initialised tiny LLaVA saved in the Hugging Face layout."""
-    from galaxy_llava.modeling import build_tiny_model
+    from galaxy_llava.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (request with ``pytestmark = pytest.mark.usefixtures(...)``):
+    the tiny model's matrices are small, extra threads only contend (20x slower on busy CPUs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

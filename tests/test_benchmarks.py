@@ -69,7 +69,7 @@ def test_training_data_has_both_layouts(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from galaxy_llava.modeling import build_model_in_memory
+    from galaxy_llava.tiny import build_model_in_memory
 
     return build_model_in_memory("tiny", seed=0)
 
@@ -82,7 +82,7 @@ def test_reference_lora_config_reproduces_the_notebooks_printed_count():
     from transformers import LlavaForConditionalGeneration
 
     import reference_recipe as rr
-    from galaxy_llava.modeling import tiny_config
+    from galaxy_llava.tiny import tiny_config
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration._from_config(tiny_config("tinyllava"))

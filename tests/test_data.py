@@ -31,13 +31,7 @@ CAPTIONS = [SHORTEST, LONGEST, "This is an image of a star or artifact, not a ga
             "This is an image of a spiral galaxy, with a central bar, with many arms."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matrices are small: extra threads only contend (20x slower on busy CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.evaluate import (ATTRIBUTES, attribute_metrics, compute_metrics, format_table,
-                                   labels_of, majority_labels, read_answer, score_captions,
-                                   score_morphologies)
-from galaxy_llava.morphology import Morphology
+from galaxy_llava.metrics import (attribute_metrics, format_table, labels_of, majority_labels,
+                                  read_answer, score_captions, score_morphologies)
+from galaxy_llava.morphology import ATTRIBUTES, Morphology
 
 # Four galaxies: 5 true non-default values in all (round shape, prominent bulge; disturbed;
 # bar, two arms), galaxy 4 is the plain spiral.

@@ -21,13 +21,7 @@ LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in sh
            "disturbed or merging with another galaxy.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matrices are small: extra threads only contend (20x slower on busy CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flat(value: int) -> Image.Image:

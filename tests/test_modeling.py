@@ -20,20 +20,14 @@ from galaxy_llava.modeling import (
     load_model,
     read_prompt,
     save_run_model,
-    tiny_config,
     write_prompt,
 )
+from galaxy_llava.tiny import tiny_config
 
 CAPTION = "This is an image of a spiral galaxy, with two arms."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matrices are small: extra threads only contend (20x slower on busy CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(seed: int = 0, size: int = 72) -> Image.Image:
@@ -100,7 +94,7 @@ def test_tokenizer_behaves_like_tinyllava(tiny_model_dir):
 def test_build_is_deterministic_for_the_seed(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from galaxy_llava.modeling import build_tiny_model
+    from galaxy_llava.tiny import build_tiny_model
 
     again = build_tiny_model(tmp_path / "again", seed=0)
     other = build_tiny_model(tmp_path / "other", seed=1)

@@ -21,38 +21,7 @@ from galaxy_llava.morphology import (
     required_columns,
     votes_col,
 )
-
-
-def notebook_describe(r):
-    """The seed notebook's describe(), verbatim (indentation restored): the oracle."""
-    out = []
-    smooth = r["smooth-or-featured-gz2_smooth_fraction"] > 0.6
-    if smooth:
-        out.append("This is an image of an elliptical galaxy")
-        if r["how-rounded-gz2_round_fraction"] > .5:
-            out.append("nearly round in shape")
-        elif r["how-rounded-gz2_in-between_fraction"] > .5:
-            out.append("moderately elongated in shape")
-        elif r["how-rounded-gz2_cigar_fraction"] > .5:
-            out.append("highly elongated in shape")
-    else:
-        out.append("This is an image of a spiral galaxy")
-        if r["bar-gz2_yes_fraction"] > .5:
-            out.append("with a central bar")
-        if r["spiral-arm-count-gz2_2_fraction"] > .5:
-            out.append("with two arms")
-        elif r["spiral-arm-count-gz2_3_fraction"] > .5:
-            out.append("with three arms")
-        elif r["spiral-arm-count-gz2_more-than-4_fraction"] > .5:
-            out.append("with many arms")
-    if r["bulge-size-gz2_obvious_fraction"] > .5:
-        out.append("prominent bulge at its center")
-    if r["bulge-shape-gz2_boxy_fraction"] > .5:
-        out.append("boxy bulge at its center")
-    if r["something-odd-gz2_yes_fraction"] > .4:
-        out.append("disturbed or merging with another galaxy")
-    return ", ".join(out) + "."
-
+from notebook_oracle import notebook_describe
 
 # Values straddling every threshold, NaN included (NaN must add nothing).
 EDGE_VALUES = [math.nan, 0.0, 0.4, 0.4000001, 0.5, 0.5000001, 0.6, 0.6000001, 0.9, 1.0]

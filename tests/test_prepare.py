@@ -16,46 +16,12 @@ from galaxy_llava import morphology
 from galaxy_llava.cli import main
 from galaxy_llava.errors import UserError
 from galaxy_llava.prepare import prepare, select
+from notebook_oracle import notebook_describe
 from test_catalog import (draw_galaxy, images_for, make_votes, write_csv, write_disk,
                           write_hub_parquet)
 
 SMOOTH = morphology.col("smooth-or-featured", "smooth")
 RECORD_KEYS = ["image", "text", "id_str", "split", "morphology", "fractions"]
-
-
-# The seed notebook's describe(), verbatim (indentation restored): the oracle for captions.
-def describe(r):
-    out = []
-    # ============ turn labels into words for captions =======================
-    smooth = r["smooth-or-featured-gz2_smooth_fraction"] > 0.6
-    if smooth:
-        out.append("This is an image of an elliptical galaxy")
-        # axis ratio
-        if r["how-rounded-gz2_round_fraction"] > .5:
-            out.append("nearly round in shape")
-        elif r["how-rounded-gz2_in-between_fraction"] > .5:
-            out.append("moderately elongated in shape")
-        elif r["how-rounded-gz2_cigar_fraction"] > .5:
-            out.append("highly elongated in shape")
-    else:
-        out.append("This is an image of a spiral galaxy")
-        if r["bar-gz2_yes_fraction"] > .5:
-            out.append("with a central bar")
-        if r["spiral-arm-count-gz2_2_fraction"] > .5:
-            out.append("with two arms")
-        elif r["spiral-arm-count-gz2_3_fraction"] > .5:
-            out.append("with three arms")
-        elif r["spiral-arm-count-gz2_more-than-4_fraction"] > .5:
-            out.append("with many arms")
-    # bulge prominence / shape
-    if r["bulge-size-gz2_obvious_fraction"] > .5:
-        out.append("prominent bulge at its center")
-    if r["bulge-shape-gz2_boxy_fraction"] > .5:
-        out.append("boxy bulge at its center")
-    # mergers / oddities
-    if r["something-odd-gz2_yes_fraction"] > .4:
-        out.append("disturbed or merging with another galaxy")
-    return ", ".join(out) + "."
 
 
 def read_jsonl(folder):
@@ -128,7 +94,7 @@ def test_captions_equal_reference_rules_on_source_rows(prepared, source):
     saw_null = False
     for r in recs:
         row = df.loc[r["id_str"]]
-        assert r["text"] == describe(row) == morphology.caption_from_fractions(row)
+        assert r["text"] == notebook_describe(row) == morphology.caption_from_fractions(row)
         assert r["morphology"] == morphology.morphology_from_fractions(row).to_dict()
         assert list(r["fractions"]) == list(morphology.REFERENCE_COLUMNS)
         for c, v in r["fractions"].items():
@@ -149,8 +115,8 @@ def test_notebook_describe_agrees_on_rows_with_nan():
     assert df[list(morphology.REFERENCE_COLUMNS)].isna().any(axis=1).sum() > 100
     captions = set()
     for _, row in df.iterrows():
-        assert morphology.caption_from_fractions(row) == describe(row)
-        captions.add(describe(row))
+        assert morphology.caption_from_fractions(row) == notebook_describe(row)
+        captions.add(notebook_describe(row))
     assert len(captions) > 30
 
 
@@ -411,7 +377,7 @@ def test_synthetic_end_to_end(tmp_path):
     for r in recs:
         row = source.loc[r["id_str"]]
         counts["elliptical" if row[SMOOTH] > 0.6 else "spiral"] += 1
-        assert r["text"] == describe(row)
+        assert r["text"] == notebook_describe(row)
         with Image.open(out / r["image"]) as img:
             assert (img.format, img.size, img.mode) == ("JPEG", (336, 336), "RGB")
     assert counts == {"elliptical": 60, "spiral": 60}

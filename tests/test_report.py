@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.evaluate import (compute_metrics, labels_of, prediction_rows, read_answer,
-                                   write_eval)
+from galaxy_llava.evaluate import prediction_rows, write_eval
+from galaxy_llava.metrics import compute_metrics, labels_of, read_answer
 from galaxy_llava.morphology import Morphology, reachable_morphologies
 from galaxy_llava.report import build_report, load_eval, marked_answer
 

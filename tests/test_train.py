@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from galaxy_llava import checkpoints as ckpt
 from galaxy_llava.cli import main as cli_main

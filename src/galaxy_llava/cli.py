@@ -33,7 +33,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> None:
-    from galaxy_llava.modeling import build_tiny_model
+    from galaxy_llava.tiny import build_tiny_model
 
     out = build_tiny_model(args.out, preset=args.preset, seed=args.seed,
                            pretrain_steps=args.pretrain_steps)

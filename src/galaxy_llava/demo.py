@@ -24,11 +24,12 @@ def _step(name: str, t0: float) -> None:
 
 def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0) -> dict:
     """Run every stage on synthetic galaxies and a tiny model; print the table and report path."""
-    from galaxy_llava.evaluate import evaluate, format_table, majority_baseline, probe
-    from galaxy_llava.modeling import build_tiny_model
+    from galaxy_llava.evaluate import evaluate, majority_baseline, probe
+    from galaxy_llava.metrics import format_table
     from galaxy_llava.prepare import prepare
     from galaxy_llava.report import build_report
     from galaxy_llava.synthetic import synthesize
+    from galaxy_llava.tiny import build_tiny_model
     from galaxy_llava.train import train
 
     out = Path(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,6 +89,19 @@ def causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modul
                            ignore_index=IGNORE)
 
 
+def gathered_lm_loss(hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                     lm_head: nn.Module) -> torch.Tensor:
+    """:func:`causal_lm_loss` (label-only) from precomputed label positions: ``positions`` index
+    ``hidden`` flattened to [B*L, D] (row b, position t -> b*L + t, where t+1 holds a label, in
+    row-major order as the boolean mask takes them) and ``targets`` are those labels.
+
+    The same elements in the same order, hence the same value; but no ``nonzero`` (a host sync
+    per step on a GPU), because the trainer builds the positions on the host once per epoch."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = lm_head(flat.index_select(0, positions)).float()
+    return F.cross_entropy(logits, targets, reduction="sum") / max(1, targets.numel())
+
+
 class LlavaTrainModule(nn.Module):
     """``forward(batch) -> loss``: one module so DDP and torch.compile wrap the whole step.
 
@@ -101,7 +115,12 @@ class LlavaTrainModule(nn.Module):
         self.label_only = label_only_loss
         self._parts = llava_parts(model)
 
-    def forward(self, input_ids, attention_mask, labels, features=None, pixel_values=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, features=None, pixel_values=None,
+                image_start: int | None = None, label_positions=None, label_targets=None):
+        """Mean caption-token loss. Optional shortcuts the trainer's packed batches provide, each
+        exact: ``image_start`` (every row's image tokens are the span [start, start+T)): the
+        projected features are concatenated in instead of ``masked_scatter``; ``label_positions``
+        and ``label_targets``: see :func:`gathered_lm_loss`."""
         p = self._parts
         if features is None and not self.label_only:
             return p.llava(input_ids=input_ids, pixel_values=pixel_values,
@@ -110,12 +129,83 @@ class LlavaTrainModule(nn.Module):
             features = vision_features(self.model, pixel_values)
         embeds = p.embed(input_ids)
         proj_dtype = next(p.projector.parameters()).dtype
-        image = p.projector(features.to(proj_dtype))
-        mask = (input_ids == p.config.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, image.to(embeds.dtype))
+        image = p.projector(features.to(proj_dtype)).to(embeds.dtype)
+        if image_start is not None:
+            end = image_start + image.shape[1]
+            embeds = torch.cat([embeds[:, :image_start], image, embeds[:, end:]], dim=1)
+        else:
+            mask = (input_ids == p.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, image)
         hidden = p.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state
+        if label_positions is not None and self.label_only:
+            return gathered_lm_loss(hidden, label_positions, label_targets, p.lm_head)
         return causal_lm_loss(hidden, labels, p.lm_head, self.label_only)
+
+
+# ----------------------------------------------------------------- LoRA dropout on the CPU
+
+
+class SampledDropout(nn.Module):
+    """Inverted dropout (keep with probability 1-p, scale by 1/(1-p)), as ``nn.Dropout``, with
+    the Bernoulli mask drawn by skipping: gaps between dropped elements are Geometric(p).
+
+    The same distribution as ``nn.Dropout``'s i.i.d. Bernoulli mask (a Bernoulli process is its
+    geometric gaps), from the global torch generator (seeded, checkpointed), but ~p x the random
+    draws: PyTorch's CPU ``bernoulli_`` draws serially, ~9 ns per element, which made peft's
+    LoRA dropout (p=0.05) the largest op of a CPU LoRA step. Other devices use ``F.dropout``
+    (their kernels are fused and fast); the masks differ from ``nn.Dropout``'s draw for draw."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 < p < 1:
+            raise ValueError(f"dropout probability must be in (0, 1), got {p}")
+        self.p = p
+        self._log_keep = math.log1p(-p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def drop_positions(self, n: int) -> torch.Tensor:
+        """Sorted flat indices of the dropped elements among ``n`` (int64, CPU)."""
+        parts, start = [], 0.0
+        while True:
+            left = (n - start) * self.p  # expected drops still to place
+            m = int(left + 6 * math.sqrt(left) + 16)
+            u = torch.rand(m, dtype=torch.float64)
+            # Inverse CDF: 1-u is uniform on (0, 1], so each gap is >= 1 and Geometric(p).
+            gaps = u.neg_().log1p_().div_(self._log_keep).floor_().add_(1)
+            pos = gaps.cumsum_(0).add_(start - 1)
+            parts.append(pos)
+            last = float(pos[-1])
+            if last >= n - 1:  # the next drop falls beyond the tensor: every drop is known
+                break
+            start = last + 1
+        pos = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return pos[: int(torch.searchsorted(pos, float(n)))].long()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        if x.device.type != "cpu" or not x.is_contiguous():
+            return F.dropout(x, self.p, True)
+        out = x * (1.0 / (1.0 - self.p))
+        out.view(-1).index_fill_(0, self.drop_positions(x.numel()), 0.0)
+        return out
+
+
+def use_sampled_lora_dropout(model) -> int:
+    """Swap peft's LoRA ``nn.Dropout`` modules for :class:`SampledDropout` (same p); returns how
+    many. A no-op for ``lora_dropout=0`` (peft then uses ``nn.Identity``)."""
+    count = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for name, d in drops.items():
+                if type(d) is nn.Dropout and d.p > 0:
+                    drops[name] = SampledDropout(d.p).train(d.training)
+                    count += 1
+    return count
 
 
 # ----------------------------------------------------------------- feature store

@@ -25,11 +25,51 @@ ELONGATION = {"round": 1.0, "oval": 0.6, "long": 0.3}
 DOT_COUNTS = {"two": 2, "three": 3, "many": 6}
 PRETRAIN_PROMPT = "USER: <image>\nWhat do you see?\nASSISTANT:"
 
+# Plain English prose for a text-only language-modelling objective: a real base model's language
+# model knows common words (galaxy, spiral, bulge, ...) before it is fine-tuned, so its embeddings
+# and output rows for them are trained. This prose never uses the caption grammar's phrases.
+GENERIC_TEXT = (
+    "Galaxies come in many forms and astronomers have sorted them by shape for a century.",
+    "An elliptical galaxy looks smooth, and its light fades steadily away from the middle.",
+    "Some are round like a ball, others look moderately stretched, a few are highly flattened.",
+    "A spiral galaxy has a thin disk in which young blue stars trace winding arms.",
+    "Many spirals show two arms, some show three, and flocculent ones have many short arms.",
+    "A bar is a straight band of old stars that crosses the center of some disk galaxies.",
+    "The bulge is the bright central part; in some galaxies it is prominent, in others small.",
+    "Seen edge-on, a disk galaxy looks like a thin line, and its bulge can appear boxy or round.",
+    "When two galaxies pass close to each other their shapes become disturbed by gravity.",
+    "Merging galaxies often show tidal tails, loops and a second bright core nearby.",
+    "Not every image shows a galaxy: a bright star or an artifact can fool a quick look.",
+    "This is a picture taken by a telescope, an image of the night sky with faint objects.",
+    "Volunteers looked at each image and answered questions about its shape and its features.",
+    "The center of a galaxy is often brighter and redder than its outer disk.",
+    "Is it smooth or does it have features? Is there a bar? How many arms can you count?",
+    "An image of a distant galaxy is small and noisy, so the details are hard to see.",
+    "Astronomers describe what they see in short sentences that name the main features.",
+    "The arms of a spiral wind around the center, loosely in some and tightly in others.",
+)
+
+
+def text_batch(tokenizer, rng: np.random.Generator, batch_size: int) -> dict:
+    """A right-padded batch of GENERIC_TEXT sentences with causal-LM labels (pads -100)."""
+    from galaxy_llava.data import IGNORE_INDEX
+
+    picks = [GENERIC_TEXT[i] for i in rng.integers(len(GENERIC_TEXT), size=batch_size)]
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in picks]
+    width = max(map(len, ids))
+    input_ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+    labels = torch.full((batch_size, width), IGNORE_INDEX)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        labels[row, :len(seq)] = torch.tensor(seq)
+    return {"input_ids": input_ids, "attention_mask": (labels != IGNORE_INDEX).long(),
+            "labels": labels}
+
 
 def scene_words() -> list[str]:
-    """Sample captions covering the pretraining grammar (for the tokenizer's training corpus)."""
+    """Sample captions of the pretraining grammar and the generic prose (tokenizer corpus)."""
     rng = np.random.default_rng(0)
-    return [generic_scene(rng, 32)[1] for _ in range(300)]
+    return [generic_scene(rng, 32)[1] for _ in range(300)] + list(GENERIC_TEXT) * 4
 
 
 def _grid(size: int, cx: float, cy: float, angle: float):
@@ -95,7 +135,8 @@ def generic_scene(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image
 
 def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr: float = 2e-3,
                   seed: int = 0, progress: bool = True) -> list[float]:
-    """Train every parameter of ``model`` to caption generic scenes; returns the loss per step.
+    """Train every parameter of ``model`` to caption generic scenes, and its language model on
+    generic prose; returns the loss per step.
 
     Scenes are drawn fresh every step (no dataset to overfit). Plain HF forward with labels."""
     from galaxy_llava.data import Collator, encode_text, num_image_tokens, pixel_values
@@ -116,7 +157,12 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
         items = [encode_text(tok, caption, PRETRAIN_PROMPT, n_img) for _, caption in scenes]
         batch = collate(items)
         batch["pixel_values"] = pixel_values(processor, [img for img, _ in scenes])
-        loss = model(**batch).loss
+        text = text_batch(tok, rng, batch_size // 2)
+        hidden = model.model.language_model(input_ids=text["input_ids"],
+                                            attention_mask=text["attention_mask"]).last_hidden_state
+        text_loss = torch.nn.functional.cross_entropy(
+            model.lm_head(hidden[:, :-1]).flatten(0, 1), text["labels"][:, 1:].flatten())
+        loss = model(**batch).loss + text_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.evaluate import ATTRIBUTES, TABLE_COLUMNS, table_value
 from galaxy_llava.io import write_text
-from galaxy_llava.morphology import (ARM_PHRASES, BAR_PHRASE, BOXY_BULGE_PHRASE, DISTURBED_PHRASE,
-                                     PROMINENT_BULGE_PHRASE, SHAPE_PHRASES, TYPE_PHRASES,
-                                     Morphology)
+from galaxy_llava.metrics import TABLE_COLUMNS, table_value
+from galaxy_llava.morphology import (ARM_PHRASES, ATTRIBUTES, BAR_PHRASE, BOXY_BULGE_PHRASE,
+                                     DISTURBED_PHRASE, PROMINENT_BULGE_PHRASE, SHAPE_PHRASES,
+                                     TYPE_PHRASES, Morphology)
 
 PALETTE = ("#3b6fb6", "#e07b39", "#3a9a5b", "#c2414b", "#7d5ba6", "#8c6d4f", "#d16aa8", "#6b7b8c")
 LOWER_IS_BETTER = {"hallucination_rate", "omission_rate"}

@@ -13,6 +13,8 @@ import inspect
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +24,8 @@ from torch import nn
 from galaxy_llava import checkpoints as ckpt
 from galaxy_llava.config import TrainConfig, load_config, parse_set, save_config
 from galaxy_llava.errors import UserError
-from galaxy_llava.features import LlavaTrainModule, build_feature_store, num_image_tokens
+from galaxy_llava.features import (IGNORE, LlavaTrainModule, build_feature_store, num_image_tokens,
+                                   use_sampled_lora_dropout)
 from galaxy_llava.io import write_json
 
 
@@ -71,6 +74,184 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+@dataclass
+class Batch:
+    """One micro-batch: ``inputs`` for :class:`LlavaTrainModule` (on the device) and its shape
+    counted on the host, so that progress and throughput never wait for the device."""
+
+    inputs: dict
+    samples: int
+    tokens: int        # real tokens (prompt, image tokens, caption + EOS), not padding
+    padded_len: int
+    label_count: int   # caption + EOS tokens: the positions the loss (and lm_head) covers
+
+
+class PackedData:
+    """The tokenised examples padded once into [N, Lmax] tensors on the device (the path with
+    cached vision features): a micro-batch is an ``index_select`` and a slice to its longest row,
+    plus the feature rows of its images. The same right-padded tensors ``Collator`` builds, without
+    per-step Python collation, a DataLoader or host-to-device copies; label positions and targets
+    for the loss are built on the host once per epoch and copied in one transfer.
+
+    No attention mask is passed: padding only ever follows a row's last real token, so under
+    causal attention no real token sees it, and padded positions carry no label; loss and
+    gradients are those of the masked computation (``tests/test_train.py`` checks it against the
+    Hugging Face forward with the mask)."""
+
+    def __init__(self, data: TrainData, store, pad_token_id: int, image_token_id: int,
+                 device, label_only: bool = True):
+        ex = data.examples
+        self.device, self.store, self.label_only = torch.device(device), store, label_only
+        self.lengths = [len(e["input_ids"]) for e in ex]
+        n, width = len(ex), max(self.lengths, default=1)
+        ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        for i, e in enumerate(ex):
+            ids[i, :len(e["input_ids"])] = e["input_ids"]
+            labels[i, :len(e["labels"])] = e["labels"]
+        # Next-token positions t (label at t+1) and their targets, per example, on the host.
+        self.label_pos = [(e["labels"][1:] != IGNORE).nonzero().flatten().tolist() for e in ex]
+        self.label_tgt = [e["labels"][1:][e["labels"][1:] != IGNORE].tolist() for e in ex]
+        self.image_start = self._image_start(ex, image_token_id)
+        self.ids, self.labels = ids.to(self.device), labels.to(self.device)
+        self.image_rows = list(data.image_index)
+        rows_on = store.data.device if isinstance(getattr(store, "data", None), torch.Tensor) else None
+        self._rows_device = rows_on
+
+    @staticmethod
+    def _image_start(examples, image_token_id: int) -> int | None:
+        """Start of the image tokens when every example has them as one span at the same place."""
+        starts = set()
+        for e in examples:
+            pos = (e["input_ids"] == image_token_id).nonzero().flatten()
+            if len(pos) == 0 or int(pos[-1] - pos[0]) + 1 != len(pos):
+                return None
+            starts.add(int(pos[0]))
+        return starts.pop() if len(starts) == 1 else None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def epoch(self, batches: list[list[int]], epoch: int = 0) -> Iterator[Batch]:
+        """The micro-batches ``batches`` (lists of example indices), in order."""
+        if not batches:
+            return
+        flat = [i for b in batches for i in b]
+        order = torch.tensor(flat, dtype=torch.long).to(self.device, non_blocking=True)
+        rows = [self.image_rows[i] for i in flat]
+        rows_t = (torch.tensor(rows, dtype=torch.long).to(self._rows_device, non_blocking=True)
+                  if self._rows_device is not None else None)
+        widths, pos, tgt, cuts = [], [], [], [0]
+        for b in batches:
+            width = max(self.lengths[i] for i in b)
+            widths.append(width)
+            if self.label_only:
+                for r, i in enumerate(b):
+                    base = r * width
+                    pos.extend(base + t for t in self.label_pos[i])
+                    tgt.extend(self.label_tgt[i])
+            cuts.append(len(pos))
+        if self.label_only:
+            both = torch.tensor([pos, tgt], dtype=torch.long).to(self.device, non_blocking=True)
+            pos_t, tgt_t = both[0], both[1]
+        a = 0
+        for k, b in enumerate(batches):
+            m, width = len(b), widths[k]
+            idx = order[a:a + m]
+            inputs = {"input_ids": self.ids[:, :width].index_select(0, idx)}
+            if self.image_start is not None:
+                inputs["image_start"] = self.image_start
+            if self.label_only:
+                inputs["label_positions"] = pos_t[cuts[k]:cuts[k + 1]]
+                inputs["label_targets"] = tgt_t[cuts[k]:cuts[k + 1]]
+            else:
+                inputs["labels"] = self.labels[:, :width].index_select(0, idx)
+            if rows_t is not None:
+                inputs["features"] = self.store.data.index_select(0, rows_t[a:a + m]).to(
+                    self.device, non_blocking=True)
+            else:
+                inputs["features"] = self.store.get(rows[a:a + m], self.device)
+            yield Batch(inputs, m, sum(self.lengths[i] for i in b), width,
+                        sum(len(self.label_pos[i]) for i in b))
+            a += m
+
+
+class LoaderData:
+    """Micro-batches through a DataLoader and ``Collator`` (the path without a feature cache:
+    images are loaded and processed per item, in ``num_workers`` processes)."""
+
+    def __init__(self, data: TrainData, step: "TrainStep", collate, num_workers: int = 0,
+                 seed: int = 0):
+        self.data, self.step, self.collate = data, step, collate
+        self.num_workers, self.seed = num_workers, seed
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def epoch(self, batches: list[list[int]], epoch: int = 0) -> Iterator[Batch]:
+        """The micro-batches ``batches``, in order (``epoch`` seeds the loader's generator)."""
+        if not batches:
+            return
+        loader = torch.utils.data.DataLoader(
+            self.data, batch_sampler=batches, collate_fn=self.collate,
+            num_workers=self.num_workers if self.data.with_pixels else 0,
+            generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        for cpu in loader:
+            n_labels = int((cpu["labels"][:, 1:] != IGNORE).sum())  # host copy: no sync
+            yield Batch(self.step.to_device(cpu), len(cpu["input_ids"]),
+                        int(cpu["attention_mask"].sum()), cpu["input_ids"].shape[1], n_labels)
+
+
+def batch_source(data: TrainData, step: "TrainStep", processor, num_workers: int = 0,
+                 seed: int = 0):
+    """:class:`PackedData` when ``step`` trains from cached features, else :class:`LoaderData`."""
+    from galaxy_llava.data import Collator
+
+    pad = processor.tokenizer.pad_token_id
+    if step.store is not None and not data.with_pixels:
+        image_id = llava_config(step.model).image_token_id
+        return PackedData(data, step.store, pad, image_id, step.device, step.cfg.label_only_loss)
+    return LoaderData(data, step, Collator(pad), num_workers, seed)
+
+
+def llava_config(model):
+    """The LlavaConfig of a (possibly peft-wrapped) model."""
+    from galaxy_llava.features import llava_parts
+
+    return llava_parts(model).config
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: its micro-batches' (detached, device) losses, the lr it used,
+    and its work counted on the host."""
+
+    losses: list
+    lr: float
+    samples: int
+    tokens: int
+    batches: list  # (samples, padded_len, tokens, label_count) per micro-batch
+
+
+def run_steps(step: "TrainStep", micro: Iterator[Batch], group_sizes: Iterable[int]
+              ) -> Iterator[StepResult]:
+    """The training loop's core, shared by the trainer and ``benchmarks/train_throughput.py``:
+    for each optimizer step, forward/backward ``size`` micro-batches from ``micro`` (gradients
+    accumulated, scaled by 1/size; DDP syncs on the last), then clip, step and schedule.
+
+    Yields after each optimizer step; nothing here reads a value back from the device."""
+    for size in group_sizes:
+        losses, samples, tokens, shapes = [], 0, 0, []
+        for k in range(size):
+            b = next(micro)
+            losses.append(step.forward_backward(b.inputs, 1 / size, sync=k == size - 1))
+            samples, tokens = samples + b.samples, tokens + b.tokens
+            shapes.append((b.samples, b.padded_len, b.tokens, b.label_count))
+        lr = step.scheduler.get_last_lr()[0]
+        step.optimizer_step()
+        yield StepResult(losses, lr, samples, tokens, shapes)
+
+
 # ----------------------------------------------------------------- one training step
 
 
@@ -83,6 +264,9 @@ class TrainStep:
     def __init__(self, model, cfg: TrainConfig, device, total_steps: int, store=None, ddp=False):
         self.model, self.cfg, self.device, self.store = model, cfg, torch.device(device), store
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.device.type == "cpu":
+            # Same dropout distribution, ~p x the random draws (see SampledDropout).
+            use_sampled_lora_dropout(model)
         module = LlavaTrainModule(model, cfg.label_only_loss)
         if ddp:
             # Buffers (rotary inv_freq, position ids) are constants: no per-step broadcast.
@@ -126,13 +310,14 @@ class TrainStep:
         with no_sync():
             with self.autocast():
                 loss = self.module(**batch)
-            (loss * scale).backward()
+            (loss if scale == 1 else loss * scale).backward()
         return loss.detach()
 
     def optimizer_step(self) -> None:
         """Clip, step, schedule, zero the gradients."""
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            # foreach: the same per-tensor norms, in one call instead of one per parameter
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -144,12 +329,14 @@ class TrainStep:
         return float(loss)
 
     @torch.no_grad()
-    def eval_sums(self, batch: dict) -> tuple[float, int]:
-        """(loss x label tokens, label tokens) of one batch, for a token-weighted mean."""
-        n = int((batch["labels"][:, 1:] != -100).sum())
+    def eval_sums(self, batch: dict, n: int | None = None) -> tuple[torch.Tensor, int]:
+        """(loss x label tokens (a device scalar), label tokens) of one batch, for a
+        token-weighted mean; ``n`` counted on the host when known."""
+        if n is None:
+            n = int((batch["labels"][:, 1:] != -100).sum())
         with self.autocast():  # not through DDP: ranks may hold unequal numbers of val batches
             loss = self.plain_module(**batch)
-        return float(loss) * n, n
+        return loss.detach().double() * n, n
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -228,15 +415,17 @@ def _all_mean(value: float, device, world: int) -> float:
     return float(t) / world
 
 
-def _evaluate(step: TrainStep, data: TrainData, cfg, rank, world, collate) -> float | None:
-    batches = epoch_batches(len(data), cfg.eval_batch_size or cfg.batch_size, 0, 0, rank, world,
+def _evaluate(step: TrainStep, source, cfg, rank, world) -> float | None:
+    batches = epoch_batches(len(source), cfg.eval_batch_size or cfg.batch_size, 0, 0, rank, world,
                             shuffle=False)
     step.model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=step.device)
-    for b in batches:
-        s, n = step.eval_sums(step.to_device(collate([data[i] for i in b])))
-        total += torch.tensor([s, n], dtype=torch.float64, device=step.device)
+    total, count = torch.zeros((), dtype=torch.float64, device=step.device), 0
+    for b in source.epoch(batches):
+        s, n = step.eval_sums(b.inputs, b.label_count)
+        total, count = total + s, count + n
     train_mode(step.model)
+    total = torch.stack([total, torch.tensor(float(count), dtype=torch.float64,
+                                             device=step.device)])
     if world > 1:
         dist.all_reduce(total)
     val = float(total[0] / total[1]) if total[1] > 0 else None
@@ -299,7 +488,7 @@ def _resume(folder: Path, step: TrainStep, rank: int, cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dict:
     from tqdm.auto import tqdm
 
-    from galaxy_llava.data import Collator, load_records
+    from galaxy_llava.data import load_records
     from galaxy_llava.modeling import (apply_lora, count_parameters, freeze_vision_tower,
                                        load_model, save_run_model)
 
@@ -365,7 +554,8 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
     log = state["log"]
     if main:  # drop entries a crash left after the checkpoint
         ckpt.write_log(run, log)
-    collate = Collator(processor.tokenizer.pad_token_id)
+    train_source = batch_source(train_data, step, processor, cfg.num_workers, cfg.seed)
+    val_source = batch_source(val_data, step, processor, cfg.num_workers, cfg.seed)
     gstep, samples, tokens, running = state["global_step"], 0, 0, []
     bar = tqdm(total=total_steps, initial=gstep, desc=f"train {cfg.method}", unit="step",
                disable=not main)
@@ -373,27 +563,19 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
     epoch = state["epoch"]
     while gstep < total_steps:
         batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch, rank, world)
-        skip = state["step_in_epoch"] * cfg.grad_accum if epoch == state["epoch"] else 0
         groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
-        loader = torch.utils.data.DataLoader(
-            train_data, batch_sampler=batches[skip:], collate_fn=collate,
-            num_workers=cfg.num_workers if not cached else 0,
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        it = iter(loader)
-        in_epoch = skip // cfg.grad_accum
-        for group in groups[in_epoch:]:
-            for k in range(len(group)):
-                cpu_batch = next(it)
-                samples += len(group[k]) * world
-                tokens += int(cpu_batch["attention_mask"].sum()) * world  # on the host: no sync
-                loss = step.forward_backward(step.to_device(cpu_batch), 1 / len(group),
-                                             sync=k == len(group) - 1)
-                running.append(loss)
-            lr = step.scheduler.get_last_lr()[0]
-            step.optimizer_step()
+        in_epoch = state["step_in_epoch"] if epoch == state["epoch"] else 0
+        todo = groups[in_epoch:in_epoch + (total_steps - gstep)]
+        micro = train_source.epoch([b for g in todo for b in g], epoch)
+        for result in run_steps(step, micro, [len(g) for g in todo]):
+            samples += result.samples * world
+            tokens += result.tokens * world
+            running += result.losses
+            lr = result.lr
             gstep, in_epoch = gstep + 1, in_epoch + 1
             bar.update(1)
             if gstep % cfg.log_every == 0 or gstep == total_steps or in_epoch == len(groups):
+                # The only read-back of the loss: once per log_every steps.
                 value = _all_mean(float(torch.stack(running).float().mean()), device, world)
                 running = []
                 if not math.isfinite(value) and main:
@@ -404,11 +586,9 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                 if main:  # appended live; rewritten whole (atomically) at each checkpoint
                     ckpt.append_log(run, log[-1])
-            if gstep >= total_steps:
-                break
         finished_epoch = in_epoch == len(groups)
         if val_recs:
-            val = _evaluate(step, val_data, cfg, rank, world, collate)
+            val = _evaluate(step, val_source, cfg, rank, world)
             log.append({"step": gstep, "epoch": round(epoch + in_epoch / len(groups), 4), "loss": val,
                         "split": "val", "lr": step.scheduler.get_last_lr()[0]})
             if main:

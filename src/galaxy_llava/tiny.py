@@ -1,0 +1,178 @@
+"""Random-initialised LLaVA models for tests, the demo and benchmarks, built without the Hub.
+
+``tiny`` is CPU-sized; ``tinyllava`` has TinyLLaVA's shapes. Both get a Llama tokenizer trained
+here (SentencePiece BPE on the caption grammar, prompts and generic English) and a CLIP image
+processor, and are written as a plain model folder (see :mod:`galaxy_llava.modeling`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from galaxy_llava.errors import UserError
+from galaxy_llava.io import atomic_path
+from galaxy_llava.modeling import DEFAULT_PROMPT, _write_marker, resolve_device, resolve_dtype
+
+PRESETS = ("tiny", "tinyllava")
+_GENERIC_ENGLISH = (
+    "The quick brown fox jumps over the lazy dog. What is this? It is a picture of the night sky. "
+    "Please describe the image in one sentence. The telescope observed a bright star, a faint "
+    "nebula and a distant cluster of galaxies. Astronomers classify galaxies by their shape: some "
+    "are smooth and round, others have a disk, spiral arms, a bar or a bulge. Answer the question "
+    "about the photo. There are 0 1 2 3 4 5 6 7 8 9 numbers and punctuation: ; ! ? ( ) - ' \" ."
+)
+_TINY = dict(vision_hidden=64, vision_layers=3, vision_heads=4, vision_mlp=128, image_size=64,
+             patch=16, text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=344,
+             max_positions=512, spm_vocab=640)
+_TINYLLAVA = dict(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
+                  image_size=336, patch=14, text_hidden=2048, text_layers=22, text_heads=32,
+                  text_kv_heads=4, text_mlp=5632, max_positions=2048, spm_vocab=640, vocab=32064)
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _preset(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    return _TINY if preset == "tiny" else _TINYLLAVA
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Caption grammar (every reachable caption of both rule sets), prompts and generic English."""
+    from galaxy_llava.morphology import reachable_morphologies
+
+    captions = sorted({m.caption() for rules in ("reference", "tree")
+                       for m in reachable_morphologies(rules)})
+    from galaxy_llava.pretrain import PRETRAIN_PROMPT, scene_words
+
+    prompts = [DEFAULT_PROMPT, PRETRAIN_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
+    # Repetition weights the prompt and generic words so they become whole pieces too.
+    return captions * 4 + prompts * 40 + [_GENERIC_ENGLISH] * 10 + scene_words()
+
+
+def _train_sentencepiece(vocab_size: int) -> bytes:
+    """A SentencePiece BPE model, Llama's settings (byte fallback, split digits, dummy prefix)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_tokenizer_corpus()), model_writer=buf, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True, split_digits=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    return buf.getvalue()
+
+
+def build_tokenizer(max_length: int = 512, vocab_size: int = 640):
+    """A Llama tokenizer like TinyLLaVA's, from a SentencePiece BPE model trained on the captions.
+
+    Byte fallback (any text encodes), ``<s>``/``</s>``, ``<image>`` then ``<pad>`` added as special
+    tokens (pad != eos, as in TinyLLaVA), words carry their leading space (``▁This``).
+    Deterministic."""
+    import tempfile
+
+    from tokenizers import AddedToken
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(_train_sentencepiece(vocab_size))
+        tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True,
+                                             add_eos_token=False, model_max_length=max_length)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def _image_processor(size: int):
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers: the torchvision-free class was the only one
+        from transformers import CLIPImageProcessor as ImageProcessor
+    return ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                          do_center_crop=True, do_resize=True, image_mean=_CLIP_MEAN,
+                          image_std=_CLIP_STD, resample=3, do_convert_rgb=True)
+
+
+def tiny_config(preset: str = "tiny", tokenizer=None):
+    """The LlavaConfig of a preset: ``tiny`` (CPU-sized) or ``tinyllava`` (TinyLLaVA's shapes)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    p = _preset(preset)
+    tok = tokenizer or build_tokenizer(p["max_positions"], p["spm_vocab"])
+    # Round the vocabulary up like TinyLLaVA's 32064 (a multiple of 64 is faster on GPUs).
+    vocab = p.get("vocab") or -(-len(tok) // 64) * 64
+    vision = CLIPVisionConfig(
+        hidden_size=p["vision_hidden"], intermediate_size=p["vision_mlp"],
+        num_hidden_layers=p["vision_layers"], num_attention_heads=p["vision_heads"],
+        image_size=p["image_size"], patch_size=p["patch"], projection_dim=p["vision_hidden"],
+        hidden_act="quick_gelu")
+    text = LlamaConfig(
+        vocab_size=vocab, hidden_size=p["text_hidden"], intermediate_size=p["text_mlp"],
+        num_hidden_layers=p["text_layers"], num_attention_heads=p["text_heads"],
+        num_key_value_heads=p["text_kv_heads"], max_position_embeddings=p["max_positions"],
+        rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    n_patches = (p["image_size"] // p["patch"]) ** 2
+    return LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=n_patches,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        vision_feature_layer=-2, tie_word_embeddings=False)
+
+
+def build_model_in_memory(preset: str = "tiny", seed: int = 0, device=None, dtype=None):
+    """A random-initialised LLaVA of a preset and its processor, built directly on ``device``
+    (default CPU) in ``dtype`` (default fp32); returns ``(model, processor)``, model in eval mode.
+
+    For benchmarks of the ``tinyllava`` shapes without writing 5.6 GB: initialising on the GPU
+    takes seconds."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    p = _preset(preset)
+    device = resolve_device(device) if device is not None else torch.device("cpu")
+    dtype = resolve_dtype(dtype, device) if dtype is not None else torch.float32
+    tok = build_tokenizer(p["max_positions"], p["spm_vocab"])
+    config = tiny_config(preset, tok)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype,
+                                                           attn_implementation="sdpa")
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    processor = LlavaProcessor(
+        image_processor=_image_processor(p["image_size"]), tokenizer=tok, patch_size=p["patch"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model.eval(), processor
+
+
+def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
+                     pretrain_steps: int = 0) -> Path:
+    """Write a random-initialised LLaVA with its processor and prompt in the Hugging Face layout.
+
+    ``tiny`` has 0.72 M parameters (64 px images, 16 image tokens) for CPU tests and the demo;
+    ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in bf16, ~2.8 GB).
+    ``pretrain_steps`` > 0 first trains it to caption generic scenes (see
+    :mod:`galaxy_llava.pretrain`) so it can see and speak, as a real base model can."""
+    out = Path(out)
+    if pretrain_steps < 0:
+        raise UserError(f"--pretrain-steps must be >= 0, got {pretrain_steps}")
+    model, processor = build_model_in_memory(
+        preset, seed=seed, dtype=torch.bfloat16 if preset == "tinyllava" else torch.float32)
+    if pretrain_steps:
+        from galaxy_llava.pretrain import pretrain_tiny
+
+        pretrain_tiny(model, processor, steps=pretrain_steps, seed=seed)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        # The SentencePiece model too, as TinyLLaVA ships it (tokenizer.json stays authoritative).
+        (tmp / "tokenizer.model").write_bytes(_train_sentencepiece(_preset(preset)["spm_vocab"]))
+        _write_marker(tmp, prompt=DEFAULT_PROMPT, kind="model", preset=preset, seed=seed,
+                      pretrain_steps=pretrain_steps)
+    return out
