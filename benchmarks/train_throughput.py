@@ -4,10 +4,13 @@
   (processor called twice per item, image included), its ``collate_fn`` (LoRA) or Trainer's default
   collator (full), its ``TrainingArguments`` (fp32, batch 1 full / 8 LoRA, lr 1e-5 / 5e-5), full
   logits at every position, a random-initialised model of the preset in fp32.
-* ``--recipe fast``: ``galaxy_llava.train``'s pieces: ``TrainData`` (tokenised once),
-  ``build_feature_store`` (frozen tower run once per image, features kept in memory),
-  ``TrainStep`` (bf16 autocast on a GPU, loss only at label positions, fused AdamW on CUDA), the
-  same batch sizes and a LoRA of the same rank (16, alpha 16) as the reference.
+* ``--recipe fast``: ``galaxy_llava.train``'s own loop, ``train.run_steps`` over
+  ``train.batch_source`` (the function ``train._train`` runs): ``TrainData`` (tokenised once),
+  ``build_feature_store`` (frozen tower run once per image, features kept in memory), the
+  examples padded once into device tensors (``PackedData``: no DataLoader or collation per step),
+  ``TrainStep`` (bf16 autocast on a GPU, loss only at label positions, fused AdamW, the lean
+  decoder and LoRA forwards of ``features.py``), the same batch sizes, optimizer steps and a LoRA
+  of the same rank (16, alpha 16, dropout 0.05) as the reference.
 
 samples/s and tokens/s count real tokens (attention mask: prompt, image tokens and caption; not
 padding) over the timed steps; peak memory is CUDA max-allocated on a GPU, else the process's peak
@@ -113,10 +116,10 @@ class BatchLog:
 def run_reference(method: str, preset: str, device: str, data: Path, warmup: int, steps: int,
                   seed: int, workdir: Path, profiler=None) -> dict:
     """The notebook's Trainer run; times optimizer steps warmup+1 .. warmup+steps."""
+    import reference_recipe as rr
     import torch
     from transformers import TrainerCallback
 
-    import reference_recipe as rr
     from galaxy_llava.tiny import build_model_in_memory
 
     log, marks = BatchLog(), {}
@@ -174,8 +177,8 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
     from galaxy_llava import train as gt
     from galaxy_llava.config import TrainConfig
     from galaxy_llava.data import load_records
-    from galaxy_llava.modeling import (DEFAULT_PROMPT, apply_lora, build_model_in_memory,
-                                       freeze_vision_tower)
+    from galaxy_llava.modeling import DEFAULT_PROMPT, apply_lora, freeze_vision_tower
+    from galaxy_llava.tiny import build_model_in_memory
 
     log = BatchLog()
     with bc.PeakMemory(device) as mem:
@@ -210,6 +213,7 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
         source = gt.batch_source(train_data, step, processor, seed=cfg.seed)
         pack_s = time.perf_counter() - t0
         done, epoch, marks, losses = 0, 0, {}, []
+        t_first = time.perf_counter()  # warm-up time: one-time costs such as compiling
         if warmup == 0:
             bc.sync(device)
             marks[0] = (time.perf_counter(), time.process_time())
@@ -231,6 +235,8 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
             epoch += 1
         final = float(torch.stack(losses[-min(len(losses), 5):]).float().mean())
     seconds, cpu = (b - a for a, b in zip(marks[warmup], marks[warmup + steps]))
+    # What the warm-up steps took beyond steady-state steps (compiling, first-call allocations).
+    warmup_extra = max(0.0, marks[warmup][0] - t_first - warmup * seconds / steps) if warmup else 0.0
     dims = model_dims(model)
     n_img = len(paths)
     return _summary("fast", method, device, log.rows[warmup:warmup + steps], seconds, cpu, mem, dims,
@@ -238,7 +244,8 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
                     extra={"train_loss": final, "compile": compile,
                            "precision": str(ac).replace("torch.", "") if ac else "fp32",
                            "encode_s_per_sample": (encode_s + pack_s) / max(1, len(records)),
-                           "feature_cache_s_per_image": cache_s / max(1, n_img)})
+                           "feature_cache_s_per_image": cache_s / max(1, n_img),
+                           "warmup_extra_s": warmup_extra})
 
 
 def _summary(recipe, method, device, rows, seconds, cpu_seconds, mem, dims, vision, projector_lora,
@@ -257,8 +264,10 @@ def _summary(recipe, method, device, rows, seconds, cpu_seconds, mem, dims, visi
            "peak_memory_bytes": mem.peak, "memory_kind": mem.kind, **extra}
     sps = out["samples_per_s"]
     job = JOB_SAMPLES / sps
-    if recipe == "fast":  # one-time costs of the fast path: encode 2,000 items, cache 2,000 images
+    if recipe == "fast":  # one-time costs of the fast path: encode 2,000 items, cache 2,000 images,
+        # and whatever the warm-up steps took beyond steady state (compiling, with --compile)
         job += JOB_IMAGES * (extra["encode_s_per_sample"] + extra["feature_cache_s_per_image"])
+        job += extra.get("warmup_extra_s", 0.0)
     out["job_seconds_extrapolated"] = job
     return out
 
@@ -270,17 +279,19 @@ def _line(r: dict) -> str:
             f"({r['samples_per_cpu_s']:.2f}/CPU-s), "
             f"{r['tokens_per_s']:9.0f} tokens/s, {r['tflops_per_s']:.3f} TFLOP/s{mfu}, "
             f"peak {bc.fmt_bytes(r['peak_memory_bytes'])} ({r['memory_kind']}), {prec}, "
-            f"loss {r['train_loss']:.3f}, 3x1800 job ~{r['job_seconds_extrapolated']:.0f} s")
+            f"loss {r['train_loss']:.3f}, 3x1800 job ~{r['job_seconds_extrapolated']:.0f} s"
+            + (f" (incl. {r['warmup_extra_s']:.1f} s of warm-up beyond steady state)"
+               if r.get("warmup_extra_s", 0) >= 1 else ""))
 
 
 def flops_table(preset: str, seq_len: int, label_tokens: int) -> list[str]:
     """Executed FLOPs per sample of each recipe and method at the given sequence shape, from the
     preset's config on the meta device (no weights, nothing run)."""
+    import reference_recipe as rr
     import torch
     from peft import get_peft_model
     from transformers import LlavaForConditionalGeneration
 
-    import reference_recipe as rr
     from galaxy_llava.modeling import apply_lora
     from galaxy_llava.tiny import tiny_config
 

@@ -164,6 +164,138 @@ def test_cached_and_label_only_equal_plain_hf_forward(tiny_model_dir, tiny_batch
             assert torch.allclose(g, ref_grads[n], rtol=1e-4, atol=1e-6), (key, n)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_trainers_packed_step_equals_plain_hf_forward(tiny_model_dir, prepared_dir, method):
+    """What the trainer runs per step (batch_source's packed batch: no attention mask, the image
+    span concatenated in, gathered label positions; the lean decoder; the lean LoRA forward) gives
+    the loss and gradients of the plain HF forward (pixels, padded batch with its mask, full
+    logits, peft's own LoRA), and the packed batch holds what Collator builds."""
+    from galaxy_llava.data import Collator, load_records
+    from galaxy_llava.features import LlavaTrainModule, build_feature_store
+    from galaxy_llava.modeling import apply_lora, freeze_vision_tower, load_model
+    from galaxy_llava.train import TrainData, TrainStep, batch_source
+
+    torch.manual_seed(0)
+    model, processor = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
+    freeze_vision_tower(model)
+    if method == "lora":
+        model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():  # LoRA B starts at 0: make the adapters matter
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    model.train()
+    records = load_records(prepared_dir, "train")[:4]
+    paths = [r["image"] for r in records]
+    prompt = TrainConfig().prompt
+    pixels = TrainData(records, processor, prompt, paths, with_pixels=True)
+    batch = Collator(processor.tokenizer.pad_token_id)([pixels[i] for i in range(4)])
+    assert batch["attention_mask"].min() == 0, "captions of unequal length: padding is exercised"
+
+    def loss_and_grads(module, inputs):
+        model.zero_grad(set_to_none=True)
+        loss = module(**inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads(
+        LlavaTrainModule(model, label_only_loss=False),
+        {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")})
+
+    data = TrainData(records, processor, prompt, paths, with_pixels=False)
+    store = build_feature_store(model, processor, paths, mode="memory", dtype=torch.float32,
+                                device=torch.device("cpu"), progress=False)
+    cfg = TrainConfig(method=method, max_grad_norm=None).resolved()
+    step = TrainStep(model, cfg, "cpu", total_steps=10, store=store)
+    assert step.plain_module._lean, "the lean decoder must match the tiny Llama bitwise"
+    if method == "lora":
+        assert all("forward" in vars(m) for m in model.modules() if hasattr(m, "lora_A")
+                   and hasattr(m, "base_layer"))
+    (packed,) = batch_source(data, step, processor).epoch([[0, 1, 2, 3]])
+    assert "attention_mask" not in packed.inputs and packed.inputs["image_start"] is not None
+    assert torch.equal(packed.inputs["input_ids"], batch["input_ids"])
+    keep = batch["labels"][:, 1:] != -100
+    assert torch.equal(packed.inputs["label_targets"], batch["labels"][:, 1:][keep])
+    assert (packed.samples, packed.padded_len, packed.tokens, packed.label_count) == (
+        4, batch["input_ids"].shape[1], int(batch["attention_mask"].sum()), int(keep.sum()))
+    loss, grads = loss_and_grads(step.module, packed.inputs)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert torch.allclose(g, ref_grads[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_lean_lora_forward_equals_peft_with_the_same_dropout_mask(tiny_model_dir):
+    """With dropout on, the lean LoRA forward draws the mask SampledDropout draws and gives
+    peft's output and gradients for it."""
+    from galaxy_llava.features import use_lean_lora, use_sampled_lora_dropout
+    from galaxy_llava.modeling import apply_lora, load_model
+
+    model, _ = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
+    model = apply_lora(model, r=4, alpha=8, dropout=0.2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    assert use_sampled_lora_dropout(model) > 0
+    model.train()
+    layer = model.get_base_model().model.language_model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, layer.in_features)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        y = layer(xi)
+        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        grads = [xi.grad] + [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+        layer.zero_grad(set_to_none=True)
+        return y.detach(), grads
+
+    ref, ref_grads = run()  # peft's forward, SampledDropout in it
+    assert use_lean_lora(model, sampled_dropout=False) > 0
+    got, got_grads = run()
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ref, layer.base_layer(x))
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_dropout_is_bernoulli_dropout():
+    """Drop rate p (within 5 sigma), kept values scaled by 1/(1-p), neighbours independent,
+    gradients masked alike, reproducible from the global seed, identity in eval mode."""
+    import math
+
+    from galaxy_llava.features import SampledDropout
+
+    for p in (0.05, 0.5, 0.9):
+        torch.manual_seed(0)
+        d = SampledDropout(p).train()
+        x = torch.ones(400, 500, requires_grad=True)
+        y = d(x)
+        dropped = (y == 0).view(-1)
+        n = dropped.numel()
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(dropped.double().mean().item() - p) < 5 * sigma, p
+        assert torch.allclose(y.detach().view(-1)[~dropped], torch.tensor(1 / (1 - p)))
+        both = (dropped[:-1] & dropped[1:]).double().mean().item()
+        assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n), p
+        for quarter in dropped.chunk(4):  # the whole tensor is covered, not just its start
+            assert abs(quarter.double().mean().item() - p) < 10 * sigma, p
+        y.sum().backward()
+        assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(3)
+    a = SampledDropout(0.1)(torch.ones(50, 7))
+    torch.manual_seed(3)
+    assert torch.equal(a, SampledDropout(0.1)(torch.ones(50, 7)))
+    small = SampledDropout(0.3)
+    assert SampledDropout(0.3).eval()(torch.ones(4)).eq(1).all()
+    assert small(torch.ones(0)).shape == (0,) and small(torch.ones(1)).shape == (1,)
+    with pytest.raises(ValueError):
+        SampledDropout(0.0)
+
+
 def test_fast_and_plain_training_runs_end_identical(tiny_model_dir, prepared_dir, tmp_path):
     """Whole runs (LoRA with dropout): cached + label-only vs the plain HF forward on pixels."""
     kw = dict(epochs=2, lora_dropout=0.1, keep_checkpoints=0, **FAST)
@@ -362,3 +494,18 @@ def test_torchrun_two_processes_train_and_only_rank0_writes(tiny_model_dir, prep
     n_train = sum(json.loads(x)["split"] == "train"
                   for x in (prepared_dir / "dataset.jsonl").read_text().splitlines())
     assert metrics["steps"] == 2 * -(-n_train // 4)  # 2 ranks x batch 2 per step
+
+
+def test_demo_configs_mirror_the_demo_settings():
+    """configs/demo-*.yaml are the CLI spelling of the demo's runs: they must not drift."""
+    from pathlib import Path
+
+    from galaxy_llava.config import read_yaml
+    from galaxy_llava.demo import DEMO_TRAIN
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for method, settings in DEMO_TRAIN.items():
+        cfg = read_yaml(root / f"demo-{method}.yaml")
+        assert cfg["method"] == method
+        for key, value in settings.items():
+            assert cfg[key] == value, (method, key)

@@ -109,11 +109,13 @@ class LlavaTrainModule(nn.Module):
     tower output) or ``pixel_values``. Without features and without ``label_only`` it is the plain
     HF forward with labels."""
 
-    def __init__(self, model, label_only_loss: bool = True):
+    def __init__(self, model, label_only_loss: bool = True, lean: bool = False):
         super().__init__()
         self.model = model
         self.label_only = label_only_loss
         self._parts = llava_parts(model)
+        # The decoder's layers called directly (see lean_decoder), when checked to be identical.
+        self._lean = lean and lean_decoder_matches(self._parts.language_model)
 
     def forward(self, input_ids, attention_mask=None, labels=None, features=None, pixel_values=None,
                 image_start: int | None = None, label_positions=None, label_targets=None):
@@ -136,11 +138,106 @@ class LlavaTrainModule(nn.Module):
         else:
             mask = (input_ids == p.config.image_token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(mask, image)
-        hidden = p.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state
+        if self._lean and attention_mask is None:
+            hidden = lean_decoder(p.language_model, embeds)
+        else:
+            hidden = p.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      use_cache=False).last_hidden_state
         if label_positions is not None and self.label_only:
             return gathered_lm_loss(hidden, label_positions, label_targets, p.lm_head)
         return causal_lm_loss(hidden, labels, p.lm_head, self.label_only)
+
+
+# ----------------------------------------------------------------- lean decoder
+
+
+def lean_decoder(lm, embeds: torch.Tensor) -> torch.Tensor:
+    """A Llama-style decoder's last hidden state for ``embeds`` without an attention mask: its
+    rotary embedding, layers and final norm called as its own ``forward`` calls them.
+
+    What it skips is bookkeeping that decides nothing here: building a causal mask that SDPA's
+    ``is_causal`` replaces anyway, checking the positions for packed sequences (a host sync per
+    step on a GPU), output capturing. :func:`lean_decoder_matches` checks the result is bitwise
+    the library's before it is used."""
+    pos = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+    pe = lm.rotary_emb(embeds, position_ids=pos)
+    hidden = embeds
+    for layer in lm.layers[: lm.config.num_hidden_layers]:
+        hidden = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=pe)
+    return lm.norm(hidden)
+
+
+def lean_decoder_matches(lm) -> bool:
+    """Whether :func:`lean_decoder` gives exactly (bitwise) the library forward's hidden states
+    on a probe input; any difference or error (another architecture, a changed library) keeps
+    the library forward. The global RNG is left untouched."""
+    if not all(hasattr(lm, a) for a in ("rotary_emb", "layers", "norm", "config")):
+        return False
+    weight = next(lm.parameters())
+    probe = torch.randn(2, 7, lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(weight.device, weight.dtype)
+    was_training = lm.training
+    lm.eval()  # no dropout: both sides must see the same computation
+    try:
+        with torch.no_grad():
+            ref = lm(inputs_embeds=probe, use_cache=False).last_hidden_state
+            return bool(torch.equal(ref, lean_decoder(lm, probe)))
+    except Exception:  # noqa: BLE001 - any failure means "not this architecture"
+        return False
+    finally:
+        lm.train(was_training)
+
+
+# ----------------------------------------------------------------- lean LoRA
+
+
+def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA ``Linear.forward`` (one vanilla adapter, unmerged), the same sum
+    ``base(x) + B(A(dropout(x))) * scaling`` with fewer passes over the activations: dropout's
+    1/(1-p) and the LoRA scaling (1 in the reference's r=16, alpha=16) multiply the rank-r
+    product ``A(x)`` instead of [tokens, in] / [tokens, out] tensors, and the sum is folded into
+    B's matmul (``addmm``). Anything else (merged, disabled, several adapters, DoRA, biases,
+    extra arguments) runs peft's own forward."""
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (args or kwargs or name is None or self.disable_adapters or self.merged
+            or name not in self.lora_A or name in getattr(self, "lora_variant", {})
+            or self.lora_A[name].bias is not None or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
+    drop, scale = self.lora_dropout[name], self.scaling[name]
+    result = self.base_layer(x)
+    if isinstance(drop, SampledDropout) and drop.training and x.device.type == "cpu":
+        flat = x.contiguous().view(-1)
+        x = flat.index_fill(0, drop.drop_positions(flat.numel()), 0.0).view(x.shape)
+        scale = scale / (1.0 - drop.p)
+    else:
+        x = drop(x)
+    low = F.linear(x.to(weight_a.dtype), weight_a)
+    if scale != 1:
+        low = low * scale
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(
+        result.dtype), weight_b.t().to(result.dtype))
+    return out.view(result.shape)
+
+
+def use_lean_lora(model, sampled_dropout: bool = True) -> int:
+    """Give every peft LoRA ``Linear`` of ``model`` the lean forward (and, with
+    ``sampled_dropout``, :class:`SampledDropout` for its ``nn.Dropout``); returns how many."""
+    import types
+
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return 0
+    if sampled_dropout:
+        use_sampled_lora_dropout(model)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and "forward" not in vars(module):
+            module.forward = types.MethodType(_lean_lora_forward, module)
+            count += 1
+    return count
 
 
 # ----------------------------------------------------------------- LoRA dropout on the CPU
@@ -187,9 +284,11 @@ class SampledDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        if x.device.type != "cpu" or not x.is_contiguous():
+        if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        out = x * (1.0 / (1.0 - self.p))
+        # contiguous (the product is): a flat index is then one element, and the draws depend
+        # only on the shape, so a strided input (HF's CLS-dropped features) draws as a cached one
+        out = x.contiguous() * (1.0 / (1.0 - self.p))
         out.view(-1).index_fill_(0, self.drop_positions(x.numel()), 0.0)
         return out
 

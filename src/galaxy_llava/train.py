@@ -24,10 +24,14 @@ from torch import nn
 from galaxy_llava import checkpoints as ckpt
 from galaxy_llava.config import TrainConfig, load_config, parse_set, save_config
 from galaxy_llava.errors import UserError
-from galaxy_llava.features import (IGNORE, LlavaTrainModule, build_feature_store, num_image_tokens,
-                                   use_sampled_lora_dropout)
+from galaxy_llava.features import (
+    IGNORE,
+    LlavaTrainModule,
+    build_feature_store,
+    num_image_tokens,
+    use_lean_lora,
+)
 from galaxy_llava.io import write_json
-
 
 # ----------------------------------------------------------------- data
 
@@ -115,8 +119,9 @@ class PackedData:
         self.image_start = self._image_start(ex, image_token_id)
         self.ids, self.labels = ids.to(self.device), labels.to(self.device)
         self.image_rows = list(data.image_index)
-        rows_on = store.data.device if isinstance(getattr(store, "data", None), torch.Tensor) else None
-        self._rows_device = rows_on
+        # In-memory features are gathered on their device; a disk memmap by host indices.
+        data_rows = getattr(store, "data", None)
+        self._rows_device = data_rows.device if isinstance(data_rows, torch.Tensor) else None
 
     @staticmethod
     def _image_start(examples, image_token_id: int) -> int | None:
@@ -180,7 +185,7 @@ class LoaderData:
     """Micro-batches through a DataLoader and ``Collator`` (the path without a feature cache:
     images are loaded and processed per item, in ``num_workers`` processes)."""
 
-    def __init__(self, data: TrainData, step: "TrainStep", collate, num_workers: int = 0,
+    def __init__(self, data: TrainData, step: TrainStep, collate, num_workers: int = 0,
                  seed: int = 0):
         self.data, self.step, self.collate = data, step, collate
         self.num_workers, self.seed = num_workers, seed
@@ -202,7 +207,7 @@ class LoaderData:
                         int(cpu["attention_mask"].sum()), cpu["input_ids"].shape[1], n_labels)
 
 
-def batch_source(data: TrainData, step: "TrainStep", processor, num_workers: int = 0,
+def batch_source(data: TrainData, step: TrainStep, processor, num_workers: int = 0,
                  seed: int = 0):
     """:class:`PackedData` when ``step`` trains from cached features, else :class:`LoaderData`."""
     from galaxy_llava.data import Collator
@@ -233,7 +238,7 @@ class StepResult:
     batches: list  # (samples, padded_len, tokens, label_count) per micro-batch
 
 
-def run_steps(step: "TrainStep", micro: Iterator[Batch], group_sizes: Iterable[int]
+def run_steps(step: TrainStep, micro: Iterator[Batch], group_sizes: Iterable[int]
               ) -> Iterator[StepResult]:
     """The training loop's core, shared by the trainer and ``benchmarks/train_throughput.py``:
     for each optimizer step, forward/backward ``size`` micro-batches from ``micro`` (gradients
@@ -264,10 +269,11 @@ class TrainStep:
     def __init__(self, model, cfg: TrainConfig, device, total_steps: int, store=None, ddp=False):
         self.model, self.cfg, self.device, self.store = model, cfg, torch.device(device), store
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if self.device.type == "cpu":
-            # Same dropout distribution, ~p x the random draws (see SampledDropout).
-            use_sampled_lora_dropout(model)
-        module = LlavaTrainModule(model, cfg.label_only_loss)
+        # The same LoRA sum with fewer passes over the activations; on the CPU, dropout masks of
+        # the same distribution from ~p x the random draws (see features.SampledDropout; its
+        # data-dependent draw count would break torch.compile's graph, so not with compile).
+        use_lean_lora(model, sampled_dropout=self.device.type == "cpu" and not cfg.compile)
+        module = LlavaTrainModule(model, cfg.label_only_loss, lean=True)
         if ddp:
             # Buffers (rotary inv_freq, position ids) are constants: no per-step broadcast.
             sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
@@ -489,8 +495,13 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
     from tqdm.auto import tqdm
 
     from galaxy_llava.data import load_records
-    from galaxy_llava.modeling import (apply_lora, count_parameters, freeze_vision_tower,
-                                       load_model, save_run_model)
+    from galaxy_llava.modeling import (
+        apply_lora,
+        count_parameters,
+        freeze_vision_tower,
+        load_model,
+        save_run_model,
+    )
 
     t_start = time.time()
     run, main = Path(cfg.out), rank == 0
