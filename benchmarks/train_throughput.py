@@ -4,8 +4,8 @@
   (processor called twice per item, image included), its ``collate_fn`` (LoRA) or Trainer's default
   collator (full), its ``TrainingArguments`` (fp32, batch 1 full / 8 LoRA, lr 1e-5 / 5e-5), full
   logits at every position, a random-initialised model of the preset in fp32.
-* ``--recipe fast``: ``galaxy_llava.train``'s own loop, ``train.run_steps`` over
-  ``train.batch_source`` (the function ``train._train`` runs): ``TrainData`` (tokenised once),
+* ``--recipe fast``: ``galaxy_llava.train``'s own loop, ``step.run_steps`` over
+  ``step.batch_source`` (the functions ``train._train`` runs): ``TrainData`` (tokenised once),
   ``build_feature_store`` (frozen tower run once per image, features kept in memory), the
   examples padded once into device tensors (``PackedData``: no DataLoader or collation per step),
   ``TrainStep`` (bf16 autocast on a GPU, loss only at label positions, fused AdamW, the lean
@@ -170,13 +170,14 @@ def run_reference(method: str, preset: str, device: str, data: Path, warmup: int
 
 def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, steps: int,
              seed: int, batch_size: int | None, profiler=None, compile: bool = False) -> dict:
-    """galaxy_llava's fast path, run by ``train.run_steps`` over ``train.batch_source``: the very
+    """galaxy_llava's fast path, run by ``step.run_steps`` over ``step.batch_source``: the very
     loop ``train._train`` runs (minus its logging and checkpoints), on the same settings."""
     import torch
 
-    from galaxy_llava import train as gt
+    from galaxy_llava import step as gs
     from galaxy_llava.config import TrainConfig
     from galaxy_llava.data import load_records
+    from galaxy_llava.features import build_feature_store
     from galaxy_llava.modeling import DEFAULT_PROMPT, apply_lora, freeze_vision_tower
     from galaxy_llava.tiny import build_model_in_memory
 
@@ -188,7 +189,7 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
         freeze_vision_tower(model)
         if method == "lora":
             model = apply_lora(model, LORA_R, LORA_ALPHA, LORA_DROPOUT)
-        gt.train_mode(model)  # as the trainer: train mode, the frozen tower in eval
+        gs.train_mode(model)  # as the trainer: train mode, the frozen tower in eval
         cfg = TrainConfig(method=method, data=str(data), out="unused", device=device,
                           batch_size=batch_size or REFERENCE_BATCH[method], lora_r=LORA_R,
                           lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, seed=seed,
@@ -197,20 +198,20 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
         records = records[: len(records) - int(0.1 * len(records))]  # the reference's 90% too
         paths = list(dict.fromkeys(r["image"] for r in records))
         t0 = time.perf_counter()
-        train_data = gt.TrainData(records, processor, DEFAULT_PROMPT, paths, with_pixels=False)
+        train_data = gs.TrainData(records, processor, DEFAULT_PROMPT, paths, with_pixels=False)
         encode_s = time.perf_counter() - t0
-        ac = gt.autocast_dtype(cfg.precision, dev)
+        ac = gs.autocast_dtype(cfg.precision, dev)
         t0 = time.perf_counter()
-        store = gt.build_feature_store(
+        store = build_feature_store(
             model, processor, paths, mode="memory",
             dtype=ac if (ac is not None and dev.type == "cuda") else torch.float32, device=dev,
             batch_size=cfg.feature_batch_size,
             autocast=(lambda: torch.autocast(dev.type, dtype=ac)) if ac else None, progress=False)
         bc.sync(device)
         cache_s = time.perf_counter() - t0
-        step = gt.build_training_step(model, cfg, device=dev, total_steps=warmup + steps, store=store)
+        step = gs.build_training_step(model, cfg, device=dev, total_steps=warmup + steps, store=store)
         t0 = time.perf_counter()
-        source = gt.batch_source(train_data, step, processor, seed=cfg.seed)
+        source = gs.batch_source(train_data, step, processor, seed=cfg.seed)
         pack_s = time.perf_counter() - t0
         done, epoch, marks, losses = 0, 0, {}, []
         t_first = time.perf_counter()  # warm-up time: one-time costs such as compiling
@@ -220,9 +221,9 @@ def run_fast(method: str, preset: str, device: str, data: Path, warmup: int, ste
             if profiler:
                 profiler.start()
         while done < warmup + steps:
-            batches = gt.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch)
+            batches = gs.epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch)
             batches = batches[: warmup + steps - done]  # grad_accum 1: one micro-batch per step
-            for result in gt.run_steps(step, source.epoch(batches, epoch), [1] * len(batches)):
+            for result in gs.run_steps(step, source.epoch(batches, epoch), [1] * len(batches)):
                 for size, padded, tokens, labels in result.batches:
                     log.rows.append((size, padded, tokens, labels))
                 losses += result.losses

@@ -12,9 +12,8 @@ import pytest
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.morphology import ATTRIBUTES, morphology_from_fractions
-from galaxy_llava.synthetic import (
-    GZ2_QUESTIONS, TRUTH_MIX, draw_truth, simulate_votes, synthesize, truth_morphology,
-)
+from galaxy_llava.synthetic import TRUTH_MIX, draw_truth, synthesize, truth_morphology
+from galaxy_llava.votes import GZ2_QUESTIONS, simulate_votes
 
 
 def _frame(folder) -> pd.DataFrame:

@@ -15,7 +15,8 @@ from galaxy_llava import checkpoints as ckpt
 from galaxy_llava.cli import main as cli_main
 from galaxy_llava.config import TrainConfig, load_config, parse_set
 from galaxy_llava.errors import UserError
-from galaxy_llava.train import epoch_batches, train
+from galaxy_llava.step import epoch_batches
+from galaxy_llava.train import train
 
 # Large steps: the tiny model is random-initialised, the reference's 1e-5 would barely move it.
 FAST = dict(lr=3e-3, batch_size=4, log_every=1, lora_r=8, lora_alpha=16)
@@ -114,7 +115,7 @@ def tiny_batch(tiny_model_dir, prepared_dir):
     from galaxy_llava.data import Collator, load_records
     from galaxy_llava.features import build_feature_store
     from galaxy_llava.modeling import load_model
-    from galaxy_llava.train import TrainData
+    from galaxy_llava.step import TrainData
 
     model, processor = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
     records = load_records(prepared_dir, "train")[:4]
@@ -173,7 +174,7 @@ def test_the_trainers_packed_step_equals_plain_hf_forward(tiny_model_dir, prepar
     from galaxy_llava.data import Collator, load_records
     from galaxy_llava.features import LlavaTrainModule, build_feature_store
     from galaxy_llava.modeling import apply_lora, freeze_vision_tower, load_model
-    from galaxy_llava.train import TrainData, TrainStep, batch_source
+    from galaxy_llava.step import TrainData, TrainStep, batch_source
 
     torch.manual_seed(0)
     model, processor = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)

@@ -1,0 +1,127 @@
+"""Simulated Galaxy Zoo 2 volunteer votes for a synthetic galaxy's drawn truth (synthetic.py).
+
+~45 volunteers walk the GZ2 decision tree (a question is asked only of those whose earlier answers
+lead to it); each picks the true answer with a per-galaxy, per-question clarity, else one it is
+plausibly mistaken for (:data:`ORDINAL`). Votes never depend on the rendered image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from galaxy_llava.morphology import col, votes_col
+
+GZ2_QUESTIONS = {
+    "smooth-or-featured": ("smooth", "featured-or-disk", "artifact"),
+    "disk-edge-on": ("yes", "no"),
+    "has-spiral-arms": ("yes", "no"),
+    "bar": ("yes", "no"),
+    "bulge-size": ("dominant", "obvious", "just-noticeable", "no"),
+    "something-odd": ("yes", "no"),
+    "how-rounded": ("round", "in-between", "cigar"),
+    "bulge-shape": ("round", "boxy", "no-bulge"),
+    "spiral-winding": ("tight", "medium", "loose"),
+    "spiral-arm-count": ("1", "2", "3", "4", "more-than-4", "cant-tell"),
+}
+
+
+def _p(answers: tuple, true: str, c: float, confusion: dict | None = None) -> np.ndarray:
+    """Probabilities over ``answers``: ``c`` on the true one, the rest shared by confusion weights."""
+    w = np.array([0.0 if a == true else (confusion or {}).get(a, 0.0 if confusion else 1.0)
+                  for a in answers])
+    return np.where(np.array(answers) == true, c, (1 - c) * w / w.sum())
+
+
+ORDINAL = {  # the answers a volunteer mistakes each true answer for, with their weights
+    "how-rounded": {"round": {"in-between": 0.9, "cigar": 0.1},
+                    "in-between": {"round": 0.5, "cigar": 0.5},
+                    "cigar": {"in-between": 0.9, "round": 0.1}},
+    "bulge-size": {"dominant": {"obvious": 0.8, "just-noticeable": 0.2},
+                   "obvious": {"dominant": 0.3, "just-noticeable": 0.6, "no": 0.1},
+                   "just-noticeable": {"obvious": 0.45, "no": 0.45, "dominant": 0.1},
+                   "no": {"just-noticeable": 0.8, "obvious": 0.15, "dominant": 0.05}},
+    "bulge-shape": {"round": {"boxy": 0.4, "no-bulge": 0.6}, "boxy": {"round": 0.8, "no-bulge": 0.2},
+                    "no-bulge": {"round": 0.8, "boxy": 0.2}},
+    "spiral-winding": {"tight": {"medium": 0.8, "loose": 0.2}, "medium": {"tight": .5, "loose": .5},
+                       "loose": {"medium": 0.8, "tight": 0.2}},
+    "spiral-arm-count": {"2": {"1": .2, "3": .35, "4": .1, "more-than-4": .05, "cant-tell": .3},
+                         "3": {"1": .05, "2": .35, "4": .3, "more-than-4": .1, "cant-tell": .2},
+                         "more-than-4": {"2": .05, "3": .15, "4": .4, "cant-tell": .4},
+                         "cant-tell": {"1": .2, "2": .4, "3": .2, "4": .1, "more-than-4": .1}},
+    "smooth-or-featured": {"smooth": {"featured-or-disk": 0.85, "artifact": 0.15},
+                           "featured-or-disk": {"smooth": 0.9, "artifact": 0.1},
+                           "artifact": {"smooth": 0.6, "featured-or-disk": 0.4}},
+}
+
+
+def _answer_probs(truth: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each question's answer probabilities for this galaxy, also for volunteers off its branch."""
+    kind, bulge = truth["type"], truth["bulge"]
+    c = float(rng.uniform(0.75, 0.95))  # how clear this galaxy is to volunteers
+
+    def cq(delta=0.0):
+        return float(np.clip(c + delta + rng.normal(0, 0.03), 0.5, 0.97))
+
+    looks = ("cigar" if kind == "edge-on disk" or truth["artifact"] == "trail"
+             else "round" if (truth["axis_ratio"] or 1) > 0.8 else "in-between")
+    true = {
+        "smooth-or-featured": {"elliptical": "smooth", "artifact": "artifact"}.get(kind,
+                                                                                  "featured-or-disk"),
+        "how-rounded": truth["shape"] or looks,
+        "disk-edge-on": "yes" if kind == "edge-on disk" else "no",
+        "bulge-shape": "no-bulge" if bulge == "no" else "boxy" if truth["boxy"] else "round",
+        "bar": "yes" if truth["bar"] else "no",
+        "has-spiral-arms": "yes" if truth["arms"] else "no",
+        "spiral-winding": truth["winding"] or "medium",
+        "spiral-arm-count": {"2": "2", "3": "3", "many": "more-than-4"}.get(truth["arms"], "cant-tell"),
+        "bulge-size": {"elliptical": "dominant", "artifact": "no"}.get(kind, bulge),
+    }
+    # Edge-on disks are easy to spot; bars, bulge sizes and arm counts are harder.
+    delta = {"disk-edge-on": 0.05, "bar": -0.05, "bulge-size": -0.05, "spiral-winding": -0.15,
+             "spiral-arm-count": -0.08}
+    if kind == "spiral" and not truth["arms"]:  # featureless disks look smooth to more volunteers
+        delta["smooth-or-featured"] = -0.08
+    probs = {q: _p(GZ2_QUESTIONS[q], a, cq(delta.get(q, 0.0)), ORDINAL.get(q, {}).get(a))
+             for q, a in true.items()}
+    odd = rng.uniform(0.55, 0.85) if truth["disturbed"] else rng.uniform(0.02, 0.12)
+    probs["something-odd"] = np.array([odd, 1 - odd])
+    return probs
+
+
+def simulate_votes(truth: dict, rng: np.random.Generator) -> dict[str, float | int]:
+    """GZ2 vote counts, totals and fractions for every question: ~45 volunteers walk the tree."""
+    p = _answer_probs(truth, rng)
+    asked: dict[str, int] = {}
+    counts: dict[str, np.ndarray] = {}
+
+    def ask(q: str, n: int) -> dict[str, int]:
+        asked[q] = int(n)
+        counts[q] = rng.multinomial(n, p[q])
+        return dict(zip(GZ2_QUESTIONS[q], counts[q].tolist()))
+
+    first = ask("smooth-or-featured", rng.integers(38, 53))
+    ask("how-rounded", first["smooth"])
+    edge = ask("disk-edge-on", first["featured-or-disk"])
+    ask("bulge-shape", edge["yes"])
+    ask("bar", edge["no"])
+    arms = ask("has-spiral-arms", edge["no"])
+    ask("spiral-winding", arms["yes"])
+    ask("spiral-arm-count", arms["yes"])
+    ask("bulge-size", edge["no"])
+    ask("something-odd", first["smooth"] + first["featured-or-disk"])  # "artifact" ends the tree
+    row: dict[str, float | int] = {}
+    for q, answers in GZ2_QUESTIONS.items():
+        total = asked[q]
+        row.update({f"{q}-gz2_{a}": int(k) for a, k in zip(answers, counts[q])})
+        row[votes_col(q)] = total
+        row.update({col(q, a): int(k) / total if total else math.nan
+                    for a, k in zip(answers, counts[q])})
+    return row
+
+
+def vote_columns() -> list[str]:
+    """Every GZ2 vote column written, in order: per question the counts, total, fractions."""
+    return [c for q, answers in GZ2_QUESTIONS.items()
+            for c in [f"{q}-gz2_{a}" for a in answers] + [votes_col(q)] + [col(q, a) for a in answers]]
