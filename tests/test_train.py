@@ -128,16 +128,11 @@ def tiny_batch(tiny_model_dir, prepared_dir):
     return batch, store
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_cached_and_label_only_equal_plain_hf_forward(tiny_model_dir, tiny_batch, method):
-    """Loss and every trainable gradient agree across the 4 combinations; the reference is the
-    plain HF forward (pixel values through the whole model, full logits, labels)."""
-    from galaxy_llava.features import LlavaTrainModule
+def _trainable_tiny_model(tiny_model_dir, method):
+    """The tiny model, tower frozen, in train mode; LoRA adapters with non-zero B (so they matter)."""
     from galaxy_llava.modeling import apply_lora, freeze_vision_tower, load_model
 
-    batch, store = tiny_batch
-    torch.manual_seed(0)
-    model, _ = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
+    model, processor = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
     freeze_vision_tower(model)
     if method == "lora":
         model = apply_lora(model, r=4, alpha=8, dropout=0.0)
@@ -145,7 +140,18 @@ def test_cached_and_label_only_equal_plain_hf_forward(tiny_model_dir, tiny_batch
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
-    model.train()
+    return model.train(), processor
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cached_and_label_only_equal_plain_hf_forward(tiny_model_dir, tiny_batch, method):
+    """Loss and every trainable gradient agree across the 4 combinations; the reference is the
+    plain HF forward (pixel values through the whole model, full logits, labels)."""
+    from galaxy_llava.features import LlavaTrainModule
+
+    batch, store = tiny_batch
+    torch.manual_seed(0)
+    model, _ = _trainable_tiny_model(tiny_model_dir, method)
     text = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     results = {}
     for cached in (False, True):
@@ -173,19 +179,10 @@ def test_the_trainers_packed_step_equals_plain_hf_forward(tiny_model_dir, prepar
     logits, peft's own LoRA), and the packed batch holds what Collator builds."""
     from galaxy_llava.data import Collator, load_records
     from galaxy_llava.features import LlavaTrainModule, build_feature_store
-    from galaxy_llava.modeling import apply_lora, freeze_vision_tower, load_model
     from galaxy_llava.step import TrainData, TrainStep, batch_source
 
     torch.manual_seed(0)
-    model, processor = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
-    freeze_vision_tower(model)
-    if method == "lora":
-        model = apply_lora(model, r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():  # LoRA B starts at 0: make the adapters matter
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-    model.train()
+    model, processor = _trainable_tiny_model(tiny_model_dir, method)
     records = load_records(prepared_dir, "train")[:4]
     paths = [r["image"] for r in records]
     prompt = TrainConfig().prompt
