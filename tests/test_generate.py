@@ -167,3 +167,7 @@ def test_describe_paths_errors(tiny_model_dir, image_folder, tmp_path):
         describe_paths(tiny_model_dir, [image_folder, fake])
     with pytest.raises(UserError, match="offline"):
         describe_paths("no-such-org/no-such-model", [image_folder])
+    model, processor = load_model(tiny_model_dir)
+    for bad in ({"batch_size": 0}, {"num_beams": 0}, {"max_new_tokens": 0}):
+        with pytest.raises(UserError, match="must be at least 1"):
+            describe_images(model, processor, [image_folder / "b_black.png"], **bad)

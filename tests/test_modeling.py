@@ -309,6 +309,15 @@ def test_missing_base_model_of_adapter(lora_run, tiny_model_dir, tmp_path):
         export_run(run, tmp_path / "out")
 
 
+def test_adapter_loads_only_as_safetensors(lora_run, tmp_path):
+    run = tmp_path / "pickled-run"
+    shutil.copytree(lora_run[0], run)
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    (run / "adapter" / "adapter_model.bin").write_bytes(b"a pickle would be loaded here")
+    with pytest.raises(UserError, match="no adapter_model.safetensors"):
+        load_for_inference(run)
+
+
 def test_full_run_save_load_and_export(tiny_model_dir, tmp_path):
     model, processor = load_model(tiny_model_dir)
     run = tmp_path / "full"

@@ -412,6 +412,19 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, prepared_dir, tmp_pat
         [json.loads(x)["loss"] for x in logs[1].splitlines()], abs=1e-6)
 
 
+def test_mid_epoch_resume_refuses_another_batch_layout(tiny_model_dir, prepared_dir, tmp_path):
+    """A run stopped mid-epoch (max_steps) counts its position in old-size batches: resuming it
+    with another batch size would skip or repeat examples, so it is refused by name."""
+    run = tmp_path / "run"
+    train(str(tiny_model_dir), prepared_dir, "lora", run, epochs=2, max_steps=1, **FAST)
+    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step-1"]
+    with pytest.raises(UserError, match="mid-epoch.*batch_size"):
+        train(out=run, resume=True, batch_size=2, max_steps=3)
+    done = train(out=run, resume=True, max_steps=3)  # the same layout resumes
+    again = train(out=run, resume=True, max_steps=3)  # finished: outputs and timings kept
+    assert again == done
+
+
 def test_resume_refuses_folders_that_are_not_runs(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         ckpt.check_run_folder(tmp_path / "missing", resume=True, overwrite=False)

@@ -135,14 +135,27 @@ def save_checkpoint(run: Path, model, optimizer, scheduler, state: dict, cfg, ra
     return folder
 
 
+def check_resume(folder: Path, cfg, world: int) -> None:
+    """Refuse a resume that cannot continue the checkpoint, before the run folder is touched."""
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("method") != cfg.method:
+        raise UserError(f"{folder} is a {state.get('method')} run; resume it with "
+                        f"--method {state.get('method')}")
+    saved = dict(state.get("config", {}), world_size=state.get("world_size", 1))
+    layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": world}
+    moved = [k for k, v in layout.items() if saved.get(k) != v]
+    if state.get("step_in_epoch") and moved:
+        # A mid-epoch position counts optimizer steps of the old batch layout: under another
+        # layout it would skip or repeat examples (or never finish the epoch).
+        raise UserError(f"{folder} stopped mid-epoch; resume it with the same "
+                        f"{', '.join(moved)} as it was written with")
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler, rank: int, cfg) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG states; return the saved state."""
     from safetensors.torch import load_file
 
     state = json.loads((folder / "state.json").read_text())
-    if state.get("method") != cfg.method:
-        raise UserError(f"{folder} is a {state.get('method')} run; resume it with "
-                        f"--method {state.get('method')}")
     weights = load_file(folder / "trainable.safetensors")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):

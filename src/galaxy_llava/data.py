@@ -33,6 +33,9 @@ def load_image(path: str | os.PathLike, decode: bool = True) -> Image.Image | No
     With ``decode=False`` only the header is read (a cheap check that the file is an image)."""
     try:
         with Image.open(path) as im:
+            # PIL only refuses above twice MAX_IMAGE_PIXELS; refuse above it, like the catalogue.
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height}")
             return im.convert("RGB") if decode else None
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}") from None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from galaxy_llava.data import IGNORE_INDEX as IGNORE
 
 
 def llava_parts(model) -> SimpleNamespace:

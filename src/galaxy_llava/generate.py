@@ -57,6 +57,10 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
     """One description per image (PIL images or paths, loaded a batch at a time), in order.
 
     Greedy when ``num_beams=1``; stops at EOS; returns only the generated text, stripped."""
+    for name, value in (("batch size", batch_size), ("number of beams", num_beams),
+                        ("max new tokens", max_new_tokens)):
+        if value < 1:
+            raise UserError(f"the {name} must be at least 1, got {value}")
     images = list(images)
     tok = processor.tokenizer
     if tok.pad_token_id is None:

@@ -238,6 +238,9 @@ def _load_adapter_model(run: Path, device=None, dtype=None, merge: bool = True):
     from peft import PeftModel
     from transformers import AutoProcessor
 
+    if not (run / "adapter" / "adapter_model.safetensors").is_file():
+        # peft would fall back to a pickled adapter_model.bin: weights load as safetensors only.
+        raise UserError(f"{run / 'adapter'} has no adapter_model.safetensors")
     base_name = _adapter_base(run)
     model, processor = load_model(base_name, device=device, dtype=dtype)
     with _quiet_peft():

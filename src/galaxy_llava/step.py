@@ -324,7 +324,7 @@ class TrainStep:
         """(loss x label tokens (a device scalar), label tokens) of one batch, for a
         token-weighted mean; ``n`` counted on the host when known."""
         if n is None:
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
         with self.autocast():  # not through DDP: ranks may hold unequal numbers of val batches
             loss = self.plain_module(**batch)
         return loss.detach().double() * n, n

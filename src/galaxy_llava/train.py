@@ -9,6 +9,7 @@ Trains on the ``train`` split, reports validation loss on ``val`` each epoch, ch
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -145,6 +146,8 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
     t_start = time.time()
     run, main = Path(cfg.out), rank == 0
     resume_from = ckpt.check_run_folder(run, resume, cfg.overwrite)
+    if resume_from is not None:
+        ckpt.check_resume(resume_from, cfg, world)
     records = load_records(cfg.data)
     train_recs = [r for r in records if r.get("split") == "train"]
     val_recs = [r for r in records if r.get("split") == "val"]
@@ -201,6 +204,12 @@ def _train(cfg: TrainConfig, resume: bool, rank: int, world: int, device) -> dic
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "log": []}
     if resume_from is not None:
         state = _resume(resume_from, step, rank, cfg)
+    if state["global_step"] >= total_steps and (run / "train_metrics.json").is_file():
+        # Nothing left to train: keep the finished run's outputs and timings as they are.
+        if main:
+            print(f"{run} already finished {total_steps} steps; raise --epochs or --max-steps "
+                  "to train further")
+        return json.loads((run / "train_metrics.json").read_text())
     log = state["log"]
     if main:  # drop entries a crash left after the checkpoint
         ckpt.write_log(run, log)
