@@ -520,3 +520,17 @@ def test_demo_configs_mirror_the_demo_settings():
         assert cfg["method"] == method
         for key, value in settings.items():
             assert cfg[key] == value, (method, key)
+
+
+def test_null_setting_is_applied_not_ignored(tmp_path):
+    """`--set max_grad_norm=null` (or YAML null) turns clipping off; it is not silently dropped."""
+    from galaxy_llava.config import TrainConfig, load_config, parse_set
+
+    cfg = load_config(None, parse_set(["max_grad_norm=null", "max_steps=7"]))
+    assert cfg.max_grad_norm is None and cfg.max_steps == 7
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("max_grad_norm: null\n")
+    assert load_config(yaml_file).max_grad_norm is None
+    assert TrainConfig().max_grad_norm == 1.0
+    with pytest.raises(UserError, match="cannot be empty"):
+        load_config(None, parse_set(["epochs=null"]))

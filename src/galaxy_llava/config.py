@@ -142,8 +142,9 @@ def _check_keys(keys, source: str) -> None:
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "overrides"
                     ) -> TrainConfig:
-    """A copy of ``cfg`` with ``overrides`` applied (keys may use dashes); None values are skipped."""
-    clean = {str(k).replace("-", "_"): v for k, v in overrides.items() if v is not None}
+    """A copy of ``cfg`` with ``overrides`` applied (keys may use dashes); None (YAML ``null``)
+    sets a setting that may be empty, such as ``max_grad_norm: null`` (no clipping)."""
+    clean = {str(k).replace("-", "_"): v for k, v in overrides.items()}
     _check_keys(clean, source)
     return dataclasses.replace(cfg, **{k: _coerce(k, v) for k, v in clean.items()})
 

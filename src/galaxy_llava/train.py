@@ -85,7 +85,8 @@ def resolve_config(model=None, data=None, method=None, out=None, config=None, re
     if base is None and resume and out is not None and (Path(out) / "config.yaml").is_file():
         base = load_config(Path(out) / "config.yaml")
     yaml_path = config if config is not None and not isinstance(config, TrainConfig) else None
-    explicit = dict(model=model, data=data, method=method, out=out, **overrides)
+    named = dict(model=model, data=data, method=method, out=out)  # None here: not given
+    explicit = {**{k: v for k, v in named.items() if v is not None}, **overrides}
     cfg = load_config(yaml_path, explicit, base=base).resolved()
     # Saved absolute, so `--resume` works from any working directory.
     for key in ("model", "data"):
