@@ -38,7 +38,8 @@ def llava_parts(model) -> SimpleNamespace:
 def num_image_tokens(config) -> int:
     """Image tokens per image the language model sees (CLS dropped by the "default" strategy)."""
     vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
+    first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731  (sizes may be pairs)
+    n = (first(vc.image_size) // first(vc.patch_size)) ** 2
     return n if config.vision_feature_select_strategy == "default" else n + 1
 
 

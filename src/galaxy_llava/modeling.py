@@ -142,13 +142,12 @@ def fix_processor(processor, config) -> None:
     TinyLLaVA's processor ships without ``patch_size`` (the notebook set it by hand); take it from
     the vision config, and the CLS/strategy accounting from the model config."""
     from galaxy_llava.data import num_image_tokens
+    from galaxy_llava.features import num_image_tokens as model_image_tokens
 
     vc = config.vision_config
-    patch = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
     if getattr(processor, "patch_size", None) is None:
-        processor.patch_size = patch
-    side = (vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]) // patch
-    expected = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+        processor.patch_size = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+    expected = model_image_tokens(config)
     if num_image_tokens(processor) != expected:
         processor.num_additional_image_tokens = 1
         processor.vision_feature_select_strategy = config.vision_feature_select_strategy
