@@ -18,25 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
+from galaxy_llava import gz2
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CACHE = Path(os.environ.get("GALAXY_LLAVA_BENCH_CACHE", "/tmp/galaxy-llava-bench"))
 
-# The GZ2 decision tree: question -> (answers, the parent answer whose voters are asked it).
+# The GZ2 decision tree (galaxy_llava.gz2): question -> (answers, the parent answer whose voters
+# are asked it; None for the root, (root, "*") for the question every volunteer reaches).
 # A child's total votes are the parent answer's vote count, so an unreached question has 0 votes
 # and NaN fractions, as in the real catalogue.
 GZ2_TREE: dict[str, tuple[tuple[str, ...], tuple[str, str] | None]] = {
-    "smooth-or-featured": (("smooth", "featured-or-disk", "artifact"), None),
-    "disk-edge-on": (("yes", "no"), ("smooth-or-featured", "featured-or-disk")),
-    "has-spiral-arms": (("yes", "no"), ("disk-edge-on", "no")),
-    "bar": (("yes", "no"), ("disk-edge-on", "no")),
-    "bulge-size": (("dominant", "obvious", "just-noticeable", "no"), ("disk-edge-on", "no")),
-    "something-odd": (("yes", "no"), ("smooth-or-featured", "*")),
-    "how-rounded": (("round", "in-between", "cigar"), ("smooth-or-featured", "smooth")),
-    "bulge-shape": (("round", "boxy", "no-bulge"), ("disk-edge-on", "yes")),
-    "spiral-winding": (("tight", "medium", "loose"), ("has-spiral-arms", "yes")),
-    "spiral-arm-count": (("1", "2", "3", "4", "more-than-4", "cant-tell"), ("has-spiral-arms", "yes")),
+    q: (answers, None if q == gz2.ROOT else (gz2.ROOT, "*") if q == gz2.LAST
+        else gz2.reached_by(q)[0])
+    for q, answers in gz2.QUESTIONS.items()
 }
 # Dirichlet base weights per question. Concentration 2 spreads the fractions; the first two
 # questions get 0.5 (decisive votes), so many galaxies never reach the disk branch and its
@@ -88,7 +84,7 @@ def synth_votes(n: int, seed: int = 0):
 
 def captions(df) -> list[str]:
     """Reference-rule captions (the notebook's ``describe()``) of each row."""
-    from galaxy_llava.morphology import caption_from_fractions
+    from galaxy_llava.rules import caption_from_fractions
 
     return [caption_from_fractions(r, rules="reference") for r in df.to_dict("records")]
 
@@ -106,29 +102,45 @@ def synth_image(rng: np.random.Generator, size: int):
     return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
 
 
+def reference_val_indices(n: int) -> set[int]:
+    """The items the notebook's ``random_split`` (10% validation, generator seed 42) holds out."""
+    import torch
+
+    val = int(0.1 * n)
+    if val == 0:
+        return set()
+    _, held_out = torch.utils.data.random_split(range(n), [n - val, val],
+                                                generator=torch.Generator().manual_seed(42))
+    return set(held_out.indices)
+
+
 def make_training_data(folder: Path, n: int, image_size: int, seed: int = 0) -> Path:
     """Write ``n`` synthetic galaxies with real GZ2-grammar captions into ``folder``, in both
     layouts: the notebook's ``gz2_llava.jsonl`` (absolute paths) and a prepared ``dataset.jsonl``
-    (every record in the train split). Cached: an existing folder with the same key is reused."""
+    whose ``val`` split is exactly the 10% the notebook's ``random_split`` holds out (the rest is
+    ``train``), so both recipes train on the same galaxies. Cached: an existing folder with the
+    same key is reused."""
     folder = Path(folder)
     marker = folder / "done.json"
-    key = {"n": n, "image_size": image_size, "seed": seed, "version": 1}
+    key = {"n": n, "image_size": image_size, "seed": seed, "version": 2}
     if marker.exists() and json.loads(marker.read_text()) == key:
         return folder
-    from galaxy_llava.morphology import morphology_from_fractions
+    from galaxy_llava.rules import morphology_from_fractions
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     df = synth_votes(n, seed)
     rng = np.random.default_rng(seed + 1)
     notebook, prepared = [], []
     frac_cols = [c for c in df.columns if c.endswith("_fraction")]
-    for row in df.to_dict("records"):
+    val = reference_val_indices(n)
+    for i, row in enumerate(df.to_dict("records")):
         morph = morphology_from_fractions(row, rules="reference")
         rel = f"images/{row['id_str']}.jpg"
         synth_image(rng, image_size).save(folder / rel, "JPEG", quality=85)
         notebook.append({"image": str((folder / rel).resolve()), "text": morph.caption()})
         prepared.append({
-            "image": rel, "text": morph.caption(), "id_str": row["id_str"], "split": "train",
+            "image": rel, "text": morph.caption(), "id_str": row["id_str"],
+            "split": "val" if i in val else "train",
             "morphology": morph.to_dict(),
             "fractions": {c: (None if np.isnan(row[c]) else float(row[c])) for c in frac_cols},
         })

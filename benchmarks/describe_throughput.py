@@ -44,7 +44,7 @@ def run_fast(model, processor, paths: list[str], device: str, num_beams: int,
              batch_size: int, max_new_tokens: int, counter) -> dict:
     """``describe_images`` over all paths, ``batch_size`` per generate call."""
     from galaxy_llava.generate import describe_images
-    from galaxy_llava.modeling import DEFAULT_PROMPT
+    from galaxy_llava.config import DEFAULT_PROMPT
 
     kw = dict(prompt=DEFAULT_PROMPT, batch_size=batch_size, num_beams=num_beams,
               max_new_tokens=max_new_tokens, progress=False)
@@ -61,7 +61,7 @@ def run_fast(model, processor, paths: list[str], device: str, num_beams: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "tinyllava"])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "mini", "tinyllava"])
     ap.add_argument("--n", type=int, default=32, help="images described per timed pass")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=30, help="the notebook's 30")
@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from galaxy_llava.modeling import resolve_dtype
-    from galaxy_llava.tiny import build_model_in_memory
+    from galaxy_llava.models.loading import resolve_dtype
+    from galaxy_llava.tiny import build_model_in_memory, preset_shapes
 
     device = bc.pick_device(args.device)
     torch.manual_seed(args.seed)
-    size = 64 if args.preset == "tiny" else 336
+    size = preset_shapes(args.preset)["image_size"]
     data = bc.make_training_data(bc.CACHE / f"data-{args.preset}-{args.n}", args.n, size, args.seed)
     paths = [json.loads(l)["image"] for l in (data / "gz2_llava.jsonl").read_text().splitlines()]
     # The notebook: fp32 weights and PyTorch's default true-fp32 matmuls.

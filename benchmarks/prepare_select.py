@@ -114,7 +114,7 @@ def fast_select(folder: Path, n_per_class: int = 1000, seed: int = 42) -> dict:
     of ``n_per_class`` per class, more work than the notebook's loop alone)."""
     from galaxy_llava import prepare
     from galaxy_llava.catalog import load_catalog
-    from galaxy_llava.morphology import is_elliptical
+    from galaxy_llava.rules import is_elliptical
 
     t0 = time.perf_counter()
     cat = load_catalog(folder, rules="reference")

@@ -11,9 +11,10 @@ indentation restored; every change is listed here and marked ``# ADAPTED`` at it
    tokenizer as ``processing_class`` (which only feeds saving and the default collator, and a
    collator is given).
 3. ``setup_tiny_llava`` loaded ``bczhou/tiny-llava-v1-hf`` from the Hub with ``device_map="auto"``;
-   there is no network here, so it takes the benchmark's random-initialised model and processor
-   (same class, same shapes for the ``tinyllava`` preset) and casts the model to fp32 on the device,
-   which is what ``torch_dtype=torch.float32`` did.
+   there is no network here, so :func:`load_tiny_llava` loads the benchmark's random-initialised
+   model folder instead (same class, same shapes for the ``tinyllava`` preset; the folder
+   galaxy-llava's trainer is given) with ``from_pretrained`` in fp32 on the device, which is what
+   ``torch_dtype=torch.float32`` did, and ``setup_tiny_llava`` keeps the notebook's patch fix.
 4. The LoRA config cell is missing from the extracted notebook. It is reconstructed from the text
    and the printed count: the prose says r=8, but 12,615,680 trainable parameters is exactly r=16
    on q/k/v/o/gate/up/down of the 22 decoder layers; alpha 16, dropout 0.05, task CAUSAL_LM
@@ -157,6 +158,19 @@ def setup_tiny_llava(model, processor, device):
         print("✓ Fixed patch_size")
     # --- end verbatim
     return model, processor
+
+
+def load_tiny_llava(model_path: str, device):
+    """ADAPTED (3): the notebook's ``from_pretrained(model_id, torch_dtype=torch.float32,
+    device_map="auto")`` and ``AutoProcessor.from_pretrained(model_id)`` on a local folder, then
+    :func:`setup_tiny_llava`."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    on_gpu = str(device).startswith("cuda")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        model_path, dtype=torch.float32, device_map={"": str(device)} if on_gpu else None)
+    processor = AutoProcessor.from_pretrained(model_path)
+    return setup_tiny_llava(model, processor, device)
 
 
 def test_model(model, processor, test_image_path):

@@ -54,3 +54,67 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------- the tiny model's pieces
+
+_CAPTION = "This is an image of a spiral galaxy, with two arms."
+
+
+def _noise_image(seed: int = 0, size: int = 72):
+    """A random RGB image (``size`` x ``size``), deterministic for the seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_dir):
+    """The tiny model's processor as ``load_model`` returns it (do not modify: shared)."""
+    from galaxy_llava.models.loading import load_model
+
+    return load_model(tiny_model_dir)[1]
+
+
+@pytest.fixture(scope="session")
+def family(tiny_model_dir):
+    """The model family of the tiny model, picked from its config."""
+    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.loading import load_config
+
+    return family_for(load_config(str(tiny_model_dir)))
+
+
+@pytest.fixture
+def tiny_batch(tiny_processor, family):
+    """Collated model inputs (no labels) for two noise images with one caption; a fresh dict."""
+    from galaxy_llava.training.batches import Collator, encode_example
+
+    exs = [encode_example(tiny_processor, family, _noise_image(i), _CAPTION) for i in range(2)]
+    batch = Collator(tiny_processor.tokenizer.pad_token_id)(exs)
+    del batch["labels"], batch["label_mask"]
+    return batch
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    """A RUN folder holding a LoRA adapter with non-zero weights: (run, peft model in eval mode,
+    processor, the run's prompt). Do not modify the files: copy the folder first."""
+    from galaxy_llava.models.adapt import apply_lora
+    from galaxy_llava.models.loading import load_model
+    from galaxy_llava.models.runs import save_run_model
+
+    model, processor = load_model(tiny_model_dir)
+    peft_model = apply_lora(model)
+    torch.manual_seed(3)
+    with torch.no_grad():  # lora_B starts at zero: make the adapter change the outputs
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    run = tmp_path_factory.mktemp("runs") / "lora"
+    prompt = "USER: <image>\nWhat galaxy is this?\nASSISTANT:"
+    save_run_model(peft_model, processor, run, prompt=prompt, base_model=str(tiny_model_dir))
+    return run, peft_model.eval(), processor, prompt
+

@@ -53,16 +53,56 @@ def test_synth_votes_follow_the_decision_tree():
 
 
 def test_training_data_has_both_layouts(tmp_path):
-    from galaxy_llava.data import load_records
-    from galaxy_llava.morphology import parse_caption
+    """Same galaxies in both layouts, and the prepared split holds out exactly what the
+    notebook's random_split does, so both recipes train on the same 90%."""
+    import torch
 
-    folder = bc.make_training_data(tmp_path / "d", 12, 32, seed=1)
+    import reference_recipe as rr
+    from galaxy_llava.morphology import parse_caption
+    from galaxy_llava.records import load_records
+
+    folder = bc.make_training_data(tmp_path / "d", 30, 32, seed=1)
     notebook = [json.loads(l) for l in (folder / "gz2_llava.jsonl").read_text().splitlines()]
-    records = load_records(folder / "dataset.jsonl", split="train")
-    assert len(notebook) == len(records) == 12
+    records = load_records(folder / "dataset.jsonl")
+    assert len(notebook) == len(records) == 30
     for nb, rec in zip(notebook, records):
         assert Path(nb["image"]).is_file() and nb["text"] == rec["text"]
+        assert Path(nb["image"]).resolve() == Path(rec["image"]).resolve()
         assert parse_caption(nb["text"]).parsed_ok
+    val = [i for i, r in enumerate(records) if r["split"] == "val"]
+    assert {r["split"] for r in records} == {"train", "val"} and len(val) == 3
+
+    class Stub:  # the notebook's dataset needs a processor only in __getitem__
+        tokenizer = None
+
+    ds = rr.GZ2LLaVADataset(str(folder / "gz2_llava.jsonl"), Stub())
+    _, held_out = torch.utils.data.random_split(  # the notebook's split, as in build_trainer
+        ds, [len(ds) - int(0.1 * len(ds)), int(0.1 * len(ds))],
+        generator=torch.Generator().manual_seed(42))
+    assert sorted(held_out.indices) == val
+
+
+def test_mini_preset_has_tinyllavas_costly_shapes():
+    """``mini``: TinyLLaVA's 336 px / patch 14 (576 image tokens) and 32,064-token vocabulary,
+    the projector's and lm_head's shapes where the fast path saves work, on 2 narrow layers."""
+    from galaxy_llava.models.llava import LLAVA, processor_image_tokens
+    from galaxy_llava.tiny import PRESETS, build_model_in_memory, tiny_config
+
+    assert PRESETS == ("tiny", "mini", "tinyllava")
+    mini, big = tiny_config("mini"), tiny_config("tinyllava")
+    assert mini.image_seq_length == big.image_seq_length == 576
+    assert mini.text_config.vocab_size == big.text_config.vocab_size == 32064
+    for key in ("image_size", "patch_size"):
+        assert getattr(mini.vision_config, key) == getattr(big.vision_config, key)
+    assert mini.vision_config.num_hidden_layers == mini.text_config.num_hidden_layers == 2
+    assert mini.text_config.hidden_size <= 256 and mini.vision_config.hidden_size <= 128
+    model, processor = build_model_in_memory("mini")
+    assert LLAVA.image_token_count(model.config) == processor_image_tokens(processor) == 576
+    # The tokenizer is smaller than the config's vocabulary, padded as TinyLLaVA's is.
+    assert len(processor.tokenizer) <= model.config.text_config.vocab_size
+    assert model.get_output_embeddings().weight.shape == (32064, mini.text_config.hidden_size)
+    n = sum(p.numel() for p in model.parameters())
+    assert 10e6 < n < 30e6, n  # CPU-sized: most of it is the 32,064-row embedding and lm_head
 
 
 # ---------------------------------------------------------------- the reference oracle
@@ -220,6 +260,31 @@ def test_prepare_select_agrees_and_ends_with_speedup(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["rows"] == 1500 and result["reference_rows_measured"] == 1500
     assert result["speedup"] > 1
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_both_methods_through_the_real_trainer(tmp_path):
+    """One run, full and LoRA: each recipe trains the same steps on the same data; galaxy-llava's
+    side is ``training.trainer.train`` (its metrics and fast path: cached features, label-only
+    logits); one closing speedup line, the smaller of the two methods' ratios."""
+    stdout = _run([str(BENCH / "train_throughput.py"), "--preset", "tiny", "--compare",
+                   "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "t.json")],
+                  env={"GALAXY_LLAVA_BENCH_CACHE": str(tmp_path / "cache")})
+    lines = stdout.strip().splitlines()
+    assert SPEEDUP.match(lines[-1]) and sum(bool(SPEEDUP.match(l)) for l in lines) == 1
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert set(data["speedups"]) == {"full", "lora"}
+    assert data["speedup"] == min(data["speedups"].values()) > 0
+    assert lines[-1] == bc.speedup_line(data["speedup"])
+    for method, batch in (("full", 1), ("lora", 8)):
+        ref, fast = ([r for r in data["results"][k] if r["method"] == method]
+                     for k in ("reference", "fast"))
+        assert len(ref) == len(fast) == 1
+        assert ref[0]["steps"] == fast[0]["steps"] == 2
+        assert ref[0]["batch_size"] == fast[0]["batch_size"] == batch
+        assert fast[0]["feature_cache"] == "memory" and fast[0]["label_only_loss"] is True
+        assert fast[0]["trainer_samples_per_s"] > 0  # train()'s own metrics came back
+        assert fast[0]["flops_per_sample"] < ref[0]["flops_per_sample"]
 
 
 @pytest.mark.slow

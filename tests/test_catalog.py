@@ -17,22 +17,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from galaxy_llava import catalog as cat_mod
-from galaxy_llava import morphology
 from galaxy_llava.catalog import ImageError, decode_image, load_catalog
 from galaxy_llava.errors import UserError
+from galaxy_llava.gz2 import QUESTIONS, col, count_col, votes_col
+from galaxy_llava.rules import rule_set
 
-QUESTIONS = {
-    "smooth-or-featured": ["smooth", "featured-or-disk", "artifact"],
-    "disk-edge-on": ["yes", "no"],
-    "has-spiral-arms": ["yes", "no"],
-    "bar": ["yes", "no"],
-    "bulge-size": ["dominant", "obvious", "just-noticeable", "no"],
-    "something-odd": ["yes", "no"],
-    "how-rounded": ["round", "in-between", "cigar"],
-    "bulge-shape": ["round", "boxy", "no-bulge"],
-    "spiral-winding": ["tight", "medium", "loose"],
-    "spiral-arm-count": ["1", "2", "3", "4", "more-than-4", "cant-tell"],
-}
 # Thresholds of the reference rules: exact values test the strict ">" comparisons.
 _EDGES = (0.4, 0.5, 0.6)
 
@@ -57,17 +46,17 @@ def make_votes(n: int = 40, seed: int = 0, n_elliptical: int | None = None) -> p
         fr[unreached] = np.nan
         total[unreached] = 0
         for j, a in enumerate(answers):
-            data[f"{q}-gz2_{a}"] = np.round(np.nan_to_num(fr[:, j]) * total)
-            data[f"{q}-gz2_{a}_fraction"] = fr[:, j]
-        data[f"{q}-gz2_total-votes"] = total
+            data[count_col(q, a)] = np.round(np.nan_to_num(fr[:, j]) * total)
+            data[col(q, a)] = fr[:, j]
+        data[votes_col(q)] = total
     df = pd.DataFrame(data)
-    smooth = morphology.col("smooth-or-featured", "smooth")
+    smooth = col("smooth-or-featured", "smooth")
     ell = np.zeros(n, bool)
     ell[1 + rng.permutation(n - 1)[:n_ell]] = True  # row 0 sits at exactly 0.6: a spiral
     df[smooth] = np.where(ell, rng.uniform(0.61, 1.0, n), rng.uniform(0.0, 0.6, n))
     for k, edge in enumerate(_EDGES):  # a few exact-threshold rows
-        for c in (morphology.col("bar", "yes"), morphology.col("something-odd", "yes"),
-                  morphology.col("how-rounded", "round")):
+        for c in (col("bar", "yes"), col("something-odd", "yes"),
+                  col("how-rounded", "round")):
             df.loc[(3 * k + 1) % n, c] = edge
     df.loc[0, smooth] = 0.6  # exactly 0.6 is not elliptical
     return df
@@ -139,7 +128,7 @@ def write_disk(df: pd.DataFrame, images: list[bytes], folder, split: str | None 
     return folder
 
 
-REF = list(morphology.required_columns("reference"))
+REF = list(rule_set("reference").columns)
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +146,10 @@ def no_decode(monkeypatch):
 
 def _check_catalog(c, df, rules="reference"):
     assert len(c) == len(df)
-    assert list(c.votes.columns) == ["id_str", *morphology.required_columns(rules)]
+    assert list(c.votes.columns) == ["id_str", *rule_set(rules).columns]
     assert c.votes["id_str"].tolist() == df["id_str"].tolist()
-    for col in morphology.required_columns(rules):
-        np.testing.assert_array_equal(c.votes[col].to_numpy(), df[col].to_numpy())
+    for name in rule_set(rules).columns:
+        np.testing.assert_array_equal(c.votes[name].to_numpy(), df[name].to_numpy())
 
 
 # ---------------------------------------------------------------- the four sources
@@ -232,7 +221,7 @@ def test_save_to_disk(tmp_path, votes, split, no_decode):
 # ---------------------------------------------------------------- bad input
 
 def test_missing_columns_named_in_one_line(tmp_path, votes):
-    gone = [morphology.col("bar", "yes"), morphology.col("bulge-shape", "boxy")]
+    gone = [col("bar", "yes"), col("bulge-shape", "boxy")]
     write_hub_parquet(votes.drop(columns=gone + ["id_str"]), images_for(votes), tmp_path)
     with pytest.raises(UserError) as e:
         load_catalog(tmp_path)
@@ -241,7 +230,7 @@ def test_missing_columns_named_in_one_line(tmp_path, votes):
 
 
 def test_tree_rules_need_vote_totals(tmp_path, votes):
-    gone = morphology.votes_col("bar")
+    gone = votes_col("bar")
     write_hub_parquet(votes.drop(columns=[gone]), images_for(votes), tmp_path)
     load_catalog(tmp_path)  # the reference rules do not read it
     with pytest.raises(UserError, match=gone):
@@ -250,7 +239,7 @@ def test_tree_rules_need_vote_totals(tmp_path, votes):
 
 @pytest.mark.parametrize("kind", ["parquet", "csv", "disk"])
 def test_wrong_type_column(tmp_path, votes, kind):
-    bad = morphology.col("bulge-size", "obvious")
+    bad = col("bulge-size", "obvious")
     df = votes.assign(**{bad: ["high"] * len(votes)})
     if kind == "parquet":
         src = write_hub_parquet(df, images_for(df), tmp_path)
@@ -263,7 +252,7 @@ def test_wrong_type_column(tmp_path, votes, kind):
 
 
 def test_bool_column_is_wrong_type(tmp_path, votes):
-    bad = morphology.col("bar", "yes")
+    bad = col("bar", "yes")
     write_hub_parquet(votes.assign(**{bad: votes[bad] > 0.5}), images_for(votes), tmp_path)
     with pytest.raises(UserError, match=f"{bad} \\(bool\\)"):
         load_catalog(tmp_path)

@@ -204,8 +204,8 @@ def _check_eval_folder(folder, kind, n):
 
 @pytest.mark.slow
 def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_path, capsys):
-    from galaxy_llava.data import load_records
     from galaxy_llava.evaluate import evaluate_cli
+    from galaxy_llava.records import load_records
 
     n_test = len(load_records(prepared_dir, "test"))
     args = SimpleNamespace(model=str(tiny_model_dir), data=prepared_dir, split="test",
@@ -224,8 +224,8 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_pat
 
 @pytest.mark.slow
 def test_probe_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_path):
-    from galaxy_llava.data import load_records
     from galaxy_llava.evaluate import probe_cli
+    from galaxy_llava.records import load_records
 
     n_test = len(load_records(prepared_dir, "test"))
     probe_cli(SimpleNamespace(model=str(tiny_model_dir), data=prepared_dir, split="test",

@@ -10,10 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from galaxy_llava.data import Collator, encode_example
+from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.generate import describe_images, describe_paths, expand_image_paths
-from galaxy_llava.modeling import DEFAULT_PROMPT, load_model, save_run_model
+from galaxy_llava.models.base import family_for
+from galaxy_llava.models.loading import load_model
+from galaxy_llava.models.runs import save_run_model
+from galaxy_llava.training.batches import Collator, encode_example
 
 SHORTEST = "This is an image of a spiral galaxy."
 LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
@@ -40,9 +43,10 @@ def overfit(tiny_model_dir):
     Its answers must stop at EOS: a model that had not learned EOS (defect 3) would run on."""
     torch.manual_seed(0)
     model, processor = load_model(tiny_model_dir)
+    family = family_for(model)
     batch = Collator(processor.tokenizer.pad_token_id)(
-        [encode_example(processor, _flat(0), SHORTEST),
-         encode_example(processor, _flat(255), LONGEST)])
+        [encode_example(processor, family, _flat(0), SHORTEST),
+         encode_example(processor, family, _flat(255), LONGEST)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(150):

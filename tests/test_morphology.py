@@ -1,86 +1,49 @@
-"""Caption rules and grammar: the reference rules match the notebook, parsing inverts rendering."""
+"""Caption grammar: every Morphology renders to a caption that parses back to it, parsing is
+tolerant of case, spacing and trailing text, and what it cannot read is reported."""
 
-import math
-import random
+import itertools
 
-import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from galaxy_llava.morphology import (
+    ARMS,
     ATTRIBUTES,
-    REFERENCE_COLUMNS,
-    TREE_COLUMNS,
+    SHAPES,
+    TYPES,
     Morphology,
-    caption_from_fractions,
-    col,
-    morphology_from_fractions,
+    Phrase,
+    caption_phrases,
+    has_type_clause,
     parse_caption,
     reachable_morphologies,
-    required_columns,
-    votes_col,
 )
-from notebook_oracle import notebook_describe
+from galaxy_llava.rules import RULE_SETS
 
-# Values straddling every threshold, NaN included (NaN must add nothing).
-EDGE_VALUES = [math.nan, 0.0, 0.4, 0.4000001, 0.5, 0.5000001, 0.6, 0.6000001, 0.9, 1.0]
-
-
-def random_row(rng: random.Random) -> pd.Series:
-    return pd.Series({c: rng.choice(EDGE_VALUES) for c in TREE_COLUMNS})
-
-
-def test_reference_rules_equal_notebook_on_edge_values():
-    rng = random.Random(0)
-    for _ in range(3000):
-        row = random_row(rng)
-        assert caption_from_fractions(row) == notebook_describe(row)
+# Every Morphology the grammar can state, reachable by a rule set or not.
+EVERY = [Morphology(t, s, b, a, p, x, d)
+         for t, s, b, a, p, x, d in itertools.product(
+             TYPES, (None, *SHAPES), (False, True), (None, *ARMS), (False, True), (False, True),
+             (False, True))]
 
 
-def test_reference_rules_accept_plain_dicts_with_none():
-    row = {c: None for c in REFERENCE_COLUMNS}
-    row[col("smooth-or-featured", "smooth")] = 0.7
-    assert caption_from_fractions(row) == "This is an image of an elliptical galaxy."
-
-
-def test_notebook_examples():
-    row = {c: math.nan for c in REFERENCE_COLUMNS}
-    assert caption_from_fractions(row) == "This is an image of a spiral galaxy."
-    row.update({col("smooth-or-featured", "smooth"): 0.8, col("how-rounded", "in-between"): 0.7,
-                col("bulge-size", "obvious"): 0.6, col("bulge-shape", "boxy"): 0.9,
-                col("something-odd", "yes"): 0.5})
-    assert caption_from_fractions(row) == (
-        "This is an image of an elliptical galaxy, moderately elongated in shape, prominent bulge "
-        "at its center, boxy bulge at its center, disturbed or merging with another galaxy.")
-
-
-@pytest.mark.parametrize("rules", ["reference", "tree"])
-def test_round_trip_every_reachable_morphology(rules):
-    reachable = reachable_morphologies(rules)
-    assert len(set(reachable)) == len(reachable)
-    for m in reachable:
+def test_every_morphology_round_trips_through_its_caption():
+    assert len(set(m.caption() for m in EVERY)) == len(EVERY)  # no two share a caption
+    for m in EVERY:
         assert parse_caption(m.caption()) == m
 
 
-@pytest.mark.parametrize("rules", ["reference", "tree"])
-def test_rules_only_produce_reachable_morphologies(rules):
-    reachable = set(reachable_morphologies(rules))
-    rng = random.Random(1)
-    seen = set()
-    for _ in range(5000):
-        row = random_row(rng)
-        for q in ("smooth-or-featured", "how-rounded", "bar", "has-spiral-arms", "disk-edge-on",
-                  "bulge-size", "bulge-shape", "spiral-arm-count", "something-odd"):
-            row[votes_col(q)] = rng.choice([math.nan, 0, 1, 5, 30])
-        m = morphology_from_fractions(row, rules)
-        assert m in reachable
-        seen.add(m)
-    assert len(seen) > len(reachable) // 3
+def test_phrases_are_the_caption_and_say_what_they_state():
+    m = Morphology("spiral", bar=True, arms="many", disturbed=True)
+    phrases = m.phrases()
+    assert ", ".join(p.text for p in phrases) + "." == m.caption()
+    assert [(p.attribute, p.value) for p in phrases] == [
+        ("type", "spiral"), ("bar", True), ("arms", "many"), ("disturbed", True)]
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(reachable_morphologies("tree") + reachable_morphologies("reference")),
+@given(st.sampled_from(EVERY),
        st.sampled_from([str.upper, str.lower, str.title, lambda s: s]),
        st.sampled_from(["", "  ", " And then some extra words", "\n"]))
 def test_parse_tolerates_case_spacing_and_trailing_text(m, case, tail):
@@ -99,42 +62,44 @@ def test_parse_reports_what_it_could_not_parse():
     m = parse_caption("This is an image of a spiral galaxy, with two arms, with three arms.")
     assert m.arms == "2" and m.unparsed == ("with three arms",)
     assert not parse_caption("").parsed_ok
+    assert not parse_caption(None).parsed_ok
     assert not parse_caption("The image is a close-up view of a star.").parsed_ok
 
 
-def test_tree_rules_ignore_stray_votes_and_name_edge_on_disks():
-    row = {c: math.nan for c in TREE_COLUMNS}
-    row.update({col("smooth-or-featured", "smooth"): 0.9, votes_col("smooth-or-featured"): 40,
-                col("something-odd", "yes"): 1.0, votes_col("something-odd"): 1,
-                col("bulge-size", "obvious"): 1.0, votes_col("bulge-size"): 1,
-                col("how-rounded", "round"): 0.8, votes_col("how-rounded"): 35})
-    assert caption_from_fractions(row, "reference") == (
-        "This is an image of an elliptical galaxy, nearly round in shape, "
-        "prominent bulge at its center, disturbed or merging with another galaxy.")
-    assert caption_from_fractions(row, "tree") == (
-        "This is an image of an elliptical galaxy, nearly round in shape.")
-    edge = {c: math.nan for c in TREE_COLUMNS}
-    edge.update({col("smooth-or-featured", "smooth"): 0.1, votes_col("smooth-or-featured"): 40,
-                 col("smooth-or-featured", "artifact"): 0.0,
-                 col("disk-edge-on", "yes"): 0.9, votes_col("disk-edge-on"): 36,
-                 col("bulge-shape", "boxy"): 0.7, votes_col("bulge-shape"): 30})
-    assert caption_from_fractions(edge, "tree") == (
-        "This is an image of an edge-on disk galaxy, boxy bulge at its center.")
-    assert parse_caption(caption_from_fractions(edge, "tree")).type == "edge-on disk"
+def test_caption_phrases_keep_the_text_as_written():
+    phrases, rest = caption_phrases("THIS is an image of a  Spiral galaxy , With a central bar, "
+                                    "purple, with a central bar. And more")
+    assert phrases == [Phrase("THIS is an image of a  Spiral galaxy", "type", "spiral"),
+                       Phrase("With a central bar", "bar", True),
+                       Phrase("purple", None),
+                       Phrase("with a central bar", None)]  # said twice: read once
+    assert rest == " And more"
 
 
-def test_required_columns_and_bad_rules():
-    assert set(REFERENCE_COLUMNS) <= set(required_columns("tree"))
-    with pytest.raises(ValueError, match="unknown rule set"):
-        required_columns("nope")
-    with pytest.raises(ValueError, match="unknown galaxy type"):
-        Morphology(type="irregular")
+@pytest.mark.parametrize("text, typed", [
+    ("This is an image of a star or artifact.", True),
+    ("  this IS an image of an edge-on disk galaxy, boxy bulge at its center", True),
+    ("With a central bar, This is an image of a spiral galaxy.", False),  # type clause not first
+    ("", False),
+    (None, False),
+])
+def test_has_type_clause_only_for_a_leading_type_clause(text, typed):
+    assert has_type_clause(text) is typed
+    # the parser agrees: without a leading type clause the first phrase is unparsed
+    assert bool(parse_caption(text).unparsed) is not typed
 
 
-def test_dict_round_trip():
-    for m in reachable_morphologies("tree"):
+def test_dict_round_trip_and_validation():
+    for m in EVERY:
         d = m.to_dict()
         assert tuple(d) == ATTRIBUTES
         assert Morphology.from_dict(d) == m
     with pytest.raises(ValueError, match="unknown morphology keys"):
         Morphology.from_dict({"type": "spiral", "colour": "red"})
+    with pytest.raises(ValueError, match="unknown galaxy type"):
+        Morphology(type="irregular")
+
+
+@pytest.mark.parametrize("name", list(RULE_SETS))
+def test_reachable_morphologies_alias_follows_the_registry(name):
+    assert reachable_morphologies(name) == RULE_SETS[name].reachable()

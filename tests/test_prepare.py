@@ -12,15 +12,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from galaxy_llava import morphology
 from galaxy_llava.cli import main
 from galaxy_llava.errors import UserError
+from galaxy_llava.gz2 import col
 from galaxy_llava.prepare import prepare, select
+from galaxy_llava.rules import REFERENCE_COLUMNS, caption_from_fractions, morphology_from_fractions
 from notebook_oracle import notebook_describe
 from test_catalog import (draw_galaxy, images_for, make_votes, write_csv, write_disk,
                           write_hub_parquet)
 
-SMOOTH = morphology.col("smooth-or-featured", "smooth")
+SMOOTH = col("smooth-or-featured", "smooth")
 RECORD_KEYS = ["image", "text", "id_str", "split", "morphology", "fractions"]
 
 
@@ -94,9 +95,9 @@ def test_captions_equal_reference_rules_on_source_rows(prepared, source):
     saw_null = False
     for r in recs:
         row = df.loc[r["id_str"]]
-        assert r["text"] == notebook_describe(row) == morphology.caption_from_fractions(row)
-        assert r["morphology"] == morphology.morphology_from_fractions(row).to_dict()
-        assert list(r["fractions"]) == list(morphology.REFERENCE_COLUMNS)
+        assert r["text"] == notebook_describe(row) == caption_from_fractions(row)
+        assert r["morphology"] == morphology_from_fractions(row).to_dict()
+        assert list(r["fractions"]) == list(REFERENCE_COLUMNS)
         for c, v in r["fractions"].items():
             assert (v is None and math.isnan(row[c])) or v == row[c]
             saw_null |= v is None
@@ -107,15 +108,15 @@ def test_captions_equal_reference_rules_on_source_rows(prepared, source):
 def test_notebook_describe_agrees_on_rows_with_nan():
     df = make_votes(300, seed=11)
     # every reference column also NaN / exactly on a threshold somewhere
-    for k, c in enumerate(morphology.REFERENCE_COLUMNS):
+    for k, c in enumerate(REFERENCE_COLUMNS):
         df.loc[k, c] = np.nan
         df.loc[k + 20, c] = 0.5
         df.loc[k + 40, c] = 0.6
         df.loc[k + 60, c] = 0.4
-    assert df[list(morphology.REFERENCE_COLUMNS)].isna().any(axis=1).sum() > 100
+    assert df[list(REFERENCE_COLUMNS)].isna().any(axis=1).sum() > 100
     captions = set()
     for _, row in df.iterrows():
-        assert morphology.caption_from_fractions(row) == notebook_describe(row)
+        assert caption_from_fractions(row) == notebook_describe(row)
         captions.add(notebook_describe(row))
     assert len(captions) > 30
 
@@ -203,10 +204,10 @@ def test_tree_rules(source, tmp_path):
     run(source[0], out, rules="tree", min_votes=3)
     df = source[1].set_index("id_str")
     recs = read_jsonl(out)
-    assert all(r["text"] == morphology.caption_from_fractions(df.loc[r["id_str"]], "tree", 3)
+    assert all(r["text"] == caption_from_fractions(df.loc[r["id_str"]], "tree", 3)
                for r in recs)
     assert all(c.endswith("_fraction") for c in recs[0]["fractions"])
-    assert set(recs[0]["fractions"]) >= {morphology.col("disk-edge-on", "yes")}
+    assert set(recs[0]["fractions"]) >= {col("disk-edge-on", "yes")}
 
 
 def test_non_square_images_are_padded_not_stretched(tmp_path):
@@ -264,7 +265,7 @@ def test_missing_source(tmp_path):
 
 def test_missing_and_wrong_type_columns(source, tmp_path):
     df = source[1]
-    gone = morphology.col("something-odd", "yes")
+    gone = col("something-odd", "yes")
     with pytest.raises(UserError, match=f"missing column.*{gone}"):
         run(write_hub_parquet(df.drop(columns=[gone]), images_for(df), tmp_path / "a"),
             tmp_path / "out")
@@ -294,7 +295,7 @@ def test_capped_selection_prints_a_note(source, tmp_path, capsys):
     ({"test_fraction": -0.1}, "--test-fraction"),
     ({"image_size": 0}, "--image-size"),
     ({"seed": -1}, "--seed"),
-    ({"rules": "mine"}, "--rules"),
+    ({"rules": "mine"}, "unknown rule set 'mine'; known rule sets: reference, tree"),
     ({"workers": 0}, "--workers"),
 ])
 def test_bad_arguments(source, tmp_path, kw, match):

@@ -15,8 +15,9 @@ import pytest
 from galaxy_llava.errors import UserError
 from galaxy_llava.evaluate import prediction_rows, write_eval
 from galaxy_llava.metrics import compute_metrics, labels_of, read_answer
-from galaxy_llava.morphology import Morphology, reachable_morphologies
+from galaxy_llava.morphology import Morphology
 from galaxy_llava.report import build_report, load_eval, marked_answer
+from galaxy_llava.rules import rule_set
 
 
 def _galaxy_image(path: Path, m: Morphology, rng: random.Random) -> None:
@@ -35,7 +36,7 @@ def _galaxy_image(path: Path, m: Morphology, rng: random.Random) -> None:
 def _make_evals(root: Path, n: int = 10) -> list[Path]:
     """Three finished EVAL folders (a VLM with its run folder, a probe, a majority baseline)."""
     rng = random.Random(0)
-    pool = reachable_morphologies("reference")
+    pool = rule_set("reference").reachable()
     truths = [rng.choice(pool) for _ in range(n)]
     (root / "images").mkdir(parents=True)
     records = []
@@ -110,6 +111,16 @@ def test_marked_answer_flags_wrong_and_missing_phrases():
     perfect = marked_answer(Morphology.from_dict(truth).caption(), truth)
     assert "bad" not in perfect and "miss" not in perfect
     assert "empty" in marked_answer("", truth)
+
+
+def test_marked_answer_reads_phrases_as_the_metrics_do():
+    """An answer that does not open with a type clause is no caption: the metrics count every
+    attribute wrong, so the report marks none of its phrases right."""
+    truth = Morphology("spiral", bar=True)
+    text = "With a central bar, This is an image of a spiral galaxy."
+    assert set(read_answer(text)[0].values()) == {"unknown"}
+    marked = marked_answer(text, truth.to_dict())
+    assert 'class="ok"' not in marked and '<span class="miss">with a central bar</span>' in marked
 
 
 def test_unfinished_eval_folder_is_named(tmp_path):

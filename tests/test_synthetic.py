@@ -10,10 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from galaxy_llava import gz2
 from galaxy_llava.errors import UserError
-from galaxy_llava.morphology import ATTRIBUTES, morphology_from_fractions
+from galaxy_llava.gz2 import QUESTIONS, col, count_col, votes_col
+from galaxy_llava.morphology import ATTRIBUTES, Morphology
+from galaxy_llava.rules import RULE_SETS, morphology_from_fractions
 from galaxy_llava.synthetic import TRUTH_MIX, draw_truth, synthesize, truth_morphology
-from galaxy_llava.votes import GZ2_QUESTIONS, simulate_votes
+from galaxy_llava.votes import simulate_votes, unanimous_votes
 
 
 def _frame(folder) -> pd.DataFrame:
@@ -56,10 +59,10 @@ def test_every_gz2_column_present_with_consistent_counts_and_fractions(synth_dir
     df = _frame(synth_dir)
     assert len(df) == 48 and df["id_str"].is_unique
     assert df["id_str"].iloc[0] == "synth-1-0"
-    for q, answers in GZ2_QUESTIONS.items():
-        total = df[f"{q}-gz2_total-votes"]
-        counts = df[[f"{q}-gz2_{a}" for a in answers]]
-        fractions = df[[f"{q}-gz2_{a}_fraction" for a in answers]]
+    for q, answers in QUESTIONS.items():
+        total = df[votes_col(q)]
+        counts = df[[count_col(q, a) for a in answers]]
+        fractions = df[[col(q, a) for a in answers]]
         assert (counts.sum(axis=1) == total).all(), q
         asked = total > 0
         assert np.allclose(fractions[asked].sum(axis=1), 1.0), q
@@ -67,6 +70,11 @@ def test_every_gz2_column_present_with_consistent_counts_and_fractions(synth_dir
         assert not fractions[asked].isna().any().any(), q
     first = df["smooth-or-featured-gz2_total-votes"]
     assert first.between(38, 52).all()
+    # Each question reaches exactly the volunteers whose answers open it (the gz2 tree).
+    for q in QUESTIONS:
+        if q != gz2.ROOT:
+            reached = sum(df[count_col(p, a)] for p, a in gz2.reached_by(q))
+            assert (df[votes_col(q)] == reached).all(), q
     # Later questions only reach volunteers who took that branch, so counts shrink.
     assert (df["bar-gz2_total-votes"] <= first).all()
     assert (df["spiral-arm-count-gz2_total-votes"] <= df["has-spiral-arms-gz2_total-votes"]).all()
@@ -100,6 +108,46 @@ def test_reference_and_tree_captions_follow_the_drawn_truth():
             full_ok += got == want
         assert type_ok / len(rows) > 0.97, rules
         assert full_ok / len(rows) > full_min, (rules, full_ok / len(rows))
+
+
+def _expected_truth_morphology(truth: dict, rules: str):
+    """What each rule set should say of a truth, written out by hand (an independent oracle)."""
+    kind, d = truth["type"], truth["disturbed"]
+    if kind == "elliptical":
+        return Morphology("elliptical", shape=truth["shape"], disturbed=d)
+    if kind == "spiral":
+        return Morphology("spiral", bar=truth["bar"], arms=truth["arms"],
+                          prominent_bulge=truth["bulge"] == "obvious", disturbed=d)
+    if rules == "reference":  # the notebook's rules call everything not smooth a spiral
+        return Morphology("spiral", boxy_bulge=truth["boxy"], disturbed=d)
+    if kind == "edge-on disk":
+        return Morphology("edge-on disk", boxy_bulge=truth["boxy"], disturbed=d)
+    return Morphology("artifact")
+
+
+@pytest.mark.parametrize("rules", ["reference", "tree"])
+def test_truth_morphology_is_the_rule_set_on_unanimous_votes(rules):
+    reachable = set(RULE_SETS[rules].reachable())
+    for i in range(1500):
+        truth = draw_truth(np.random.default_rng([11, i, 0]))
+        got = truth_morphology(truth, rules)
+        assert got == _expected_truth_morphology(truth, rules), truth
+        assert got in reachable
+
+
+def test_unanimous_votes_walk_only_the_galaxy_s_branch():
+    truth = draw_truth(np.random.default_rng(0))
+    truth.update(type="edge-on disk", shape=None, bulge="obvious", boxy=True, bar=False,
+                 arms=None, winding=None, artifact=None, disturbed=False)
+    votes = unanimous_votes(truth, n_volunteers=40)
+    asked = {q for q in QUESTIONS if votes[votes_col(q)]}
+    assert asked == {"smooth-or-featured", "disk-edge-on", "bulge-shape", "something-odd"}
+    assert all(votes[votes_col(q)] == 40 for q in asked)
+    assert votes[col("disk-edge-on", "yes")] == votes[col("bulge-shape", "boxy")] == 1.0
+    assert math.isnan(votes[col("bar", "yes")])
+    truth.update(type="artifact", artifact="star")
+    votes = unanimous_votes(truth)
+    assert {q for q in QUESTIONS if votes[votes_col(q)]} == {gz2.ROOT}  # an artifact ends it
 
 
 def test_stray_votes_exist_so_min_votes_matters():
@@ -188,8 +236,8 @@ def test_question_nobody_reached_has_zero_votes_and_nan_fractions():
     for seed in range(20):
         votes = simulate_votes(truth, np.random.default_rng(seed))
         assert votes["smooth-or-featured-gz2_smooth_fraction"] > 0.6
-        for q, answers in GZ2_QUESTIONS.items():
-            if votes[f"{q}-gz2_total-votes"] == 0:
+        for q, answers in QUESTIONS.items():
+            if votes[votes_col(q)] == 0:
                 empty += 1
-                assert all(math.isnan(votes[f"{q}-gz2_{a}_fraction"]) for a in answers)
+                assert all(math.isnan(votes[col(q, a)]) for a in answers)
     assert empty > 0

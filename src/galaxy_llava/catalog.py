@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from galaxy_llava import morphology
 from galaxy_llava.errors import UserError
+from galaxy_llava.rules import rule_set
 
 ID_COLUMN = "id_str"
 IMAGE_COLUMN = "image"
@@ -108,9 +108,7 @@ def load_catalog(source: str | os.PathLike, rules: str = "reference",
                  hub_config: str | None = None, hub_split: str = "train") -> Catalog:
     """Open a catalogue (Hub id, parquet file/folder, save_to_disk folder or CSV) and check that
     ``id_str`` and every column the rule set needs are present and numeric."""
-    if rules not in morphology.RULE_SETS:
-        raise UserError(f"unknown rule set {rules!r}; expected one of {morphology.RULE_SETS}")
-    needed = list(morphology.required_columns(rules))
+    needed = list(rule_set(rules).columns)  # an unknown name is a UserError
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():

@@ -41,14 +41,14 @@ def _cmd_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a random-initialised {args.preset} LLaVA{stage} to {out}")
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from galaxy_llava.train import train_from_cli
+def _cmd_train(argv: list[str]) -> None:
+    from galaxy_llava.training.trainer import train_cli
 
-    train_from_cli(args)
+    train_cli(argv)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from galaxy_llava.modeling import export_run
+    from galaxy_llava.models.runs import export_run
 
     out = export_run(args.run, args.out)
     print(f"wrote a plain LLaVA checkpoint to {out}")
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-per-class", type=int, default=1000)
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--image-size", type=int, default=336)
-    s.add_argument("--rules", default="reference", choices=["reference", "tree"])
+    s.add_argument("--rules", default="reference", choices=list(__import__(
+        "galaxy_llava.rules", fromlist=["RULE_SETS"]).RULE_SETS), help="caption rule set")
     s.add_argument("--min-votes", type=int, default=5, help="tree rules: votes a fraction needs")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--test-fraction", type=float, default=0.1)
@@ -119,26 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tiny-model", help="write a small random-initialised LLaVA (HF format)")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--preset", default="tiny", choices=["tiny", "tinyllava"])
+    s.add_argument("--preset", default="tiny", choices=__import__("galaxy_llava.tiny").tiny.PRESETS)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--pretrain-steps", type=int, default=0,
                    help="first caption generic scenes for N steps so the model can see and speak")
     s.set_defaults(func=_cmd_tiny_model)
 
-    s = sub.add_parser("train", help="fine-tune (full or LoRA) on a prepared dataset")
-    s.add_argument("--model", default=None, help="Hub id or folder (default bczhou/tiny-llava-v1-hf)")
-    s.add_argument("--data", type=Path, default=None)
-    s.add_argument("--method", default=None, help="full | lora")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--config", type=Path, default=None, help="YAML file of settings")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key (repeatable)")
-    for flag, typ in (("--epochs", float), ("--batch-size", int), ("--lr", float),
-                      ("--lora-r", int), ("--lora-alpha", int), ("--lora-dropout", float),
-                      ("--max-steps", int), ("--seed", int)):
-        s.add_argument(flag, type=typ, default=None)
-    s.add_argument("--resume", action="store_true")
-    s.set_defaults(func=_cmd_train)
+    # `train` has its own parser (HfArgumentParser over TrainingArguments); listed here for --help.
+    sub.add_parser("train", add_help=False,
+                   help="fine-tune (full, LoRA or QLoRA) with the Hugging Face Trainer; "
+                        "`galaxy-llava train --help` lists every TrainingArguments flag")
 
     s = sub.add_parser("export", help="merge a LoRA run into a plain LLaVA checkpoint")
     s.add_argument("--run", type=Path, required=True)
@@ -187,15 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `galaxy-llava` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `galaxy-llava` console script (and of ``python -m galaxy_llava``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its flags are TrainingArguments': parsed by its own parser
+        command, run = "train", lambda: _cmd_train(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        args.func(args)
+        run()
     except UserError as e:
-        print(f"galaxy-llava {args.command}: error: {e}", file=sys.stderr)
+        print(f"galaxy-llava {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"galaxy-llava {args.command}: interrupted", file=sys.stderr)
+        print(f"galaxy-llava {command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stderr.close()

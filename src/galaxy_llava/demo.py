@@ -11,8 +11,9 @@ from pathlib import Path
 # recipe's learning rates are for a pretrained 1.4B model; a 0.7M-parameter model pretrained for a
 # minute needs larger steps to learn the caption grammar in a few epochs.
 DEMO_TRAIN = {
-    "lora": {"epochs": 12, "batch_size": 16, "lr": 3e-3, "lora_r": 16, "lora_alpha": 32},
-    "full": {"epochs": 12, "batch_size": 16, "lr": 1e-3},
+    "lora": {"num_train_epochs": 12, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
+             "lora_r": 16, "lora_alpha": 32},
+    "full": {"num_train_epochs": 12, "per_device_train_batch_size": 16, "learning_rate": 1e-3},
 }
 # Generic-scene pretraining of the tiny base model (see galaxy_llava.pretrain): about 2 minutes.
 PRETRAIN_STEPS = 800
@@ -30,7 +31,7 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0)
     from galaxy_llava.report import build_report
     from galaxy_llava.synthetic import synthesize
     from galaxy_llava.tiny import build_tiny_model
-    from galaxy_llava.train import train
+    from galaxy_llava.training.trainer import train
 
     import torch
 
@@ -58,7 +59,8 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0)
     for method in ("lora", "full"):
         _step(f"train: {method}", t0)
         run = out / "runs" / method
-        train(str(model), data, method, run, seed=seed, overwrite=True, **DEMO_TRAIN[method])
+        train(str(model), data, method, run, seed=seed, overwrite_output_dir=True,
+              **DEMO_TRAIN[method])
         _step(f"evaluate: {method}", t0)
         evals[method] = out / "eval" / method
         evaluate(run, data, split="test", out=evals[method], name=method)

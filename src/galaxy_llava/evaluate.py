@@ -23,7 +23,7 @@ from galaxy_llava.morphology import ATTRIBUTES, Morphology
 def load_split(data: str | Path, split: str, limit: int | None = None) -> list[dict]:
     """Records of one split of a prepared dataset; an unknown or empty split is a UserError
     naming the splits the dataset has."""
-    from galaxy_llava.data import load_records
+    from galaxy_llava.records import load_records
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
@@ -124,7 +124,8 @@ def _with_majority(metrics: dict, data: str | Path, records: Sequence[dict]) -> 
 
 def _resolve_prompt(model: str | Path, prompt: str | None) -> tuple[str, str]:
     """(prompt, source): the prompt stored with the model ("model"), else the default ("default")."""
-    from galaxy_llava.modeling import DEFAULT_PROMPT, read_prompt
+    from galaxy_llava.config import DEFAULT_PROMPT
+    from galaxy_llava.models.folders import read_prompt
 
     stored = read_prompt(model) if Path(model).is_dir() else None
     if stored:
@@ -140,7 +141,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
     using its own prompt, score the answers and write ``out/predictions.jsonl`` and
     ``out/metrics.json``; returns the metrics."""
     from galaxy_llava.generate import describe_images
-    from galaxy_llava.modeling import load_for_inference
+    from galaxy_llava.models.loading import load_for_inference
 
     records = load_split(data, split, limit)
     net, processor, prompt = load_for_inference(str(model))
@@ -170,20 +171,21 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
 def pooled_features(net: Any, processor: Any, paths: Sequence[str], batch_size: int = 16,
                     desc: str = "features"):
     """Mean over image tokens of the frozen vision tower's selected layer (the projector's input,
-    via :func:`galaxy_llava.features.vision_features`), one ``(n, d)`` float32 row per image."""
+    via the family's ``vision_features``), one ``(n, d)`` float32 row per image."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from galaxy_llava.data import load_image, pixel_values
-    from galaxy_llava.features import vision_features
+    from galaxy_llava.models.base import family_for
+    from galaxy_llava.records import load_image
 
     param = next(net.parameters())
+    family = family_for(net)
     feats = []
     with torch.no_grad():
         for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-            pv = pixel_values(processor, [load_image(p) for p in paths[i:i + batch_size]])
-            h = vision_features(net, pv.to(param.device, param.dtype))
+            pv = family.pixel_values(processor, [load_image(p) for p in paths[i:i + batch_size]])
+            h = family.vision_features(net, pv.to(param.device, param.dtype))
             feats.append(h.float().mean(dim=1).cpu().numpy())
     return np.concatenate(feats).astype("float32")
 
@@ -209,7 +211,7 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
     """Linear-probe baseline: one logistic regression per attribute on pooled frozen vision
     features, fitted on ``train`` where the attribute applies, scored on ``split``. The type
     prediction decides which of shape / bar / arms is stated. Writes an EVAL folder."""
-    from galaxy_llava.modeling import load_for_inference
+    from galaxy_llava.models.loading import load_for_inference
 
     records = load_split(data, split, limit)
     train = load_split(data, "train")

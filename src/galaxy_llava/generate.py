@@ -1,4 +1,4 @@
-"""Describe galaxy images with a (fine-tuned) LLaVA model.
+"""Describe galaxy images with a (fine-tuned) vision-language model.
 
 One ``generate`` call per batch: the vision tower runs once per batch (generate encodes the images
 before expanding them to beams), prompts are left-padded, only new tokens are decoded and each
@@ -17,15 +17,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from galaxy_llava.data import (
-    IMAGE_SUFFIXES,
-    encode_prompt,
-    load_image,
-    num_image_tokens,
-    pixel_values,
-)
+from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
-from galaxy_llava.modeling import DEFAULT_PROMPT
+from galaxy_llava.models.base import family_for
+from galaxy_llava.records import IMAGE_SUFFIXES, load_image
 
 
 def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
@@ -65,7 +60,8 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set one before generating")
-    prompt_ids = encode_prompt(tok, prompt or DEFAULT_PROMPT, num_image_tokens(processor))
+    family = family_for(model)
+    prompt_ids = family.prompt_ids(processor, prompt or DEFAULT_PROMPT)
     dtype, device = _model_dtype_device(model)
     stop_ids = {tok.eos_token_id}
     gen_kwargs = dict(
@@ -80,7 +76,7 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
         batch = [im if isinstance(im, Image.Image) else load_image(im)
                  for im in images[start:start + batch_size]]
         ids, mask = _left_pad([prompt_ids] * len(batch), tok.pad_token_id)
-        pv = pixel_values(processor, batch).to(device=device, dtype=dtype)
+        pv = family.pixel_values(processor, batch).to(device=device, dtype=dtype)
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  pixel_values=pv, **gen_kwargs)
@@ -117,7 +113,7 @@ def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 
     # Validate every file before loading the model, so a stray text file fails fast and by name.
     for f in files:
         load_image(f, decode=False)
-    from galaxy_llava.modeling import load_for_inference
+    from galaxy_llava.models.loading import load_for_inference
 
     with warnings.catch_warnings():
         if prompt is not None:  # the stored prompt is not needed, so neither is its warning

@@ -9,11 +9,10 @@ VLM, the linear probe and the majority baseline (:mod:`galaxy_llava.evaluate`) s
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
 
-from galaxy_llava.morphology import (ARMS, ATTRIBUTES, SHAPES, TYPE_PHRASES, TYPES, Morphology,
+from galaxy_llava.morphology import (ARMS, ATTRIBUTES, SHAPES, TYPES, Morphology, has_type_clause,
                                      parse_caption)
 
 # Where each attribute is scored, judged by the truth. The caption grammar only says shape for
@@ -42,7 +41,6 @@ LABELS: dict[str, tuple[str, ...]] = {
     "disturbed": _YES_NO + (UNKNOWN,),
 }
 DEFAULT_LABEL = {a: LABELS[a][0] for a in ATTRIBUTES if a != "type"}
-_TYPE_CLAUSES = {re.sub(r"\s+", " ", p.lower()) for p in TYPE_PHRASES.values()}
 
 
 # ------------------------------------------------------------------ labels
@@ -77,10 +75,7 @@ def read_answer(text: str | None) -> tuple[dict[str, str], bool, Morphology]:
     A caption with some ungrammatical phrases keeps the credit of the phrases it got right."""
     text = text or ""
     m = parse_caption(text)
-    labels = labels_of(m)
-    first = re.sub(r"\s+", " ", text.strip().lower()).split(".", 1)[0].split(",", 1)[0].strip()
-    if first not in _TYPE_CLAUSES:
-        labels = {a: UNKNOWN for a in ATTRIBUTES}
+    labels = labels_of(m) if has_type_clause(text) else {a: UNKNOWN for a in ATTRIBUTES}
     return labels, bool(text.strip()) and m.parsed_ok, m
 
 

@@ -32,9 +32,12 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from galaxy_llava import __version__, io as gio, morphology
+from galaxy_llava import __version__, io as gio
 from galaxy_llava.catalog import ID_COLUMN, Catalog, ImageError, decode_image, load_catalog
 from galaxy_llava.errors import UserError
+from galaxy_llava.gz2 import col
+from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.rules import is_elliptical, rule_set
 
 CLASSES = ("elliptical", "spiral")
 SPLITS = ("train", "val", "test")
@@ -62,7 +65,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int 
                 workers)
     out = Path(out)
     workers = workers or min(4, os.cpu_count() or 1)
-    args = {"rules": rules, "min_votes": min_votes if rules == "tree" else None,
+    # min_votes is part of the dataset's identity only for rule sets that read it.
+    args = {"rules": rules, "min_votes": min_votes if rule_set(rules).uses_min_votes else None,
             "n_per_class": n_per_class, "seed": seed, "image_size": image_size,
             "val_fraction": val_fraction, "test_fraction": test_fraction}
     _check_out(out, args)  # cheap: before a possibly large catalogue is opened
@@ -105,8 +109,8 @@ def select(votes: pd.DataFrame, n_per_class: int, seed: int, val_fraction: float
     position), ``class`` and ``split``; ``.attrs`` holds ``available`` and ``n_per_class``.
     Like the notebook, both classes get ``min(N, #elliptical, #spiral)`` galaxies.
     """
-    smooth = votes[morphology.col("smooth-or-featured", "smooth")].to_numpy(np.float64)
-    is_ell = morphology.is_elliptical(smooth)  # NaN > 0.6 is False: spiral, as in the notebook
+    smooth = votes[col("smooth-or-featured", "smooth")].to_numpy(np.float64)
+    is_ell = is_elliptical(smooth)  # NaN > 0.6 is False: spiral, as in the notebook
     rows = votes.index.to_numpy()
     pools = {"elliptical": rows[is_ell], "spiral": rows[~is_ell]}
     available = {c: int(len(p)) for c, p in pools.items()}
@@ -191,8 +195,7 @@ def render_preview(out: Path, records: list[dict], n: int = 16) -> bytes:
 
 def _check_args(n_per_class, seed, image_size, rules, min_votes, val_fraction, test_fraction,
                 workers) -> None:
-    if rules not in morphology.RULE_SETS:
-        raise UserError(f"--rules must be one of {', '.join(morphology.RULE_SETS)} (got {rules!r})")
+    rule_set(rules)  # an unknown name is a UserError listing the known ones
     if not isinstance(n_per_class, int) or n_per_class < 1:
         raise UserError(f"--n-per-class must be at least 1 (got {n_per_class})")
     if not isinstance(seed, int) or seed < 0:
@@ -273,11 +276,12 @@ def _usable_rows(votes: pd.DataFrame) -> tuple[pd.Index, dict]:
 
 
 def _records(votes: pd.DataFrame, sel: pd.DataFrame, rules: str, min_votes: int) -> list[dict]:
-    fraction_cols = [c for c in morphology.required_columns(rules) if c.endswith("_fraction")]
+    ruleset = rule_set(rules)
+    fraction_cols = [c for c in ruleset.columns if c.endswith("_fraction")]
     rows = votes.iloc[sel["row"].to_numpy()].to_dict("records")
     records = []
     for row, split in zip(rows, sel["split"]):
-        m = morphology.morphology_from_fractions(row, rules, min_votes)
+        m = ruleset.morphology(row, min_votes)
         records.append({
             "image": f"images/{image_name(row[ID_COLUMN])}",
             "text": m.caption(),  # == caption_from_fractions(row, rules, min_votes)
@@ -378,7 +382,7 @@ def _stats(records: list[dict], sel: pd.DataFrame, failed: dict[int, str], exclu
     by_type: dict[str, list[dict]] = {}
     for r in kept:
         by_type.setdefault(r["morphology"]["type"], []).append(r["morphology"])
-    attrs = [a for a in morphology.ATTRIBUTES if a != "type"]
+    attrs = [a for a in ATTRIBUTES if a != "type"]
 
     def n_attrs(m: dict) -> int:
         return sum(bool(m[a]) for a in attrs)

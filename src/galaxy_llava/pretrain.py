@@ -52,7 +52,7 @@ GENERIC_TEXT = (
 
 def text_batch(tokenizer, rng: np.random.Generator, batch_size: int) -> dict:
     """A right-padded batch of GENERIC_TEXT sentences with causal-LM labels (pads -100)."""
-    from galaxy_llava.data import IGNORE_INDEX
+    from galaxy_llava.training.batches import IGNORE_INDEX
 
     picks = [GENERIC_TEXT[i] for i in rng.integers(len(GENERIC_TEXT), size=batch_size)]
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in picks]
@@ -139,12 +139,14 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
     generic prose; returns the loss per step.
 
     Scenes are drawn fresh every step (no dataset to overfit). Plain HF forward with labels."""
-    from galaxy_llava.data import Collator, encode_text, num_image_tokens, pixel_values
+    from galaxy_llava.models.base import family_for
+    from galaxy_llava.training.batches import Collator, encode_text
 
     rng = np.random.default_rng([seed, 7])
     torch.manual_seed(seed)
     tok = processor.tokenizer
-    n_img = num_image_tokens(processor)
+    family = family_for(model)
+    prompt_ids = family.prompt_ids(processor, PRETRAIN_PROMPT)
     size = processor.image_processor.crop_size["height"]
     collate = Collator(tok.pad_token_id)
     model.train()
@@ -154,9 +156,10 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
     losses = []
     for _ in tqdm(range(steps), desc="pretrain (generic scenes)", disable=not progress):
         scenes = [generic_scene(rng, size) for _ in range(batch_size)]
-        items = [encode_text(tok, caption, PRETRAIN_PROMPT, n_img) for _, caption in scenes]
+        items = [encode_text(tok, prompt_ids, caption) for _, caption in scenes]
         batch = collate(items)
-        batch["pixel_values"] = pixel_values(processor, [img for img, _ in scenes])
+        del batch["label_mask"]  # the plain HF forward with labels computes its own loss
+        batch["pixel_values"] = family.pixel_values(processor, [img for img, _ in scenes])
         text = text_batch(tok, rng, batch_size // 2)
         hidden = model.model.language_model(input_ids=text["input_ids"],
                                             attention_mask=text["attention_mask"]).last_hidden_state

@@ -13,7 +13,6 @@ import base64
 import html
 import io
 import json
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,21 +20,11 @@ from typing import Any, Sequence
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_text
 from galaxy_llava.metrics import TABLE_COLUMNS, table_value
-from galaxy_llava.morphology import (ARM_PHRASES, ATTRIBUTES, BAR_PHRASE, BOXY_BULGE_PHRASE,
-                                     DISTURBED_PHRASE, PROMINENT_BULGE_PHRASE, SHAPE_PHRASES,
-                                     TYPE_PHRASES, Morphology)
+from galaxy_llava.morphology import ATTRIBUTES, Morphology, caption_phrases
 
 PALETTE = ("#3b6fb6", "#e07b39", "#3a9a5b", "#c2414b", "#7d5ba6", "#8c6d4f", "#d16aa8", "#6b7b8c")
 LOWER_IS_BETTER = {"hallucination_rate", "omission_rate"}
 GRID_GALAXIES = 24
-_norm = lambda s: re.sub(r"\s+", " ", s.strip().lower())  # noqa: E731
-# phrase -> (attribute, value), the caption grammar read from the public phrase tables
-_PHRASE = {_norm(p): ("type", t) for t, p in TYPE_PHRASES.items()}
-_PHRASE.update({_norm(p): ("shape", s) for s, p in SHAPE_PHRASES.items()})
-_PHRASE.update({_norm(p): ("arms", a) for a, p in ARM_PHRASES.items()})
-_PHRASE.update({_norm(BAR_PHRASE): ("bar", True), _norm(PROMINENT_BULGE_PHRASE):
-                ("prominent_bulge", True), _norm(BOXY_BULGE_PHRASE): ("boxy_bulge", True),
-                _norm(DISTURBED_PHRASE): ("disturbed", True)})
 
 
 # ------------------------------------------------------------------ input
@@ -223,28 +212,25 @@ def marked_answer(text: str | None, truth: dict | None) -> str:
     if truth is None:
         return html.escape(text) or '<span class="na">(empty)</span>'
     t = Morphology.from_dict(truth)
-    body, _, rest = text.strip().partition(".")  # as parse_caption: text after "." is ignored
+    # Read as metrics reads it (morphology.caption_phrases): a phrase is right only where the
+    # grammar reads it and the truth agrees.
+    phrases, rest = caption_phrases(text)
+    if len(phrases) == 1 and not phrases[0].text:  # nothing before the full stop
+        phrases = []
     parts, said = [], {}
-    for raw in [p.strip() for p in body.split(",")] if body.strip() else []:
-        attr, value = _PHRASE.get(_norm(raw), (None, None))
-        if attr is None or attr in said:
-            cls = "bad"
-        else:
-            said[attr] = value
-            cls = "ok" if getattr(t, attr) == value else "bad"
-        parts.append(f'<span class="{cls}">{html.escape(raw)}</span>')
-    missing = [p for p in _phrases(t)[1:] if _PHRASE[_norm(p)][0] not in said
-               or said[_PHRASE[_norm(p)][0]] != _PHRASE[_norm(p)][1]]
+    for p in phrases:
+        ok = p.attribute is not None and getattr(t, p.attribute) == p.value
+        if p.attribute is not None:
+            said[p.attribute] = p.value
+        parts.append(f'<span class="{"ok" if ok else "bad"}">{html.escape(p.text)}</span>')
+    missing = [p.text for p in t.phrases()[1:]
+               if p.attribute not in said or said[p.attribute] != p.value]
     out = ", ".join(parts) or '<span class="bad">(empty answer)</span>'
     if rest.strip():
         out += f'. <span class="extra">{html.escape(rest.strip()[:120])}</span>'
     if missing:
         out += " " + " ".join(f'<span class="miss">{html.escape(p)}</span>' for p in missing)
     return out
-
-
-def _phrases(m: Morphology) -> list[str]:
-    return [p.strip() for p in m.caption().rstrip(".").split(",")]
 
 
 def _summary_table(evals: Sequence[dict]) -> str:

@@ -23,8 +23,10 @@ from PIL import Image
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
+from galaxy_llava.gz2 import vote_columns
 from galaxy_llava.morphology import Morphology
-from galaxy_llava.votes import simulate_votes, vote_columns
+from galaxy_llava.rules import rule_set
+from galaxy_llava.votes import simulate_votes, unanimous_votes
 
 # Share of each type, then of each attribute within its type. "disturbed" applies to every type
 # but artifacts, split between a close companion and tidal distortion.
@@ -76,18 +78,9 @@ def draw_truth(rng: np.random.Generator) -> dict:
 
 
 def truth_morphology(truth: dict, rules: str = "reference") -> Morphology:
-    """The Morphology a rule set should give a galaxy with this truth, if volunteers agreed on it."""
-    kind, d = truth["type"], truth["disturbed"]
-    if kind == "elliptical":
-        return Morphology("elliptical", shape=truth["shape"], disturbed=d)
-    if kind == "spiral":
-        return Morphology("spiral", bar=truth["bar"], arms=truth["arms"],
-                          prominent_bulge=truth["bulge"] == "obvious", disturbed=d)
-    if rules == "reference":  # the notebook's rules call everything not smooth a spiral
-        return Morphology("spiral", boxy_bulge=truth["boxy"], disturbed=d)
-    if kind == "edge-on disk":
-        return Morphology("edge-on disk", boxy_bulge=truth["boxy"], disturbed=d)
-    return Morphology("artifact")
+    """The Morphology a rule set should give a galaxy with this truth, if volunteers agreed on it:
+    the rule set applied to unanimous votes, so a new rule set needs nothing here."""
+    return rule_set(rules).morphology(unanimous_votes(truth))
 
 
 # ---------------------------------------------------------------- rendering

@@ -1,8 +1,10 @@
 """Random-initialised LLaVA models for tests, the demo and benchmarks, built without the Hub.
 
-``tiny`` is CPU-sized; ``tinyllava`` has TinyLLaVA's shapes. Both get a Llama tokenizer trained
+``tiny`` is CPU-sized; ``mini`` has TinyLLaVA's costly shapes (336 px images, 576 image tokens,
+a 32,064-token vocabulary) on two narrow layers per tower, so that a CPU training step costs what
+the fast path removes; ``tinyllava`` has TinyLLaVA's shapes. All get a Llama tokenizer trained
 here (SentencePiece BPE on the caption grammar, prompts and generic English) and a CLIP image
-processor, and are written as a plain model folder (see :mod:`galaxy_llava.modeling`).
+processor, and are written as a plain model folder (see :mod:`galaxy_llava.models.folders`).
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
+from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
-from galaxy_llava.modeling import DEFAULT_PROMPT, _write_marker, resolve_device, resolve_dtype
+from galaxy_llava.models.folders import write_marker
 
-PRESETS = ("tiny", "tinyllava")
+# torch and transformers are imported where used: the CLI reads PRESETS for its --help.
+
+PRESETS = ("tiny", "mini", "tinyllava")
 _GENERIC_ENGLISH = (
     "The quick brown fox jumps over the lazy dog. What is this? It is a picture of the night sky. "
     "Please describe the image in one sentence. The telescope observed a bright star, a faint "
@@ -27,6 +30,11 @@ _GENERIC_ENGLISH = (
 _TINY = dict(vision_hidden=64, vision_layers=3, vision_heads=4, vision_mlp=128, image_size=64,
              patch=16, text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=344,
              max_positions=512, spm_vocab=640)
+# TinyLLaVA where a step's cost lies (image size, patch, image tokens, vocabulary, head widths of
+# 64, a 4x CLIP MLP, grouped KV) but 2 layers per tower and narrow widths: ~18.5 M parameters.
+_MINI = dict(vision_hidden=128, vision_layers=2, vision_heads=2, vision_mlp=512, image_size=336,
+             patch=14, text_hidden=256, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=704,
+             max_positions=2048, spm_vocab=640, vocab=32064)
 _TINYLLAVA = dict(vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
                   image_size=336, patch=14, text_hidden=2048, text_layers=22, text_heads=32,
                   text_kv_heads=4, text_mlp=5632, max_positions=2048, spm_vocab=640, vocab=32064)
@@ -37,7 +45,12 @@ _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def _preset(preset: str) -> dict:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; expected one of {PRESETS}")
-    return _TINY if preset == "tiny" else _TINYLLAVA
+    return {"tiny": _TINY, "mini": _MINI, "tinyllava": _TINYLLAVA}[preset]
+
+
+def preset_shapes(preset: str) -> dict:
+    """A preset's sizes (``image_size``, ``patch``, widths, layers, ...), without building it."""
+    return dict(_preset(preset))
 
 
 def _tokenizer_corpus() -> list[str]:
@@ -100,7 +113,8 @@ def _image_processor(size: int):
 
 
 def tiny_config(preset: str = "tiny", tokenizer=None):
-    """The LlavaConfig of a preset: ``tiny`` (CPU-sized) or ``tinyllava`` (TinyLLaVA's shapes)."""
+    """The LlavaConfig of a preset: ``tiny`` (CPU-sized), ``mini`` (TinyLLaVA's image tokens and
+    vocabulary on narrow 2-layer towers) or ``tinyllava`` (TinyLLaVA's shapes)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     p = _preset(preset)
@@ -132,7 +146,10 @@ def build_model_in_memory(preset: str = "tiny", seed: int = 0, device=None, dtyp
 
     For benchmarks of the ``tinyllava`` shapes without writing 5.6 GB: initialising on the GPU
     takes seconds."""
+    import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from galaxy_llava.models.loading import resolve_device, resolve_dtype
 
     p = _preset(preset)
     device = resolve_device(device) if device is not None else torch.device("cpu")
@@ -152,18 +169,24 @@ def build_model_in_memory(preset: str = "tiny", seed: int = 0, device=None, dtyp
 
 
 def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
-                     pretrain_steps: int = 0) -> Path:
+                     pretrain_steps: int = 0, device=None) -> Path:
     """Write a random-initialised LLaVA with its processor and prompt in the Hugging Face layout.
 
     ``tiny`` has 0.72 M parameters (64 px images, 16 image tokens) for CPU tests and the demo;
-    ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in bf16, ~2.8 GB).
+    ``mini`` has 18.5 M (336 px, 576 image tokens, 32,064-token vocabulary; ~74 MB in fp32) for
+    CPU benchmarks; ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in bf16,
+    ~2.8 GB). ``device`` is where the weights are initialised (default CPU; a GPU makes the
+    ``tinyllava`` build take seconds); the saved folder is the same either way.
     ``pretrain_steps`` > 0 first trains it to caption generic scenes (see
     :mod:`galaxy_llava.pretrain`) so it can see and speak, as a real base model can."""
+    import torch
+
     out = Path(out)
     if pretrain_steps < 0:
         raise UserError(f"--pretrain-steps must be >= 0, got {pretrain_steps}")
     model, processor = build_model_in_memory(
-        preset, seed=seed, dtype=torch.bfloat16 if preset == "tinyllava" else torch.float32)
+        preset, seed=seed, device=device,
+        dtype=torch.bfloat16 if preset == "tinyllava" else torch.float32)
     if pretrain_steps:
         from galaxy_llava.pretrain import pretrain_tiny
 
@@ -173,6 +196,6 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
         processor.save_pretrained(tmp)
         # The SentencePiece model too, as TinyLLaVA ships it (tokenizer.json stays authoritative).
         (tmp / "tokenizer.model").write_bytes(_train_sentencepiece(_preset(preset)["spm_vocab"]))
-        _write_marker(tmp, prompt=DEFAULT_PROMPT, kind="model", preset=preset, seed=seed,
+        write_marker(tmp, prompt=DEFAULT_PROMPT, kind="model", preset=preset, seed=seed,
                       pretrain_steps=pretrain_steps)
     return out

@@ -1,30 +1,19 @@
 """Simulated Galaxy Zoo 2 volunteer votes for a synthetic galaxy's drawn truth (synthetic.py).
 
-~45 volunteers walk the GZ2 decision tree (a question is asked only of those whose earlier answers
-lead to it); each picks the true answer with a per-galaxy, per-question clarity, else one it is
-plausibly mistaken for (:data:`ORDINAL`). Votes never depend on the rendered image.
+~45 volunteers walk the GZ2 decision tree (:mod:`galaxy_llava.gz2`; a question is asked only of
+those whose earlier answers lead to it); each picks the true answer with a per-galaxy,
+per-question clarity, else one it is plausibly mistaken for (:data:`ORDINAL`). Votes never depend
+on the rendered image. :func:`unanimous_votes` is the noise-free limit: every volunteer right.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
-from galaxy_llava.morphology import col, votes_col
-
-GZ2_QUESTIONS = {
-    "smooth-or-featured": ("smooth", "featured-or-disk", "artifact"),
-    "disk-edge-on": ("yes", "no"),
-    "has-spiral-arms": ("yes", "no"),
-    "bar": ("yes", "no"),
-    "bulge-size": ("dominant", "obvious", "just-noticeable", "no"),
-    "something-odd": ("yes", "no"),
-    "how-rounded": ("round", "in-between", "cigar"),
-    "bulge-shape": ("round", "boxy", "no-bulge"),
-    "spiral-winding": ("tight", "medium", "loose"),
-    "spiral-arm-count": ("1", "2", "3", "4", "more-than-4", "cant-tell"),
-}
+from galaxy_llava import gz2
 
 
 def _p(answers: tuple, true: str, c: float, confusion: dict | None = None) -> np.ndarray:
@@ -56,17 +45,13 @@ ORDINAL = {  # the answers a volunteer mistakes each true answer for, with their
 }
 
 
-def _answer_probs(truth: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Each question's answer probabilities for this galaxy, also for volunteers off its branch."""
+def true_answers(truth: dict) -> dict[str, str]:
+    """The answer to every GZ2 question that a volunteer who sees this truth clearly gives, also
+    for questions off the galaxy's branch (asked only of volunteers who strayed onto it)."""
     kind, bulge = truth["type"], truth["bulge"]
-    c = float(rng.uniform(0.75, 0.95))  # how clear this galaxy is to volunteers
-
-    def cq(delta=0.0):
-        return float(np.clip(c + delta + rng.normal(0, 0.03), 0.5, 0.97))
-
     looks = ("cigar" if kind == "edge-on disk" or truth["artifact"] == "trail"
              else "round" if (truth["axis_ratio"] or 1) > 0.8 else "in-between")
-    true = {
+    return {
         "smooth-or-featured": {"elliptical": "smooth", "artifact": "artifact"}.get(kind,
                                                                                   "featured-or-disk"),
         "how-rounded": truth["shape"] or looks,
@@ -77,14 +62,26 @@ def _answer_probs(truth: dict, rng: np.random.Generator) -> dict[str, np.ndarray
         "spiral-winding": truth["winding"] or "medium",
         "spiral-arm-count": {"2": "2", "3": "3", "many": "more-than-4"}.get(truth["arms"], "cant-tell"),
         "bulge-size": {"elliptical": "dominant", "artifact": "no"}.get(kind, bulge),
+        "something-odd": "yes" if truth["disturbed"] else "no",
     }
+
+
+def _answer_probs(truth: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each question's answer probabilities for this galaxy, also for volunteers off its branch."""
+    c = float(rng.uniform(0.75, 0.95))  # how clear this galaxy is to volunteers
+
+    def cq(delta=0.0):
+        return float(np.clip(c + delta + rng.normal(0, 0.03), 0.5, 0.97))
+
+    true = true_answers(truth)
     # Edge-on disks are easy to spot; bars, bulge sizes and arm counts are harder.
     delta = {"disk-edge-on": 0.05, "bar": -0.05, "bulge-size": -0.05, "spiral-winding": -0.15,
              "spiral-arm-count": -0.08}
-    if kind == "spiral" and not truth["arms"]:  # featureless disks look smooth to more volunteers
+    if truth["type"] == "spiral" and not truth["arms"]:  # featureless disks look smooth to many
         delta["smooth-or-featured"] = -0.08
-    probs = {q: _p(GZ2_QUESTIONS[q], a, cq(delta.get(q, 0.0)), ORDINAL.get(q, {}).get(a))
-             for q, a in true.items()}
+    # something-odd has its own model below; the rng draws keep this order (seeded catalogues).
+    probs = {q: _p(gz2.QUESTIONS[q], a, cq(delta.get(q, 0.0)), ORDINAL.get(q, {}).get(a))
+             for q, a in true.items() if q != "something-odd"}
     odd = rng.uniform(0.55, 0.85) if truth["disturbed"] else rng.uniform(0.02, 0.12)
     probs["something-odd"] = np.array([odd, 1 - odd])
     return probs
@@ -93,35 +90,32 @@ def _answer_probs(truth: dict, rng: np.random.Generator) -> dict[str, np.ndarray
 def simulate_votes(truth: dict, rng: np.random.Generator) -> dict[str, float | int]:
     """GZ2 vote counts, totals and fractions for every question: ~45 volunteers walk the tree."""
     p = _answer_probs(truth, rng)
+    return _walk_tree(rng.integers(38, 53), lambda q, n: rng.multinomial(n, p[q]))
+
+
+def unanimous_votes(truth: dict, n_volunteers: int = 45) -> dict[str, float | int]:
+    """The votes if every volunteer walked the tree giving :func:`true_answers`: what a rule set
+    should read from a galaxy whose truth nobody mistakes (``synthetic.truth_morphology``)."""
+    true = true_answers(truth)
+    return _walk_tree(n_volunteers,
+                      lambda q, n: np.array([n if a == true[q] else 0 for a in gz2.QUESTIONS[q]]))
+
+
+def _walk_tree(n_volunteers: int,
+               draw: Callable[[str, int], np.ndarray]) -> dict[str, float | int]:
+    """Ask every question in the order volunteers meet it, of those whose answers lead to it;
+    ``draw(question, n)`` gives the answer counts of ``n`` volunteers. One catalogue row."""
     asked: dict[str, int] = {}
-    counts: dict[str, np.ndarray] = {}
-
-    def ask(q: str, n: int) -> dict[str, int]:
+    counts: dict[str, dict[str, int]] = {}
+    for q in gz2.ASK_ORDER:  # a fixed order: seeded catalogues stay byte-identical
+        n = gz2.n_asked(q, n_volunteers, counts)
         asked[q] = int(n)
-        counts[q] = rng.multinomial(n, p[q])
-        return dict(zip(GZ2_QUESTIONS[q], counts[q].tolist()))
-
-    first = ask("smooth-or-featured", rng.integers(38, 53))
-    ask("how-rounded", first["smooth"])
-    edge = ask("disk-edge-on", first["featured-or-disk"])
-    ask("bulge-shape", edge["yes"])
-    ask("bar", edge["no"])
-    arms = ask("has-spiral-arms", edge["no"])
-    ask("spiral-winding", arms["yes"])
-    ask("spiral-arm-count", arms["yes"])
-    ask("bulge-size", edge["no"])
-    ask("something-odd", first["smooth"] + first["featured-or-disk"])  # "artifact" ends the tree
+        counts[q] = dict(zip(gz2.QUESTIONS[q], draw(q, n).tolist()))
     row: dict[str, float | int] = {}
-    for q, answers in GZ2_QUESTIONS.items():
+    for q, answers in gz2.QUESTIONS.items():  # columns in catalogue order
         total = asked[q]
-        row.update({f"{q}-gz2_{a}": int(k) for a, k in zip(answers, counts[q])})
-        row[votes_col(q)] = total
-        row.update({col(q, a): int(k) / total if total else math.nan
-                    for a, k in zip(answers, counts[q])})
+        row.update({gz2.count_col(q, a): int(counts[q][a]) for a in answers})
+        row[gz2.votes_col(q)] = total
+        row.update({gz2.col(q, a): int(counts[q][a]) / total if total else math.nan
+                    for a in answers})
     return row
-
-
-def vote_columns() -> list[str]:
-    """Every GZ2 vote column written, in order: per question the counts, total, fractions."""
-    return [c for q, answers in GZ2_QUESTIONS.items()
-            for c in [f"{q}-gz2_{a}" for a in answers] + [votes_col(q)] + [col(q, a) for a in answers]]

@@ -1,0 +1,87 @@
+"""Prepared datasets as records (``dataset.jsonl`` + images) and safe image loading.
+
+A record: ``{"image", "text", "id_str", "split", "morphology", "fractions"}``; image paths are
+resolved against the dataset folder. Images open through one guarded function (decompression-bomb
+guard, one-line errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from galaxy_llava.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def load_image(path: str | os.PathLike, decode: bool = True) -> Image.Image | None:
+    """Open an image as RGB; a missing, non-image or decompression-bomb file is a UserError.
+
+    With ``decode=False`` only the header is read (a cheap check that the file is an image)."""
+    try:
+        with Image.open(path) as im:
+            # PIL only refuses above twice MAX_IMAGE_PIXELS; refuse above it, like the catalogue.
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+            return im.convert("RGB") if decode else None
+    except FileNotFoundError:
+        raise UserError(f"image file not found: {path}") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image file PIL can read") from None
+    except Image.DecompressionBombError:
+        raise UserError(f"{path} is too large to open safely (decompression-bomb guard)") from None
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def _jsonl_path(data: str | os.PathLike) -> Path:
+    path = Path(data)
+    if path.is_dir():
+        path = path / "dataset.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found (expected a prepared data folder or its dataset.jsonl)")
+    return path
+
+
+def _parse_lines(path: Path, lines: Iterable[str]) -> list[dict]:
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not {"image", "text"} <= set(record):
+            raise UserError(f"{path}:{lineno}: a record needs \"image\" and \"text\" fields")
+        records.append(record)
+    return records
+
+
+def load_records(data: str | os.PathLike, split: str | None = None) -> list[dict]:
+    """Records of a prepared dataset (folder or ``dataset.jsonl``), optionally one split only.
+
+    Image paths are resolved against the JSONL's folder and made absolute; a missing image, a
+    malformed line (with its number) or an unknown or empty split is a UserError."""
+    path = _jsonl_path(data)
+    with open(path, encoding="utf-8") as f:
+        records = _parse_lines(path, f)
+    if split is not None:
+        present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
+        records = [r for r in records if r.get("split") == split]
+        if not records:
+            raise UserError(f"split {split!r} is empty or absent in {path}; "
+                            f"splits present: {', '.join(present) or 'none'}")
+    root = path.parent.resolve()
+    for r in records:
+        image = Path(r["image"]).expanduser()
+        image = image if image.is_absolute() else root / image
+        if not image.is_file():
+            raise UserError(f"image {r['image']} of {path} not found (looked for {image})")
+        r["image"] = str(image)
+    return records

@@ -1,0 +1,154 @@
+"""``galaxy-llava train``'s arguments: :class:`~galaxy_llava.config.FinetuneArguments` plus every
+``transformers.TrainingArguments`` field, parsed with ``HfArgumentParser`` from flags, a YAML
+config and a resumed run's saved ``config.yaml``, in that order of precedence (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+from pathlib import Path
+from typing import Any
+
+from galaxy_llava.config import (METHOD_DEFAULTS, TRAINING_DEFAULTS, FinetuneArguments,
+                                 read_yaml)
+from galaxy_llava.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+DESCRIPTION = ("Fine-tune a vision-language model on a prepared galaxy dataset with the Hugging "
+               "Face Trainer. Every TrainingArguments name works as a flag and as a key of the "
+               "--config YAML; per_device_train_batch_size is per process (the effective batch, "
+               "per device x gradient_accumulation_steps x processes, is printed at start).")
+
+
+def build_parser():
+    """The ``HfArgumentParser`` of (FinetuneArguments, TrainingArguments) plus ``--config``."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments), prog="galaxy-llava train",
+                              description=DESCRIPTION)
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="YAML (or JSON) file of settings by the names above")
+    return parser
+
+
+def _destinations(parser) -> set[str]:
+    return {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+
+
+def _check_keys(keys, parser, source: str) -> None:
+    unknown = sorted(set(keys) - _destinations(parser))
+    if unknown:
+        raise UserError(f"unknown setting {unknown[0]!r} in {source}; see `galaxy-llava train "
+                        "--help` for the valid names (TrainingArguments' and galaxy-llava's)")
+
+
+def saved_settings(output_dir: str | Path | None) -> dict[str, Any]:
+    """The settings a run was started with (``OUTPUT_DIR/config.yaml``), or {}."""
+    if output_dir is None or not (Path(output_dir) / CONFIG_FILE).is_file():
+        return {}
+    return read_yaml(Path(output_dir) / CONFIG_FILE)
+
+
+def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None,
+                     resume: bool = False) -> dict[str, Any]:
+    """Defaults below what the user states: ours, the method's, the saved run's (on resume),
+    then the YAML file's. ``explicit`` (flags or keyword arguments) are only peeked at for the
+    method and output folder."""
+    from_yaml = read_yaml(config) if config else {}
+    _check_keys(from_yaml, parser, str(config))
+    out_dir = explicit.get("output_dir") or from_yaml.get("output_dir")
+    if not out_dir:
+        raise UserError("no output folder given: pass --output_dir RUN")
+    saved = saved_settings(out_dir) if resume else {}
+    _check_keys(saved, parser, f"{out_dir}/{CONFIG_FILE}")
+    method = explicit.get("method") or from_yaml.get("method") or saved.get("method")
+    return {**TRAINING_DEFAULTS, **device_defaults(), **METHOD_DEFAULTS.get(method, {}), **saved,
+            **from_yaml}
+
+
+def device_defaults() -> dict[str, Any]:
+    """bf16 autocast and TF32 on a GPU that has them (defect 9: fp32 leaves >10x on the
+    table); no pinned memory without one (it only warns)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported(), "tf32": True}
+    return {"use_cpu": True, "dataloader_pin_memory": False}
+
+
+def _finish(finetune: FinetuneArguments, training) -> tuple[FinetuneArguments, Any]:
+    finetune.check()
+    return finetune, training
+
+
+def _argument_error(e: Exception) -> UserError:
+    return UserError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def parse_cli(argv: list[str]) -> tuple[FinetuneArguments, Any]:
+    """Parse ``galaxy-llava train`` flags into (FinetuneArguments, TrainingArguments)."""
+    parser = build_parser()
+    peek = argparse.ArgumentParser(add_help=False)
+    for name in ("config", "method", "output_dir", "resume_from_checkpoint"):
+        peek.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None)
+    known, _ = peek.parse_known_args(argv)
+    explicit = {k: v for k, v in vars(known).items() if v is not None}
+    parser.set_defaults(**_argparse_ready(layered_defaults(
+        parser, explicit, known.config, resume=known.resume_from_checkpoint is not None)))
+    try:
+        finetune, training, _ = parser.parse_args_into_dataclasses(argv)
+    except ValueError as e:  # TrainingArguments.__post_init__ checks combinations
+        raise _argument_error(e) from None
+    return _finish(finetune, training)
+
+
+def parse_settings(settings: dict[str, Any], config: str | None = None
+                   ) -> tuple[FinetuneArguments, Any]:
+    """The Python API's counterpart of :func:`parse_cli`: ``settings`` by the same names."""
+    parser = build_parser()
+    settings = {k.replace("-", "_"): v for k, v in settings.items() if v is not None}
+    _check_keys(settings, parser, "the arguments")
+    resume = settings.get("resume_from_checkpoint") is not None
+    merged = {**layered_defaults(parser, settings, config, resume), **settings}
+    try:
+        finetune, training = parser.parse_dict(merged)
+    except (ValueError, TypeError) as e:
+        raise _argument_error(e) from None
+    return _finish(finetune, training)
+
+
+def _argparse_ready(values: dict[str, Any]) -> dict[str, Any]:
+    """argparse converts only string defaults with the flag's type: give containers as JSON-ish
+    strings where HfArgumentParser expects them (dict fields take JSON), keep the rest."""
+    return {k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def settings_to_save(finetune: FinetuneArguments, training) -> dict[str, Any]:
+    """What ``config.yaml`` records: every galaxy-llava setting, and each TrainingArguments field
+    that differs from the library's default (so that a resume reproduces the run)."""
+    from transformers import TrainingArguments
+
+    out = dataclasses.asdict(finetune)
+    for f in dataclasses.fields(TrainingArguments):
+        if not f.init or f.name.startswith("_"):
+            continue
+        value = getattr(training, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if isinstance(value, enum.Enum):
+            value = value.value
+        if (value != default and value is not None and _plain(value)
+                and f.name != "resume_from_checkpoint"):
+            out[f.name] = value
+    return out
+
+
+def _plain(value) -> bool:
+    """A value YAML writes and the parser reads back as it was (not a config object)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return isinstance(value, (str, int, float, bool))

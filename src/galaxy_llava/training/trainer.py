@@ -1,0 +1,292 @@
+"""Fine-tuning on ``transformers.Trainer``: :class:`GalaxyTrainer` adds the exact fast path (the
+loss only at label positions, the frozen encoder's output cached), :func:`run_training` is the
+recipe in named phases: settings -> data -> model -> features -> fit -> save.
+
+Everything else is the Trainer's: TrainingArguments, optimizers and schedules, gradient
+accumulation, bf16, checkpoints and ``resume_from_checkpoint``, ``report_to`` (TensorBoard, W&B,
+MLflow), DDP under ``torchrun`` / ``accelerate launch``, FSDP and DeepSpeed, ``push_to_hub``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from galaxy_llava.config import FinetuneArguments
+from galaxy_llava.errors import UserError
+from galaxy_llava.io import write_json, write_text
+from galaxy_llava.training import run_folder
+from galaxy_llava.training.batches import IGNORE_INDEX, CaptionDataset, Collator
+
+
+HUB_ERRORS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError",
+              "ConnectionError", "HfHubHTTPError")
+
+
+class GalaxyTrainer(Trainer):
+    """``Trainer`` whose loss is the mean cross-entropy over caption tokens (caption + EOS),
+    token-weighted across gradient accumulation and processes, with ``lm_head`` applied only at
+    label positions (``logits_to_keep`` = the batch's ``label_mask``) when ``label_only_loss``:
+    the same value without the [batch, length, vocabulary] logits."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated token count itself
+
+    def __init__(self, *args, label_only_loss: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_only_loss = label_only_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
+        if self.label_only_loss:
+            outputs = model(**inputs, logits_to_keep=mask, use_cache=False)
+            logits, targets = outputs.logits, labels[:, 1:][mask[:, :-1]]
+        else:
+            outputs = model(**inputs, use_cache=False)
+            logits, targets = outputs.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+        if num_items_in_batch is None:
+            loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        else:
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages the processes' gradients
+        return (loss, outputs) if return_outputs else loss
+
+
+class LossLogCallback(TrainerCallback):
+    """Append each logged loss to ``RUN/loss_log.jsonl`` as it comes (main process only)."""
+
+    def __init__(self, run: Path):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            rows = run_folder.loss_log([dict(logs, step=state.global_step, epoch=state.epoch)])
+            if rows:
+                run_folder.append_loss_log(self.run, rows)
+
+
+# ----------------------------------------------------------------- entry points
+
+
+def train(model: str | None = None, data: str | os.PathLike | None = None,
+          method: str | None = None, output_dir: str | os.PathLike | None = None,
+          config: str | os.PathLike | None = None, **settings) -> dict:
+    """Fine-tune ``model`` on ``data``'s train split; returns the run's metrics.
+
+    ``settings``: any FinetuneArguments or TrainingArguments field by name (``learning_rate``,
+    ``num_train_epochs``, ``resume_from_checkpoint="last"``, ...); ``config``: a YAML file."""
+    from galaxy_llava.training.arguments import parse_settings
+
+    named = dict(model_name_or_path=model, data=None if data is None else str(data),
+                 method=method, output_dir=None if output_dir is None else str(output_dir))
+    finetune, args = parse_settings({**named, **settings}, None if config is None else str(config))
+    return run_training(finetune, args)
+
+
+def train_cli(argv: list[str]) -> dict:
+    """``galaxy-llava train ARGS``: parse flags (and ``--config``), then :func:`run_training`."""
+    from galaxy_llava.training.arguments import parse_cli
+
+    finetune, args = parse_cli(argv)
+    return run_training(finetune, args)
+
+
+# ----------------------------------------------------------------- the recipe
+
+
+def _load_data(ft: FinetuneArguments, main: bool) -> tuple[list[dict], list[dict]]:
+    from galaxy_llava.records import load_records
+
+    records = load_records(ft.data)
+    train_recs = [r for r in records if r.get("split") == "train"]
+    val_recs = [r for r in records if r.get("split") == "val"]
+    if not train_recs:
+        raise UserError(f"{ft.data} has no train split; prepare it with `galaxy-llava prepare`")
+    if not val_recs and main:
+        print("note: no val split; validation loss is skipped")
+    return train_recs, val_recs
+
+
+def _setup_model(ft: FinetuneArguments, args):
+    """The base model with its encoder frozen, wrapped in LoRA for lora/qlora."""
+    from galaxy_llava.models.adapt import apply_lora, freeze_vision_encoder, qlora_config
+    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.folders import is_local
+    from galaxy_llava.models.loading import load_config, load_model
+
+    quant = dtype = None
+    if ft.method == "qlora":
+        quant = qlora_config(family_for(load_config(ft.model_name_or_path, ft.trust_remote_code)))
+        dtype = torch.bfloat16
+    model, processor = load_model(ft.model_name_or_path, device=args.device,
+                                  dtype=dtype or torch.float32,
+                                  trust_remote_code=ft.trust_remote_code,
+                                  quantization_config=quant)
+    if is_local(ft.model_name_or_path) and Path(ft.model_name_or_path).exists():
+        ft.model_name_or_path = str(Path(ft.model_name_or_path).resolve())
+    freeze_vision_encoder(model)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
+    if ft.method in ("lora", "qlora"):
+        model = apply_lora(model, ft.lora_r, ft.lora_alpha, ft.lora_dropout, ft.lora_projector,
+                           ft.lora_target_modules)
+    return model, processor, family_for(model)
+
+
+def _setup_features(ft, args, model, family, processor, paths, main):
+    """The feature store of every image (None when the cache is off)."""
+    from galaxy_llava.training.feature_cache import build_feature_store
+
+    if ft.feature_cache == "off":
+        return None
+    # Under bf16 autocast the projector casts its input to bf16 anyway: storing bf16 is exact.
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return build_feature_store(
+        model, family, processor, paths, mode=ft.feature_cache, dtype=dtype, device=args.device,
+        batch_size=ft.feature_batch_size, autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        cache_dir=ft.feature_cache_dir or Path(args.output_dir) / "cache",
+        model_name=ft.model_name_or_path, progress=main)
+
+
+def _start_step(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+
+
+def run_training(ft: FinetuneArguments, args) -> dict:
+    """Train under parsed settings; writes the RUN folder (see :mod:`.run_folder`)."""
+    from galaxy_llava.models.adapt import count_parameters
+    from galaxy_llava.training.arguments import CONFIG_FILE, settings_to_save
+
+    t_start = time.time()
+    run, main, world = Path(args.output_dir), args.process_index == 0, args.world_size
+    resume = run_folder.checkpoint_to_resume(run, args.resume_from_checkpoint)
+    if resume is None:
+        run_folder.check_fresh(run, ft.overwrite_output_dir)
+    train_recs, val_recs = _load_data(ft, main)
+    if not val_recs:
+        args.eval_strategy = "no"
+    from transformers import set_seed
+
+    set_seed(args.seed)  # before the LoRA weights are drawn, as the Trainer seeds only itself
+    model, processor, family = _setup_model(ft, args)
+    prompt_ids = family.prompt_ids(processor, ft.prompt)
+    paths = list(dict.fromkeys(r["image"] for r in train_recs + val_recs))
+    t_feat = time.time()
+    store = _setup_features(ft, args, model, family, processor, paths, main)
+    feature_seconds = time.time() - t_feat
+    rows = {p: i for i, p in enumerate(paths)}
+    train_set = CaptionDataset(train_recs, processor, family, prompt_ids, store, rows)
+    val_set = CaptionDataset(val_recs, processor, family, prompt_ids, store, rows) if val_recs else None
+
+    # The folder changes only now that data and model have loaded: a typo leaves nothing behind.
+    existed = run.exists()
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        if resume is None and ft.overwrite_output_dir:
+            run_folder.clear_previous(run)
+        import yaml
+
+        write_text(run / CONFIG_FILE, yaml.safe_dump(settings_to_save(ft, args), sort_keys=False))
+    trainable, total = count_parameters(model)
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    if main:
+        print(f"{ft.method}: {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.2f}%) on {args.device}, {world} process(es); "
+              f"effective batch {effective} = {args.per_device_train_batch_size} per device x "
+              f"{args.gradient_accumulation_steps} accumulation x {world}")
+
+    start = _start_step(resume)
+    hook = family.cached_features(model) if store is not None else contextlib.nullcontext()
+    try:
+        trainer = GalaxyTrainer(
+            model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+            data_collator=Collator(processor.tokenizer.pad_token_id), processing_class=processor,
+            callbacks=[LossLogCallback(run)], label_only_loss=ft.label_only_loss)
+        with hook:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException as e:
+        if main and resume is None and not run_folder.checkpoints(run):
+            # Nothing resumable was made: leave no half-run that would block the retry.
+            run_folder.clear_previous(run)
+            if not existed and not any(run.iterdir()):
+                run.rmdir()
+        if type(e).__name__ in HUB_ERRORS:  # push_to_hub with the Hub unreachable
+            raise UserError(f"cannot reach the Hugging Face Hub ({type(e).__name__}); "
+                            "train without --push_to_hub or go online") from None
+        raise
+    metrics_path = run / "train_metrics.json"
+    if resume is not None and trainer.state.global_step == start and metrics_path.is_file():
+        if main:
+            print(f"{run} already finished {start} steps; raise --num_train_epochs or "
+                  "--max_steps to train further")
+        return json.loads(metrics_path.read_text())
+    _save_final(trainer, processor, run, ft, main)
+    log = run_folder.loss_log(trainer.state.log_history)
+    train_loss = [e["loss"] for e in log if e["split"] == "train"]
+    metrics = {
+        "method": ft.method, "model": ft.model_name_or_path, "device": str(args.device),
+        "world_size": world, "precision": "bf16" if args.bf16 else "fp32",
+        "feature_cache": ft.feature_cache, "label_only_loss": ft.label_only_loss,
+        "train_samples": len(train_recs), "val_samples": len(val_recs),
+        "steps": trainer.state.global_step, "epochs": args.num_train_epochs,
+        "batch_size": args.per_device_train_batch_size, "effective_batch_size": effective,
+        "lr": args.learning_rate, "trainable_parameters": trainable, "total_parameters": total,
+        "wall_seconds": time.time() - t_start, "feature_cache_seconds": feature_seconds,
+        "train_seconds": result.metrics.get("train_runtime"),
+        "samples_per_second": result.metrics.get("train_samples_per_second"),
+        "final_train_loss": train_loss[-1] if train_loss else None,
+        "val_losses": [{"epoch": e["epoch"], "step": e["step"], "loss": e["loss"]}
+                       for e in log if e["split"] == "val"],
+    }
+    if main:
+        run_folder.write_loss_log(run, log)
+        run_folder.plot_losses(log, run / "loss_curve.png")
+        write_json(metrics_path, metrics)
+        print(f"trained {metrics['steps']} steps in {metrics['train_seconds'] or 0:.0f} s "
+              f"({metrics['samples_per_second'] or 0:.2f} samples/s); final train loss "
+              f"{metrics['final_train_loss']}; wrote {run}")
+    return metrics
+
+
+def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArguments,
+                main: bool) -> None:
+    """``RUN/adapter/`` (LoRA) or ``RUN/model/`` (full), written whole or not at all: every
+    process takes part in ``save_model`` (FSDP gathers the shards), the main one renames."""
+    from peft import PeftModel
+
+    from galaxy_llava.models.folders import abs_if_local, write_marker, write_prompt
+
+    is_adapter = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
+    name = "adapter" if is_adapter else "model"
+    partial = run / f".{name}.partial"
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(partial))
+    if main:
+        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
+        processor.save_pretrained(partial)
+        base = abs_if_local(ft.model_name_or_path)
+        write_prompt(partial, ft.prompt, kind=name, base_model=base)
+        for stale in (run / "adapter", run / "model"):
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(partial, run / name)
+        write_marker(run, kind="run", prompt=ft.prompt, base_model=base,
+                     method="lora" if is_adapter else "full")
+    trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,251 @@
+"""training.batches: exact labels (caption + EOS only), no truncation, the dataset items and the
+collator's padding, attention mask and label mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from galaxy_llava.config import DEFAULT_PROMPT
+from galaxy_llava.errors import UserError
+from galaxy_llava.models.llava import processor_image_tokens
+from galaxy_llava.rules import rule_set
+from galaxy_llava.training.batches import (
+    IGNORE_INDEX,
+    CaptionDataset,
+    Collator,
+    encode_answer,
+    encode_example,
+    encode_text,
+)
+
+SHORTEST = "This is an image of a spiral galaxy."
+LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
+           "prominent bulge at its center, boxy bulge at its center, "
+           "disturbed or merging with another galaxy.")
+CAPTIONS = [SHORTEST, LONGEST, "This is an image of a star or artifact, not a galaxy.",
+            "This is an image of a spiral galaxy, with a central bar, with many arms."]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_processor):
+    return tiny_processor
+
+
+def _image(seed: int = 0, size: int = 70) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size + 9, 3), dtype=np.uint8))
+
+
+def _answer(ex) -> torch.Tensor:
+    return ex["input_ids"][ex["labels"] != IGNORE_INDEX]
+
+
+# ----------------------------------------------------------------- one example
+
+
+@pytest.mark.parametrize("caption", CAPTIONS)
+def test_labels_are_exactly_caption_then_eos(processor, family, caption):
+    tok = processor.tokenizer
+    ex = encode_example(processor, family, _image(), caption)
+    assert {k: v.dim() for k, v in ex.items()} == {"input_ids": 1, "labels": 1, "pixel_values": 3}
+    assert ex["input_ids"].shape == ex["labels"].shape
+    answer = _answer(ex).tolist()
+    assert answer[-1] == tok.eos_token_id  # defect 3: the model must learn to stop
+    assert tok.decode(answer[:-1]) == caption
+    assert tok.convert_ids_to_tokens(answer[0]) == "▁This"
+    # labels are the ids on the answer and -100 on one contiguous prompt prefix
+    start = len(ex["labels"]) - len(answer)
+    assert (ex["labels"][:start] == IGNORE_INDEX).all()
+    assert ex["labels"][start:].tolist() == ex["input_ids"][start:].tolist()
+    # the prompt part is what the processor itself produces for the prompt at inference time
+    enc = processor(text=DEFAULT_PROMPT, images=_image(), return_tensors="pt")
+    assert ex["input_ids"][:start].tolist() == enc.input_ids[0].tolist()
+    # and the whole sequence is how the full text tokenises: the boundary is the natural one
+    full = processor(text=DEFAULT_PROMPT + " " + caption, images=_image(), return_tensors="pt")
+    assert ex["input_ids"][:-1].tolist() == full.input_ids[0].tolist()
+    assert torch.allclose(ex["pixel_values"], enc.pixel_values[0])
+
+
+def test_encode_example_takes_a_path_and_a_prompt(processor, family, tmp_path):
+    path = tmp_path / "galaxy.png"
+    _image(3).save(path)
+    prompt = "USER: <image>\nWhat galaxy is this?\nASSISTANT:"
+    from_path = encode_example(processor, family, path, SHORTEST, prompt=prompt)
+    from_image = encode_example(processor, family, _image(3), SHORTEST, prompt=prompt)
+    assert torch.equal(from_path["input_ids"], from_image["input_ids"])
+    assert torch.allclose(from_path["pixel_values"], from_image["pixel_values"])
+    n_prompt = int((from_path["labels"] == IGNORE_INDEX).sum())
+    assert from_path["input_ids"][:n_prompt].tolist() == family.prompt_ids(processor, prompt)
+    default = encode_example(processor, family, path, SHORTEST)
+    assert default["input_ids"].tolist() != from_path["input_ids"].tolist()
+    with pytest.raises(UserError, match="not found"):
+        encode_example(processor, family, tmp_path / "missing.png", SHORTEST)
+
+
+def test_every_reachable_caption_round_trips(processor, family):
+    tok = processor.tokenizer
+    prompt_ids = family.prompt_ids(processor, DEFAULT_PROMPT)
+    captions = {m.caption() for r in ("reference", "tree") for m in rule_set(r).reachable()}
+    for caption in sorted(captions):
+        ex = encode_text(tok, prompt_ids, caption)
+        answer = _answer(ex).tolist()
+        assert answer[-1] == tok.eos_token_id and tok.decode(answer[:-1]) == caption
+        assert ex["input_ids"][: len(prompt_ids)].tolist() == prompt_ids
+
+
+def test_reference_masking_would_mask_the_first_caption_token(processor, family):
+    """Defect 4: masking by a separately tokenised prompt's length drops '▁This'."""
+    tok, image = processor.tokenizer, _image()
+    ref_prompt = DEFAULT_PROMPT + " "
+    full = processor(text=ref_prompt + SHORTEST, images=image, return_tensors="pt").input_ids[0]
+    prompt_len = processor(text=ref_prompt, images=image, return_tensors="pt").input_ids.shape[1]
+    ref_labels = full.clone()
+    ref_labels[:prompt_len] = IGNORE_INDEX
+    ref_answer = full[ref_labels != IGNORE_INDEX].tolist()
+    assert tok.decode(ref_answer) != SHORTEST  # the reference loses "This"
+    assert full[-1] != tok.eos_token_id  # and never shows EOS (defect 3)
+    ours = _answer(encode_example(processor, family, image, SHORTEST)).tolist()
+    assert tok.decode(ours[:-1]) == SHORTEST and len(ours) == len(ref_answer) + 2
+
+
+def test_encode_answer_is_the_caption_as_it_follows_the_prompt(processor):
+    tok = processor.tokenizer
+    ids = encode_answer(tok, "  " + SHORTEST + " ")
+    assert tok.convert_ids_to_tokens(ids[0]) == "▁This" and tok.eos_token_id not in ids
+    assert tok.decode(ids) == SHORTEST
+    with pytest.raises(UserError, match="empty caption"):
+        encode_answer(tok, " \n ")
+
+
+def test_image_tokens_are_expanded_and_masked(processor, family):
+    ex = encode_example(processor, family, _image(), SHORTEST)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    is_image = ex["input_ids"] == image_id
+    assert int(is_image.sum()) == processor_image_tokens(processor) == 16
+    assert (ex["labels"][is_image] == IGNORE_INDEX).all()
+    assert ex["input_ids"][0] == processor.tokenizer.bos_token_id
+    assert ex["labels"][0] == IGNORE_INDEX
+
+
+def test_over_long_examples_are_errors_not_truncated(processor, family):
+    tok = processor.tokenizer
+    prompt_ids = family.prompt_ids(processor, DEFAULT_PROMPT)
+    with pytest.raises(UserError, match="exceeds the limit of 40"):
+        encode_text(tok, prompt_ids, LONGEST, max_length=40)
+    with pytest.raises(UserError, match="empty caption"):
+        encode_text(tok, prompt_ids, "  ")
+    # Without max_length the tokenizer's own limit applies (512 for the tiny model): a prompt of
+    # 576 image tokens (TinyLLaVA's) does not fit, and is refused rather than cut.
+    image_id = tok.convert_tokens_to_ids("<image>")
+    long_prompt = [tok.bos_token_id] + [image_id] * 576
+    assert tok.model_max_length == 512
+    total = len(long_prompt) + len(encode_answer(tok, SHORTEST)) + 1
+    with pytest.raises(UserError, match=f"example of {total} tokens exceeds the limit of 512"):
+        encode_text(tok, long_prompt, SHORTEST)
+    ex = encode_text(tok, long_prompt, SHORTEST, max_length=1000)
+    assert int((ex["input_ids"] == image_id).sum()) == 576
+    assert tok.decode(_answer(ex)[:-1]) == SHORTEST
+
+
+# ----------------------------------------------------------------- dataset and collator
+
+
+class _Rows:
+    """A stand-in feature store: row ``i`` is a constant (tokens, width) block."""
+
+    def row(self, i: int) -> torch.Tensor:
+        return torch.full((16, 64), float(i))
+
+
+def test_caption_dataset_items(processor, family, tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        _image(i).save(paths[-1])
+    records = [{"image": paths[0], "text": SHORTEST}, {"image": paths[1], "text": LONGEST}]
+    prompt_ids = family.prompt_ids(processor, DEFAULT_PROMPT)
+    data = CaptionDataset(records, processor, family, prompt_ids)
+    assert len(data) == 2
+    for i, r in enumerate(records):
+        want = encode_example(processor, family, r["image"], r["text"])
+        got = data[i]
+        assert set(got) == set(want)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["labels"], want["labels"])
+        assert torch.allclose(got["pixel_values"], want["pixel_values"])
+    cached = CaptionDataset(records, processor, family, prompt_ids, features=_Rows(),
+                            rows={paths[0]: 7, paths[1]: 3})
+    assert torch.equal(cached[1]["pixel_values"], _Rows().row(3))
+    assert torch.equal(cached[0]["labels"], data[0]["labels"])
+
+
+def _expected_label_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True exactly where the next position holds a label (position by position)."""
+    b, n = labels.shape
+    return torch.tensor([[j + 1 < n and int(labels[i, j + 1]) != IGNORE_INDEX
+                          for j in range(n)] for i in range(b)])
+
+
+def test_collator_pads_ids_labels_and_masks(processor, family):
+    pad = processor.tokenizer.pad_token_id
+    short = encode_example(processor, family, _image(1), SHORTEST)
+    long = encode_example(processor, family, _image(2), LONGEST)
+    batch = Collator(pad)([short, long])
+    n, m = len(short["input_ids"]), len(long["input_ids"])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "label_mask", "pixel_values"}
+    for key in ("input_ids", "labels", "attention_mask", "label_mask"):
+        assert batch[key].shape == (2, m)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert (batch["input_ids"][0, n:] == pad).all()
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # defect 2: padding is not trained on
+    assert (batch["attention_mask"][0, n:] == 0).all()
+    assert (batch["attention_mask"][0, :n] == 1).all() and (batch["attention_mask"][1] == 1).all()
+    assert torch.equal(batch["labels"][0, :n], short["labels"])
+    assert torch.equal(batch["input_ids"][1], long["input_ids"])
+    # label_mask: True exactly at positions whose next label is not -100 (where lm_head is needed)
+    mask = batch["label_mask"]
+    assert mask.dtype == torch.bool
+    assert torch.equal(mask, _expected_label_mask(batch["labels"]))
+    assert int(mask.sum()) == int((batch["labels"] != IGNORE_INDEX).sum())
+    assert not mask[:, -1].any()
+    assert mask[0, n - 2] and not mask[0, n - 1]  # the last real position predicts nothing
+    left = Collator(pad, padding_side="left")([short, long])
+    assert (left["input_ids"][0, : m - n] == pad).all()
+    assert (left["attention_mask"][0, : m - n] == 0).all()
+    assert (left["attention_mask"][0, m - n:] == 1).all()
+    assert torch.equal(left["labels"][0, m - n:], short["labels"])
+    assert torch.equal(left["label_mask"], _expected_label_mask(left["labels"]))
+    assert torch.equal(left["label_mask"][0, m - n:], batch["label_mask"][0, :n])
+
+
+def test_collator_without_labels_and_bad_settings(processor, family):
+    pad = processor.tokenizer.pad_token_id
+    ex = encode_example(processor, family, _image(), SHORTEST)
+    batch = Collator(pad)([{"input_ids": ex["input_ids"], "pixel_values": ex["pixel_values"]}])
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
+    with pytest.raises(UserError, match="no pad token"):
+        Collator(None)
+    with pytest.raises(ValueError, match="padding_side"):
+        Collator(pad, padding_side="middle")
+
+
+def test_collated_batch_trains_and_label_mask_covers_the_loss(tiny_model_dir, processor, family):
+    from galaxy_llava.models.loading import load_model
+
+    model, _ = load_model(tiny_model_dir)
+    batch = Collator(processor.tokenizer.pad_token_id)(
+        [encode_example(processor, family, _image(i), c) for i, c in enumerate(CAPTIONS)])
+    mask = batch.pop("label_mask")
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    # HF's shifted loss uses exactly the logits at label_mask positions, against the next label.
+    next_labels = torch.roll(batch["labels"], -1, dims=1)[mask]
+    masked = torch.nn.functional.cross_entropy(out.logits[mask].float(), next_labels)
+    assert torch.allclose(masked, out.loss, atol=1e-5)

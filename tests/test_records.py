@@ -1,0 +1,114 @@
+"""records: JSONL records of a prepared dataset (paths, splits, one-line errors) and guarded image
+loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from galaxy_llava.errors import UserError
+from galaxy_llava.records import IMAGE_SUFFIXES, load_image, load_records
+
+SHORTEST = "This is an image of a spiral galaxy."
+LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
+           "prominent bulge at its center, boxy bulge at its center, "
+           "disturbed or merging with another galaxy.")
+
+
+def _image(seed: int = 0, size: int = 70) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size + 9, 3), dtype=np.uint8))
+
+
+def _write_dataset(folder, lines):
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b", "c"):
+        _image().save(folder / "images" / f"{name}.jpg")
+    (folder / "dataset.jsonl").write_text("".join(
+        (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+
+
+def test_load_records_resolves_paths_and_splits(tmp_path):
+    recs = [{"image": "images/a.jpg", "text": SHORTEST, "split": "train"},
+            {"image": "images/b.jpg", "text": LONGEST, "split": "val"},
+            {"image": "images/c.jpg", "text": SHORTEST, "split": "train"}]
+    _write_dataset(tmp_path, recs)
+    all_records = load_records(tmp_path)
+    assert [r["text"] for r in all_records] == [SHORTEST, LONGEST, SHORTEST]
+    assert all(r["image"] == str((tmp_path / "images" / n).resolve()) for r, n in
+               zip(all_records, ("a.jpg", "b.jpg", "c.jpg"), strict=True))
+    train = load_records(tmp_path / "dataset.jsonl", split="train")
+    assert [r["image"] for r in train] == [all_records[0]["image"], all_records[2]["image"]]
+    with pytest.raises(UserError, match="splits present: train, val"):
+        load_records(tmp_path, split="test")
+
+
+def test_absolute_image_paths_are_kept(tmp_path):
+    image = tmp_path / "elsewhere" / "x.png"
+    image.parent.mkdir()
+    _image().save(image)
+    _write_dataset(tmp_path / "data", [{"image": str(image), "text": SHORTEST}])
+    assert load_records(tmp_path / "data")[0]["image"] == str(image)
+
+
+def test_load_records_errors(tmp_path):
+    _write_dataset(tmp_path, [{"image": "images/a.jpg", "text": SHORTEST}, "", "{not json"])
+    with pytest.raises(UserError, match=r"dataset\.jsonl:3: malformed JSON"):
+        load_records(tmp_path)
+    _write_dataset(tmp_path, [{"image": "images/missing.jpg", "text": SHORTEST}])
+    with pytest.raises(UserError, match="images/missing.jpg"):
+        load_records(tmp_path)
+    _write_dataset(tmp_path, [{"image": "images/a.jpg"}])
+    with pytest.raises(UserError, match=":1: a record needs"):
+        load_records(tmp_path)
+    _write_dataset(tmp_path, ['["images/a.jpg", "a caption"]'])
+    with pytest.raises(UserError, match=":1: a record needs"):
+        load_records(tmp_path)
+    _write_dataset(tmp_path, [{"image": "images/a.jpg", "text": SHORTEST}])
+    with pytest.raises(UserError, match="splits present: none"):
+        load_records(tmp_path, split="train")
+    with pytest.raises(UserError, match="not found"):
+        load_records(tmp_path / "nowhere")
+
+
+def test_load_image_errors(tmp_path, monkeypatch):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(UserError, match="notes.jpg is not an image"):
+        load_image(text)
+    with pytest.raises(UserError, match="notes.jpg is not an image"):
+        load_image(text, decode=False)
+    with pytest.raises(UserError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    path = tmp_path / "big.png"
+    _image(size=64).save(path)
+    assert load_image(path).mode == "RGB"
+    assert load_image(path, decode=False) is None  # header only: a cheap check
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x73 px is over twice this
+    with pytest.raises(UserError, match="decompression-bomb"):
+        load_image(path)
+
+
+def test_load_image_converts_to_rgb(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.new("L", (8, 8), 128).save(gray)
+    im = load_image(gray)
+    assert im.mode == "RGB" and im.getpixel((0, 0)) == (128, 128, 128)
+    assert {".jpg", ".jpeg", ".png"} <= set(IMAGE_SUFFIXES)
+
+
+def test_prepared_dataset_records(request, family):
+    """Records of the shared prepared dataset load by split and encode as training examples."""
+    pytest.importorskip("galaxy_llava.prepare")
+    from galaxy_llava.training.batches import IGNORE_INDEX, encode_example
+
+    prepared = request.getfixturevalue("prepared_dir")
+    records = load_records(prepared, split="train")
+    assert records and all(r["split"] == "train" for r in records)
+    processor = request.getfixturevalue("tiny_processor")
+    ex = encode_example(processor, family, records[0]["image"], records[0]["text"])
+    answer = ex["input_ids"][ex["labels"] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(answer[:-1]) == records[0]["text"]

@@ -1,0 +1,112 @@
+"""galaxy-llava train's arguments: TrainingArguments names as flags and YAML keys, method
+defaults, precedence, and what config.yaml records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from galaxy_llava.config import METHOD_DEFAULTS
+from galaxy_llava.errors import UserError
+from galaxy_llava.training.arguments import (build_parser, parse_cli, parse_settings,
+                                             settings_to_save)
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--data", "D", "--output_dir", "OUT"]
+
+
+def test_help_lists_the_training_arguments_names(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in ("--learning_rate", "--num_train_epochs", "--per_device_train_batch_size",
+                 "--gradient_accumulation_steps", "--logging_steps", "--save_steps", "--bf16",
+                 "--output_dir", "--report_to", "--push_to_hub", "--fsdp", "--deepspeed",
+                 "--gradient_checkpointing", "--torch_compile", "--eval_strategy",
+                 "--resume_from_checkpoint", "--method", "--lora_r", "--feature_cache",
+                 "--config"):
+        assert name in text, name
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_method_defaults_follow_the_reference_recipe(method):
+    ft, args = parse_cli([*BASE, "--method", method])
+    want = METHOD_DEFAULTS[method]
+    assert args.learning_rate == want["learning_rate"]
+    assert args.per_device_train_batch_size == want["per_device_train_batch_size"]
+    assert (args.num_train_epochs, ft.lora_r, ft.lora_alpha, ft.lora_dropout) == (3, 8, 16, 0.05)
+    assert args.optim == "adamw_torch_fused" and args.remove_unused_columns is False
+    assert {1: "full", 8: "lora"}[args.per_device_train_batch_size] == method
+
+
+def test_precedence_defaults_then_yaml_then_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: lora\nlearning_rate: 1e-4\nlogging_steps: 3\nlora_r: 4\n")
+    ft, args = parse_cli([*BASE, "--config", str(cfg), "--logging_steps", "7"])
+    assert (ft.method, args.learning_rate, args.logging_steps, ft.lora_r) == ("lora", 1e-4, 7, 4)
+    assert args.per_device_train_batch_size == 8  # the method's default, below the YAML
+    ft2, args2 = parse_settings({"data": "D", "output_dir": "OUT", "logging_steps": 7},
+                                config=str(cfg))
+    assert (ft2, args2.learning_rate, args2.logging_steps) == (ft, 1e-4, 7)
+
+
+def test_model_alias_and_dashed_flags():
+    ft, args = parse_cli(["--model", "m/x", "--data", "D", "--output-dir", "OUT", "--method",
+                          "full", "--learning-rate", "0.5"])
+    assert ft.model_name_or_path == "m/x" and args.learning_rate == 0.5
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("lr: 0.1\n", "unknown setting 'lr'"), ("- 1\n", "mapping"), ("a: [\n", "not valid YAML")])
+def test_bad_yaml_is_a_one_line_user_error(tmp_path, text, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(UserError, match=needle):
+        parse_cli([*BASE, "--method", "full", "--config", str(cfg)])
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"method": "sgd"}, "unknown method 'sgd'"), ({}, "no training method"),
+    ({"method": "lora", "lora_dropout": 1.5}, "lora_dropout"),
+    ({"method": "lora", "bogus": 1}, "unknown setting 'bogus'"),
+    ({"method": "lora", "output_dir": None}, "no output folder"),
+    ({"method": "lora", "feature_cache": "gpu"}, "unknown feature_cache")])
+def test_bad_settings_are_user_errors(settings, needle):
+    with pytest.raises(UserError, match=needle):
+        parse_settings({"data": "D", "output_dir": "OUT", **settings})
+
+
+def test_shipped_configs_parse():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        ft, args = parse_cli([*BASE, "--config", str(path)])
+        assert ft.method in ("full", "lora"), path
+
+
+def test_demo_configs_mirror_the_demo_settings():
+    """configs/demo-*.yaml are the CLI spelling of the demo's runs: they must not drift."""
+    from galaxy_llava.config import read_yaml
+    from galaxy_llava.demo import DEMO_TRAIN
+
+    for method, settings in DEMO_TRAIN.items():
+        cfg = read_yaml(ROOT / "configs" / f"demo-{method}.yaml")
+        assert cfg["method"] == method
+        for key, value in settings.items():
+            assert cfg[key] == value, (method, key)
+
+
+def test_saved_settings_reproduce_the_run(tmp_path):
+    """config.yaml holds what a resume needs: parsing it back gives the same arguments."""
+    import yaml
+
+    ft, args = parse_cli([*BASE, "--method", "lora", "--learning_rate", "2e-4",
+                          "--report_to", "tensorboard", "--save_steps", "5", "--lora_r", "4"])
+    saved = settings_to_save(ft, args)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    ft2, args2 = parse_cli(["--output_dir", str(out), "--resume_from_checkpoint", "last"])
+    assert ft2 == ft
+    for key in ("learning_rate", "report_to", "save_steps", "per_device_train_batch_size",
+                "optim", "seed", "num_train_epochs"):
+        assert getattr(args2, key) == getattr(args, key), key
