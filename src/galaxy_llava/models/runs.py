@@ -17,23 +17,34 @@ from galaxy_llava.models.folders import (abs_if_local, adapter_base, read_marker
 def save_run_model(model, processor, run: str | os.PathLike, prompt: str = DEFAULT_PROMPT,
                    base_model: str | None = None) -> Path:
     """Save a trained model into a RUN folder: ``RUN/adapter/`` for a peft model, else
-    ``RUN/model/``; the processor beside the weights, the prompt, base model and kind in
-    galaxy_llava.json files. Returns the weights folder."""
+    ``RUN/model/``; returns the weights folder. (The trainer saves through ``Trainer.save_model``,
+    which gathers FSDP shards, then calls :func:`install_weights` likewise.)"""
     from peft import PeftModel
 
     run = Path(run)
-    base_model = abs_if_local(base_model or getattr(model, "name_or_path", None))
-    is_adapter = isinstance(model, PeftModel)
-    folder = run / ("adapter" if is_adapter else "model")
-    with atomic_path(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        write_prompt(tmp, prompt, kind="adapter" if is_adapter else "model", base_model=base_model)
-    # Only one kind of weights per run: a stale folder of the other kind would shadow this one.
-    shutil.rmtree(run / ("model" if is_adapter else "adapter"), ignore_errors=True)
+    kind = "adapter" if isinstance(model, PeftModel) else "model"
+    partial = run / f".{kind}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    return install_weights(run, partial, processor, prompt,
+                           base_model or getattr(model, "name_or_path", None), kind)
+
+
+def install_weights(run: Path, partial: Path, processor, prompt: str, base_model: str | None,
+                    kind: str) -> Path:
+    """Complete a saved weights folder ``partial`` (processor, prompt and base model beside the
+    weights) and rename it to ``RUN/adapter`` or ``RUN/model`` in one step; the other kind, if
+    any, is removed (it would shadow this one), and ``RUN/galaxy_llava.json`` names the run."""
+    base_model = abs_if_local(base_model)
+    (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
+    processor.save_pretrained(partial)
+    write_prompt(partial, prompt, kind=kind, base_model=base_model)
+    for stale in (run / "adapter", run / "model"):
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(partial, run / kind)
     write_marker(run, kind="run", prompt=prompt, base_model=base_model,
-                 method="lora" if is_adapter else "full")
-    return folder
+                 method="lora" if kind == "adapter" else "full")
+    return run / kind
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -270,23 +270,15 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
     process takes part in ``save_model`` (FSDP gathers the shards), the main one renames."""
     from peft import PeftModel
 
-    from galaxy_llava.models.folders import abs_if_local, write_marker, write_prompt
+    from galaxy_llava.models.runs import install_weights
 
     is_adapter = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
-    name = "adapter" if is_adapter else "model"
-    partial = run / f".{name}.partial"
+    kind = "adapter" if is_adapter else "model"
+    partial = run / f".{kind}.partial"
     if main:
         shutil.rmtree(partial, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(partial))
     if main:
-        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
-        processor.save_pretrained(partial)
-        base = abs_if_local(ft.model_name_or_path)
-        write_prompt(partial, ft.prompt, kind=name, base_model=base)
-        for stale in (run / "adapter", run / "model"):
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(partial, run / name)
-        write_marker(run, kind="run", prompt=ft.prompt, base_model=base,
-                     method="lora" if is_adapter else "full")
+        install_weights(run, partial, processor, ft.prompt, ft.model_name_or_path, kind)
     trainer.accelerator.wait_for_everyone()
