@@ -54,6 +54,10 @@ class ModelFamily:
         """Names for peft ``modules_to_save`` when the projector trains whole."""
         raise NotImplementedError
 
+    def fsdp_wrap_classes(self, model) -> list[str]:
+        """Class names of the repeated blocks FSDP shards as units (decoder and encoder layers)."""
+        raise NotImplementedError
+
     def unquantized_modules(self) -> list[str]:
         """Module names QLoRA keeps in full precision (encoder, projector, output head)."""
         raise NotImplementedError

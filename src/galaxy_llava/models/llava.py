@@ -94,6 +94,16 @@ class LlavaFamily(ModelFamily):
     def projector_module_names(self) -> list[str]:
         return ["multi_modal_projector"]
 
+    def fsdp_wrap_classes(self, model) -> list[str]:
+        from torch import nn
+
+        inner = unwrap(model).model
+        names = []
+        for part in (inner.language_model, inner.vision_tower):
+            stack = next(m for m in part.modules() if isinstance(m, nn.ModuleList) and len(m))
+            names.append(type(stack[0]).__name__)
+        return names
+
     def unquantized_modules(self) -> list[str]:
         return ["vision_tower", "multi_modal_projector", "lm_head"]
 

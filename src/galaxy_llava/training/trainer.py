@@ -43,6 +43,21 @@ class GalaxyTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.label_only_loss = label_only_loss
 
+    def create_accelerator_and_postprocess(self):
+        """FSDP on CPU processes too: accelerate keeps a multi-CPU state as plain DDP and drops
+        the FSDP plugin without a word; switch it to FSDP2 (which runs on gloo) as asked."""
+        super().create_accelerator_and_postprocess()
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args and state.distributed_type == DistributedType.MULTI_CPU:
+            # AcceleratorState re-copies PartialState's dict when constructed: set both.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
@@ -162,6 +177,13 @@ def _setup_features(ft, args, model, family, processor, paths, main):
         model_name=ft.model_name_or_path, progress=main)
 
 
+def _sharded(model) -> bool:
+    """Whether FSDP holds this process's parameters as shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def _start_step(checkpoint: Path | None) -> int:
     if checkpoint is None:
         return 0
@@ -203,17 +225,20 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         import yaml
 
         write_text(run / CONFIG_FILE, yaml.safe_dump(settings_to_save(ft, args), sort_keys=False))
-    trainable, total = count_parameters(model)
-    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    if main:
-        print(f"{ft.method}: {trainable:,} trainable of {total:,} parameters "
-              f"({100 * trainable / total:.2f}%) on {args.device}, {world} process(es); "
-              f"effective batch {effective} = {args.per_device_train_batch_size} per device x "
-              f"{args.gradient_accumulation_steps} accumulation x {world}")
-
     start = _start_step(resume)
     hook = family.cached_features(model) if store is not None else contextlib.nullcontext()
     try:
+        fsdp = args.fsdp_plugin_args
+        if fsdp and not fsdp.get("transformer_cls_names_to_wrap") and not fsdp.get("min_num_params"):
+            fsdp["transformer_cls_names_to_wrap"] = ",".join(family.fsdp_wrap_classes(model))
+        trainable, total = count_parameters(model)
+        effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        if main:
+            print(f"{ft.method}: {trainable:,} trainable of {total:,} parameters "
+                  f"({100 * trainable / total:.2f}%) on {args.device}, {world} process(es); "
+                  f"effective batch {effective} = {args.per_device_train_batch_size} per device x "
+                  f"{args.gradient_accumulation_steps} accumulation x {world}")
+
         trainer = GalaxyTrainer(
             model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
             data_collator=Collator(processor.tokenizer.pad_token_id), processing_class=processor,
@@ -242,6 +267,8 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     metrics = {
         "method": ft.method, "model": ft.model_name_or_path, "device": str(args.device),
         "world_size": world, "precision": "bf16" if args.bf16 else "fp32",
+        "distributed": trainer.accelerator.distributed_type.value,
+        "sharded_parameters": _sharded(trainer.model),
         "feature_cache": ft.feature_cache, "label_only_loss": ft.label_only_loss,
         "train_samples": len(train_recs), "val_samples": len(val_recs),
         "steps": trainer.state.global_step, "epochs": args.num_train_epochs,
