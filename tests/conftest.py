@@ -81,7 +81,7 @@ def tiny_processor(tiny_model_dir):
 @pytest.fixture(scope="session")
 def family(tiny_model_dir):
     """The model family of the tiny model, picked from its config."""
-    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.registry import family_for
     from galaxy_llava.models.loading import load_config
 
     return family_for(load_config(str(tiny_model_dir)))

@@ -122,11 +122,13 @@ def test_reference_lora_config_reproduces_the_notebooks_printed_count():
     from transformers import LlavaForConditionalGeneration
 
     import reference_recipe as rr
+    from galaxy_llava.models.loading import quiet_peft
     from galaxy_llava.tiny import tiny_config
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration._from_config(tiny_config("tinyllava"))
-    model = get_peft_model(model, rr.lora_config())
+    with quiet_peft():
+        model = get_peft_model(model, rr.lora_config())
     for name, param in model.named_parameters():
         if "vision_tower" in name and "lora_" in name:
             param.requires_grad = False

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_disk_cache_matches_memory_is_reused_and_keeps_bf16(tiny_model_dir, prepared_dir,
                                                             tmp_path):
-    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.registry import family_for
     from galaxy_llava.models.loading import load_model
     from galaxy_llava.records import load_records
 

@@ -13,7 +13,7 @@ from PIL import Image
 from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.generate import describe_images, describe_paths, expand_image_paths
-from galaxy_llava.models.base import family_for
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.loading import load_model
 from galaxy_llava.models.runs import save_run_model
 from galaxy_llava.training.batches import Collator, encode_example

@@ -15,7 +15,8 @@ from PIL import Image
 
 from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import ModelFamily, family_for, unwrap
+from galaxy_llava.models.base import ModelFamily, unwrap
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.llava import LLAVA, LlavaFamily, processor_image_tokens
 from galaxy_llava.models.loading import load_model
 

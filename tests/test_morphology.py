@@ -17,7 +17,6 @@ from galaxy_llava.morphology import (
     caption_phrases,
     has_type_clause,
     parse_caption,
-    reachable_morphologies,
 )
 from galaxy_llava.rules import RULE_SETS
 
@@ -98,8 +97,3 @@ def test_dict_round_trip_and_validation():
         Morphology.from_dict({"type": "spiral", "colour": "red"})
     with pytest.raises(ValueError, match="unknown galaxy type"):
         Morphology(type="irregular")
-
-
-@pytest.mark.parametrize("name", list(RULE_SETS))
-def test_reachable_morphologies_alias_follows_the_registry(name):
-    assert reachable_morphologies(name) == RULE_SETS[name].reachable()

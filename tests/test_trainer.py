@@ -63,7 +63,7 @@ def test_cached_and_label_only_losses_equal_the_plain_hf_forward(tiny_model_dir,
     """Loss and every trainable gradient of the trainer's loss, with and without the feature
     cache and the label-only lm_head, equal those of the plain HF forward (pixels through the
     whole model, full logits, HF's own loss on the labels)."""
-    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.registry import family_for
     from galaxy_llava.records import load_records
     from galaxy_llava.training.batches import CaptionDataset, Collator
     from galaxy_llava.training.feature_cache import build_feature_store

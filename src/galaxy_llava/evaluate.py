@@ -176,7 +176,7 @@ def pooled_features(net: Any, processor: Any, paths: Sequence[str], batch_size: 
     import torch
     from tqdm.auto import tqdm
 
-    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.registry import family_for
     from galaxy_llava.records import load_image
 
     param = next(net.parameters())

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import family_for
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.records import IMAGE_SUFFIXES, load_image
 
 

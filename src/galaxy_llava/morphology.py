@@ -169,11 +169,3 @@ def has_type_clause(text: str | None) -> bool:
     """Whether a text opens with a type clause, i.e. is a caption at all (an answer without one
     earns no credit for the grammar's defaults; see ``metrics.read_answer``)."""
     return caption_phrases(text)[0][0].attribute == "type"
-
-
-def reachable_morphologies(rules: str = "reference") -> list[Morphology]:
-    """Every Morphology the named rule set can produce. Kept for callers not yet moved to
-    ``galaxy_llava.rules.rule_set(name).reachable()`` (tiny.py, tests/test_data.py)."""
-    from galaxy_llava.rules import rule_set  # rules imports this module: import when called
-
-    return rule_set(rules).reachable()

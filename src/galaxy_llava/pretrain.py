@@ -139,7 +139,7 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
     generic prose; returns the loss per step.
 
     Scenes are drawn fresh every step (no dataset to overfit). Plain HF forward with labels."""
-    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.registry import family_for
     from galaxy_llava.training.batches import Collator, encode_text
 
     rng = np.random.default_rng([seed, 7])

@@ -54,11 +54,11 @@ def preset_shapes(preset: str) -> dict:
 
 
 def _tokenizer_corpus() -> list[str]:
-    """Caption grammar (every reachable caption of both rule sets), prompts and generic English."""
-    from galaxy_llava.morphology import reachable_morphologies
+    """Caption grammar (every reachable caption of every rule set), prompts and generic English."""
+    from galaxy_llava.rules import RULE_SETS
 
-    captions = sorted({m.caption() for rules in ("reference", "tree")
-                       for m in reachable_morphologies(rules)})
+    captions = sorted({m.caption() for rule_set in RULE_SETS.values()
+                       for m in rule_set.reachable()})
     from galaxy_llava.pretrain import PRETRAIN_PROMPT, scene_words
 
     prompts = [DEFAULT_PROMPT, PRETRAIN_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]

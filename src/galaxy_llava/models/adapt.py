@@ -4,7 +4,7 @@ projector trained whole); QLoRA's 4-bit base. Module names come from the model's
 from __future__ import annotations
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import family_for
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.loading import quiet_peft
 
 PROJECTOR_MODES = ("lora", "full")

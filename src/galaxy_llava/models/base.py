@@ -1,10 +1,10 @@
 """The model-family interface: what the product needs to know about one kind of vision-language
-model, and the registry that picks the family from a checkpoint's ``model_type``.
+model (:mod:`.registry` picks the family of a checkpoint by its ``model_type``).
 
 Everything family-specific (how many image tokens the processor expands ``<image>`` to, where the
 vision encoder and the projector are, which modules LoRA adapts, how to capture the frozen
 encoder's output and feed it back cached) lives behind :class:`ModelFamily`; training, description
-and evaluation never name a family's modules. A new family is one new module registered here.
+and evaluation never name a family's modules. A new family is one new module and one registry entry.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from galaxy_llava.errors import UserError
 
 
 class ModelFamily:
@@ -77,29 +76,6 @@ class ModelFamily:
         raise NotImplementedError
 
 
-FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register(family: ModelFamily) -> ModelFamily:
-    """Add a family to the registry under each of its ``model_types``."""
-    for model_type in family.model_types:
-        FAMILIES[model_type] = family
-    return family
-
-
 def unwrap(model) -> Any:
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def family_for(config_or_model) -> ModelFamily:
-    """The family of a model or config, from its ``model_type``; one line naming the supported
-    types when there is none."""
-    from galaxy_llava.models import llava  # noqa: F401  (registers the built-in families)
-
-    config = getattr(unwrap(config_or_model), "config", config_or_model)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise UserError(f"unsupported model type {model_type!r}; supported: "
-                        f"{', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]

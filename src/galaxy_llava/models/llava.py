@@ -9,7 +9,7 @@ import contextlib
 import types
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import ModelFamily, register, unwrap
+from galaxy_llava.models.base import ModelFamily, unwrap
 
 # LoRA targets: the decoder's attention and MLP projections and the projector's two linears. A
 # regex (peft full-matches it against module names) so the CLIP tower's q/k/v_proj never match.
@@ -153,4 +153,4 @@ class LlavaFamily(ModelFamily):
             del inner.get_image_features
 
 
-LLAVA = register(LlavaFamily())
+LLAVA = LlavaFamily()

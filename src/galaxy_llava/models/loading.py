@@ -13,7 +13,7 @@ import torch
 
 from galaxy_llava.config import DEFAULT_MODEL, DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import family_for
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.folders import adapter_base, is_local, read_prompt, run_kind
 
 

@@ -136,7 +136,7 @@ def _load_data(ft: FinetuneArguments, main: bool) -> tuple[list[dict], list[dict
 def _setup_model(ft: FinetuneArguments, args):
     """The base model with its encoder frozen, wrapped in LoRA for lora/qlora."""
     from galaxy_llava.models.adapt import apply_lora, freeze_vision_encoder, qlora_config
-    from galaxy_llava.models.base import family_for
+    from galaxy_llava.models.registry import family_for
     from galaxy_llava.models.folders import is_local
     from galaxy_llava.models.loading import load_config, load_model
 
