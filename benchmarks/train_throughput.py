@@ -166,10 +166,15 @@ def make_clock(device: str, warmup: int, steps: int, profiler=None):
 
 def model_folder(preset: str, seed: int, device: str) -> Path:
     """The preset's random-initialised model folder (``galaxy-llava tiny-model``), built once
-    (on ``device``: seconds for ``tinyllava`` on a GPU) and cached under ``bc.CACHE``."""
+    (on ``device``: seconds for ``tinyllava`` on a GPU) and cached under ``bc.CACHE``, keyed by
+    the builder's source so that a changed preset or tokenizer is rebuilt."""
+    import hashlib
+
+    from galaxy_llava import tiny
     from galaxy_llava.tiny import build_tiny_model
 
-    folder = bc.CACHE / f"model-{preset}-seed{seed}"
+    key = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:10]
+    folder = bc.CACHE / f"model-{preset}-seed{seed}-{key}"
     if not (folder / "config.json").is_file():  # build_tiny_model writes the folder atomically
         build_tiny_model(folder, preset=preset, seed=seed, device=device)
     return folder

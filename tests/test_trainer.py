@@ -353,3 +353,13 @@ def test_torchrun_fsdp_shards_the_model_trains_and_saves_full_weights(tiny_model
     assert all(torch.equal(v, base[k]) for k, v in tuned.items() if "vision_tower" in k)
     proj = "model.multi_modal_projector.linear_1.weight"
     assert not torch.equal(tuned[proj], base[proj])
+
+
+@pytest.mark.slow
+def test_torch_compile_trains(tiny_model_dir, prepared_dir, tmp_path):
+    """The Trainer's torch_compile runs our loss path (one step: compiling dominates on a CPU)."""
+    kw = dict(max_steps=1, save_strategy="no", eval_strategy="no", **FAST)
+    plain = train(str(tiny_model_dir), prepared_dir, "full", tmp_path / "plain", **kw)
+    compiled = train(str(tiny_model_dir), prepared_dir, "full", tmp_path / "compiled",
+                     torch_compile=True, **kw)
+    assert compiled["final_train_loss"] == pytest.approx(plain["final_train_loss"], rel=1e-4)

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.rules import RULE_SETS
+from galaxy_llava.tiny import PRESETS
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -108,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-per-class", type=int, default=1000)
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--image-size", type=int, default=336)
-    s.add_argument("--rules", default="reference", choices=list(__import__(
-        "galaxy_llava.rules", fromlist=["RULE_SETS"]).RULE_SETS), help="caption rule set")
+    s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
+                   help="caption rule set")
     s.add_argument("--min-votes", type=int, default=5, help="tree rules: votes a fraction needs")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--test-fraction", type=float, default=0.1)
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tiny-model", help="write a small random-initialised LLaVA (HF format)")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--preset", default="tiny", choices=__import__("galaxy_llava.tiny").tiny.PRESETS)
+    s.add_argument("--preset", default="tiny", choices=PRESETS)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--pretrain-steps", type=int, default=0,
                    help="first caption generic scenes for N steps so the model can see and speak")

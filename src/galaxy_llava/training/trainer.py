@@ -277,7 +277,8 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         "wall_seconds": time.time() - t_start, "feature_cache_seconds": feature_seconds,
         "train_seconds": result.metrics.get("train_runtime"),
         "samples_per_second": result.metrics.get("train_samples_per_second"),
-        "final_train_loss": train_loss[-1] if train_loss else None,
+        # The last logged loss; a run shorter than logging_steps has only the Trainer's mean.
+        "final_train_loss": train_loss[-1] if train_loss else result.training_loss,
         "val_losses": [{"epoch": e["epoch"], "step": e["step"], "loss": e["loss"]}
                        for e in log if e["split"] == "val"],
     }
