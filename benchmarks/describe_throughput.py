@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from galaxy_llava.models.loading import resolve_dtype
-    from galaxy_llava.tiny import build_model_in_memory, preset_shapes
+    from galaxy_llava.toy.tiny import build_model_in_memory, preset_shapes
 
     device = bc.pick_device(args.device)
     torch.manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """Training throughput: the notebook's recipe (HF Trainer, fp32) against galaxy-llava's own trainer.
 
 Both sides start from the same model folder (a random-initialised LLaVA of ``--preset``, written
-once by ``galaxy_llava.tiny.build_tiny_model`` and cached), train on the same synthetic galaxies
+once by ``galaxy_llava.toy.tiny.build_tiny_model`` and cached), train on the same synthetic galaxies
 (real GZ2-grammar captions at the preset's image size; both train on the same 90%: the prepared
 ``dataset.jsonl`` marks as ``val`` exactly the 10% the notebook's ``random_split`` holds out) for
 the same number of optimizer steps, at the same batch sizes, full and LoRA:
@@ -170,8 +170,8 @@ def model_folder(preset: str, seed: int, device: str) -> Path:
     the builder's source so that a changed preset or tokenizer is rebuilt."""
     import hashlib
 
-    from galaxy_llava import tiny
-    from galaxy_llava.tiny import build_tiny_model
+    from galaxy_llava.toy import tiny
+    from galaxy_llava.toy.tiny import build_tiny_model
 
     key = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:10]
     folder = bc.CACHE / f"model-{preset}-seed{seed}-{key}"
@@ -317,7 +317,7 @@ def flops_table(preset: str, seq_len: int, label_tokens: int) -> list[str]:
 
     from galaxy_llava.models.adapt import apply_lora
     from galaxy_llava.models.loading import quiet_peft
-    from galaxy_llava.tiny import tiny_config
+    from galaxy_llava.toy.tiny import tiny_config
 
     config = tiny_config(preset)
     lines = []
@@ -362,11 +362,11 @@ def parse_settings(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from galaxy_llava.tiny import PRESETS, preset_shapes
+    from galaxy_llava.toy.tiny import PRESETS, preset_shapes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=list(PRESETS),
-                    help="model shapes (galaxy_llava.tiny): tiny (CPU tests), mini (TinyLLaVA's "
+                    help="model shapes (galaxy_llava.toy.tiny): tiny (CPU tests), mini (TinyLLaVA's "
                          "336 px, 576 image tokens and 32,064 vocabulary on 2 narrow layers per "
                          "tower: the CPU benchmark), tinyllava (TinyLLaVA's shapes: GPU)")
     ap.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS,

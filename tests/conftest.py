@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """48 synthetic galaxies (GZ2 schema, Hub parquet layout), small images for speed."""
-    from galaxy_llava.synthetic import synthesize
+    from galaxy_llava.toy.synthetic import synthesize
 
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, n=48, seed=1, image_size=128)
@@ -41,7 +41,7 @@ def prepared_dir(synth_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random-initialised tiny LLaVA saved in the Hugging Face layout."""
-    from galaxy_llava.tiny import build_tiny_model
+    from galaxy_llava.toy.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
 

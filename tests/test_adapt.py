@@ -14,7 +14,7 @@ from galaxy_llava.models.adapt import (
     qlora_config,
 )
 from galaxy_llava.models.loading import load_model
-from galaxy_llava.tiny import tiny_config
+from galaxy_llava.toy.tiny import tiny_config
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")]

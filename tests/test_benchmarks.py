@@ -86,7 +86,7 @@ def test_mini_preset_has_tinyllavas_costly_shapes():
     """``mini``: TinyLLaVA's 336 px / patch 14 (576 image tokens) and 32,064-token vocabulary,
     the projector's and lm_head's shapes where the fast path saves work, on 2 narrow layers."""
     from galaxy_llava.models.llava import LLAVA, processor_image_tokens
-    from galaxy_llava.tiny import PRESETS, build_model_in_memory, tiny_config
+    from galaxy_llava.toy.tiny import PRESETS, build_model_in_memory, tiny_config
 
     assert PRESETS == ("tiny", "mini", "tinyllava")
     mini, big = tiny_config("mini"), tiny_config("tinyllava")
@@ -109,7 +109,7 @@ def test_mini_preset_has_tinyllavas_costly_shapes():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from galaxy_llava.tiny import build_model_in_memory
+    from galaxy_llava.toy.tiny import build_model_in_memory
 
     return build_model_in_memory("tiny", seed=0)
 
@@ -123,7 +123,7 @@ def test_reference_lora_config_reproduces_the_notebooks_printed_count():
 
     import reference_recipe as rr
     from galaxy_llava.models.loading import quiet_peft
-    from galaxy_llava.tiny import tiny_config
+    from galaxy_llava.toy.tiny import tiny_config
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration._from_config(tiny_config("tinyllava"))

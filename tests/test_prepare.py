@@ -361,7 +361,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_synthetic_end_to_end(tmp_path):
-    synthetic = pytest.importorskip("galaxy_llava.synthetic")
+    synthetic = pytest.importorskip("galaxy_llava.toy.synthetic")
     if not hasattr(synthetic, "synthesize"):
         pytest.skip("synthetic.synthesize is not written yet")
     assert main(["synth", "--out", str(tmp_path / "synth"), "--n", "300", "--seed", "1"]) == 0

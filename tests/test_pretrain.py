@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from galaxy_llava.tiny import build_model_in_memory
+from galaxy_llava.toy.tiny import build_model_in_memory
 from galaxy_llava.morphology import parse_caption
-from galaxy_llava.pretrain import GENERIC_TEXT, generic_scene, pretrain_tiny, scene_words
+from galaxy_llava.toy.pretrain import GENERIC_TEXT, generic_scene, pretrain_tiny, scene_words
 
 
 def test_scenes_are_deterministic_and_never_galaxy_captions():

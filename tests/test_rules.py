@@ -160,7 +160,7 @@ def test_a_new_rule_set_needs_only_its_registry_entry(monkeypatch, tmp_path):
     from galaxy_llava.catalog import load_catalog
     from galaxy_llava.cli import build_parser
     from galaxy_llava.prepare import prepare
-    from galaxy_llava.synthetic import draw_truth, truth_morphology
+    from galaxy_llava.toy.synthetic import draw_truth, truth_morphology
     from test_catalog import images_for, make_votes, write_hub_parquet
 
     smooth = col("smooth-or-featured", "smooth")

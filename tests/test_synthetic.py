@@ -15,8 +15,8 @@ from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import QUESTIONS, col, count_col, votes_col
 from galaxy_llava.morphology import ATTRIBUTES, Morphology
 from galaxy_llava.rules import RULE_SETS, morphology_from_fractions
-from galaxy_llava.synthetic import TRUTH_MIX, draw_truth, synthesize, truth_morphology
-from galaxy_llava.votes import simulate_votes, unanimous_votes
+from galaxy_llava.toy.synthetic import TRUTH_MIX, draw_truth, synthesize, truth_morphology
+from galaxy_llava.toy.votes import simulate_votes, unanimous_votes
 
 
 def _frame(folder) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.models.folders import read_prompt
-from galaxy_llava.tiny import tiny_config
+from galaxy_llava.toy.tiny import tiny_config
 
 CAPTION = "This is an image of a spiral galaxy, with two arms."
 
@@ -65,7 +65,7 @@ def test_tokenizer_behaves_like_tinyllava(tiny_model_dir):
 def test_build_is_deterministic_for_the_seed(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from galaxy_llava.tiny import build_tiny_model
+    from galaxy_llava.toy.tiny import build_tiny_model
 
     again = build_tiny_model(tmp_path / "again", seed=0)
     other = build_tiny_model(tmp_path / "other", seed=1)

@@ -86,7 +86,7 @@ def test_shipped_configs_parse():
 def test_demo_configs_mirror_the_demo_settings():
     """configs/demo-*.yaml are the CLI spelling of the demo's runs: they must not drift."""
     from galaxy_llava.config import read_yaml
-    from galaxy_llava.demo import DEMO_TRAIN
+    from galaxy_llava.toy.demo import DEMO_TRAIN
 
     for method, settings in DEMO_TRAIN.items():
         cfg = read_yaml(ROOT / "configs" / f"demo-{method}.yaml")

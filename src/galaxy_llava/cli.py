@@ -13,11 +13,11 @@ from pathlib import Path
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.rules import RULE_SETS
-from galaxy_llava.tiny import PRESETS
+from galaxy_llava.toy.tiny import PRESETS
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
-    from galaxy_llava.synthetic import synthesize
+    from galaxy_llava.toy.synthetic import synthesize
 
     paths = synthesize(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
     print(f"wrote {args.n} synthetic galaxies in {len(paths)} parquet shard(s) under {args.out}")
@@ -35,7 +35,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> None:
-    from galaxy_llava.tiny import build_tiny_model
+    from galaxy_llava.toy.tiny import build_tiny_model
 
     out = build_tiny_model(args.out, preset=args.preset, seed=args.seed,
                            pretrain_steps=args.pretrain_steps)
@@ -86,7 +86,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from galaxy_llava.demo import run_demo
+    from galaxy_llava.toy.demo import run_demo
 
     run_demo(args.out, n_galaxies=args.n, seed=args.seed)
 

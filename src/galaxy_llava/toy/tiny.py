@@ -59,7 +59,7 @@ def _tokenizer_corpus() -> list[str]:
 
     captions = sorted({m.caption() for rule_set in RULE_SETS.values()
                        for m in rule_set.reachable()})
-    from galaxy_llava.pretrain import PRETRAIN_PROMPT, scene_words
+    from galaxy_llava.toy.pretrain import PRETRAIN_PROMPT, scene_words
 
     prompts = [DEFAULT_PROMPT, PRETRAIN_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
     # Repetition weights the prompt and generic words so they become whole pieces too.
@@ -178,7 +178,7 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
     ~2.8 GB). ``device`` is where the weights are initialised (default CPU; a GPU makes the
     ``tinyllava`` build take seconds); the saved folder is the same either way.
     ``pretrain_steps`` > 0 first trains it to caption generic scenes (see
-    :mod:`galaxy_llava.pretrain`) so it can see and speak, as a real base model can."""
+    :mod:`galaxy_llava.toy.pretrain`) so it can see and speak, as a real base model can."""
     import torch
 
     out = Path(out)
@@ -188,7 +188,7 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
         preset, seed=seed, device=device,
         dtype=torch.bfloat16 if preset == "tinyllava" else torch.float32)
     if pretrain_steps:
-        from galaxy_llava.pretrain import pretrain_tiny
+        from galaxy_llava.toy.pretrain import pretrain_tiny
 
         pretrain_tiny(model, processor, steps=pretrain_steps, seed=seed)
     with atomic_path(out) as tmp:

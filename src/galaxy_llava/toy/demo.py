@@ -15,7 +15,7 @@ DEMO_TRAIN = {
              "lora_r": 16, "lora_alpha": 32},
     "full": {"num_train_epochs": 12, "per_device_train_batch_size": 16, "learning_rate": 1e-3},
 }
-# Generic-scene pretraining of the tiny base model (see galaxy_llava.pretrain): about 2 minutes.
+# Generic-scene pretraining of the tiny base model (see galaxy_llava.toy.pretrain): about 2 minutes.
 PRETRAIN_STEPS = 800
 
 
@@ -29,8 +29,8 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0)
     from galaxy_llava.metrics import format_table
     from galaxy_llava.prepare import prepare
     from galaxy_llava.report import build_report
-    from galaxy_llava.synthetic import synthesize
-    from galaxy_llava.tiny import build_tiny_model
+    from galaxy_llava.toy.synthetic import synthesize
+    from galaxy_llava.toy.tiny import build_tiny_model
     from galaxy_llava.training.trainer import train
 
     import torch

@@ -26,7 +26,7 @@ from galaxy_llava.io import atomic_path
 from galaxy_llava.gz2 import vote_columns
 from galaxy_llava.morphology import Morphology
 from galaxy_llava.rules import rule_set
-from galaxy_llava.votes import simulate_votes, unanimous_votes
+from galaxy_llava.toy.votes import simulate_votes, unanimous_votes
 
 # Share of each type, then of each attribute within its type. "disturbed" applies to every type
 # but artifacts, split between a close companion and tidal distortion.
