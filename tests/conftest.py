@@ -93,7 +93,9 @@ def tiny_batch(tiny_processor, family):
     from galaxy_llava.training.batches import Collator, encode_example
 
     exs = [encode_example(tiny_processor, family, _noise_image(i), _CAPTION) for i in range(2)]
-    batch = Collator(tiny_processor.tokenizer.pad_token_id)(exs)
+    collate = Collator(tiny_processor.tokenizer.pad_token_id, family=family,
+                       processor=tiny_processor)
+    batch = collate(exs)
     del batch["labels"], batch["label_mask"]
     return batch
 

@@ -16,10 +16,11 @@ from galaxy_llava.training.batches import (
     IGNORE_INDEX,
     CaptionDataset,
     Collator,
-    encode_answer,
+    PromptIds,
     encode_example,
     encode_text,
 )
+from galaxy_llava.training.feature_cache import FeatureStore
 
 SHORTEST = "This is an image of a spiral galaxy."
 LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
@@ -46,6 +47,17 @@ def _answer(ex) -> torch.Tensor:
     return ex["input_ids"][ex["labels"] != IGNORE_INDEX]
 
 
+def _prompt_ids(processor, family, prompt: str = DEFAULT_PROMPT) -> list[int]:
+    """The prompt's ids for one image (LLaVA: a fixed image-token count)."""
+    return family.prompt_ids(processor, prompt, processor_image_tokens(processor))
+
+
+def _text(tok, family, prompt_ids, caption: str, max_length=None):
+    """``encode_text`` with the family's answer and end ids for ``caption``."""
+    return encode_text(tok, prompt_ids, family.answer_ids(tok, caption), family.end_ids(tok),
+                       max_length=max_length)
+
+
 # ----------------------------------------------------------------- one example
 
 
@@ -53,7 +65,8 @@ def _answer(ex) -> torch.Tensor:
 def test_labels_are_exactly_caption_then_eos(processor, family, caption):
     tok = processor.tokenizer
     ex = encode_example(processor, family, _image(), caption)
-    assert {k: v.dim() for k, v in ex.items()} == {"input_ids": 1, "labels": 1, "pixel_values": 3}
+    assert {k: v.dim() for k, v in ex.items()} == {"input_ids": 1, "labels": 1, "pixel_values": 4}
+    assert ex["pixel_values"].shape[0] == 1  # one image, a leading image dim to concatenate on
     assert ex["input_ids"].shape == ex["labels"].shape
     answer = _answer(ex).tolist()
     assert answer[-1] == tok.eos_token_id  # defect 3: the model must learn to stop
@@ -69,7 +82,7 @@ def test_labels_are_exactly_caption_then_eos(processor, family, caption):
     # and the whole sequence is how the full text tokenises: the boundary is the natural one
     full = processor(text=DEFAULT_PROMPT + " " + caption, images=_image(), return_tensors="pt")
     assert ex["input_ids"][:-1].tolist() == full.input_ids[0].tolist()
-    assert torch.allclose(ex["pixel_values"], enc.pixel_values[0])
+    assert torch.allclose(ex["pixel_values"], enc.pixel_values)
 
 
 def test_encode_example_takes_a_path_and_a_prompt(processor, family, tmp_path):
@@ -81,7 +94,7 @@ def test_encode_example_takes_a_path_and_a_prompt(processor, family, tmp_path):
     assert torch.equal(from_path["input_ids"], from_image["input_ids"])
     assert torch.allclose(from_path["pixel_values"], from_image["pixel_values"])
     n_prompt = int((from_path["labels"] == IGNORE_INDEX).sum())
-    assert from_path["input_ids"][:n_prompt].tolist() == family.prompt_ids(processor, prompt)
+    assert from_path["input_ids"][:n_prompt].tolist() == _prompt_ids(processor, family, prompt)
     default = encode_example(processor, family, path, SHORTEST)
     assert default["input_ids"].tolist() != from_path["input_ids"].tolist()
     with pytest.raises(UserError, match="not found"):
@@ -90,10 +103,10 @@ def test_encode_example_takes_a_path_and_a_prompt(processor, family, tmp_path):
 
 def test_every_reachable_caption_round_trips(processor, family):
     tok = processor.tokenizer
-    prompt_ids = family.prompt_ids(processor, DEFAULT_PROMPT)
+    prompt_ids = _prompt_ids(processor, family)
     captions = {m.caption() for r in ("reference", "tree") for m in rule_set(r).reachable()}
     for caption in sorted(captions):
-        ex = encode_text(tok, prompt_ids, caption)
+        ex = _text(tok, family, prompt_ids, caption)
         answer = _answer(ex).tolist()
         assert answer[-1] == tok.eos_token_id and tok.decode(answer[:-1]) == caption
         assert ex["input_ids"][: len(prompt_ids)].tolist() == prompt_ids
@@ -114,13 +127,16 @@ def test_reference_masking_would_mask_the_first_caption_token(processor, family)
     assert tok.decode(ours[:-1]) == SHORTEST and len(ours) == len(ref_answer) + 2
 
 
-def test_encode_answer_is_the_caption_as_it_follows_the_prompt(processor):
+def test_answer_ids_are_the_caption_as_it_follows_the_prompt(processor, family):
     tok = processor.tokenizer
-    ids = encode_answer(tok, "  " + SHORTEST + " ")
+    ids = family.answer_ids(tok, "  " + SHORTEST + " ")
     assert tok.convert_ids_to_tokens(ids[0]) == "▁This" and tok.eos_token_id not in ids
     assert tok.decode(ids) == SHORTEST
+    assert family.end_ids(tok) == [tok.eos_token_id]
+    # An empty caption has no answer ids, and an example of it is refused.
+    assert family.answer_ids(tok, " \n ") == []
     with pytest.raises(UserError, match="empty caption"):
-        encode_answer(tok, " \n ")
+        _text(tok, family, _prompt_ids(processor, family), " \n ")
 
 
 def test_image_tokens_are_expanded_and_masked(processor, family):
@@ -135,20 +151,20 @@ def test_image_tokens_are_expanded_and_masked(processor, family):
 
 def test_over_long_examples_are_errors_not_truncated(processor, family):
     tok = processor.tokenizer
-    prompt_ids = family.prompt_ids(processor, DEFAULT_PROMPT)
+    prompt_ids = _prompt_ids(processor, family)
     with pytest.raises(UserError, match="exceeds the limit of 40"):
-        encode_text(tok, prompt_ids, LONGEST, max_length=40)
+        _text(tok, family, prompt_ids, LONGEST, max_length=40)
     with pytest.raises(UserError, match="empty caption"):
-        encode_text(tok, prompt_ids, "  ")
+        _text(tok, family, prompt_ids, "  ")
     # Without max_length the tokenizer's own limit applies (512 for the tiny model): a prompt of
     # 576 image tokens (TinyLLaVA's) does not fit, and is refused rather than cut.
     image_id = tok.convert_tokens_to_ids("<image>")
     long_prompt = [tok.bos_token_id] + [image_id] * 576
     assert tok.model_max_length == 512
-    total = len(long_prompt) + len(encode_answer(tok, SHORTEST)) + 1
+    total = len(long_prompt) + len(family.answer_ids(tok, SHORTEST)) + 1
     with pytest.raises(UserError, match=f"example of {total} tokens exceeds the limit of 512"):
-        encode_text(tok, long_prompt, SHORTEST)
-    ex = encode_text(tok, long_prompt, SHORTEST, max_length=1000)
+        _text(tok, family, long_prompt, SHORTEST)
+    ex = _text(tok, family, long_prompt, SHORTEST, max_length=1000)
     assert int((ex["input_ids"] == image_id).sum()) == 576
     assert tok.decode(_answer(ex)[:-1]) == SHORTEST
 
@@ -156,11 +172,10 @@ def test_over_long_examples_are_errors_not_truncated(processor, family):
 # ----------------------------------------------------------------- dataset and collator
 
 
-class _Rows:
-    """A stand-in feature store: row ``i`` is a constant (tokens, width) block."""
-
-    def row(self, i: int) -> torch.Tensor:
-        return torch.full((16, 64), float(i))
+def _constant_store(n: int = 8, extras: list[dict] | None = None) -> FeatureStore:
+    """A feature store whose row ``i`` is a constant [1, tokens, width] block of ``i``."""
+    data = torch.stack([torch.full((1, 16, 64), float(i)) for i in range(n)])
+    return FeatureStore(data, torch.float32, extras)
 
 
 def test_caption_dataset_items(processor, family, tmp_path):
@@ -169,8 +184,7 @@ def test_caption_dataset_items(processor, family, tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
         _image(i).save(paths[-1])
     records = [{"image": paths[0], "text": SHORTEST}, {"image": paths[1], "text": LONGEST}]
-    prompt_ids = family.prompt_ids(processor, DEFAULT_PROMPT)
-    data = CaptionDataset(records, processor, family, prompt_ids)
+    data = CaptionDataset(records, processor, family, DEFAULT_PROMPT)
     assert len(data) == 2
     for i, r in enumerate(records):
         want = encode_example(processor, family, r["image"], r["text"])
@@ -178,11 +192,82 @@ def test_caption_dataset_items(processor, family, tmp_path):
         assert set(got) == set(want)
         assert torch.equal(got["input_ids"], want["input_ids"])
         assert torch.equal(got["labels"], want["labels"])
+        assert got["pixel_values"].shape[0] == 1  # a leading image dim
         assert torch.allclose(got["pixel_values"], want["pixel_values"])
-    cached = CaptionDataset(records, processor, family, prompt_ids, features=_Rows(),
+    store = _constant_store()
+    cached = CaptionDataset(records, processor, family, DEFAULT_PROMPT, features=store,
                             rows={paths[0]: 7, paths[1]: 3})
-    assert torch.equal(cached[1]["pixel_values"], _Rows().row(3))
+    assert set(cached[1]) == {"input_ids", "labels", "pixel_values"}
+    assert cached[1]["pixel_values"].shape == (1, 16, 64)
+    assert torch.equal(cached[1]["pixel_values"], torch.full((1, 16, 64), 3.0))
+    assert torch.equal(cached[0]["pixel_values"], store.row(7))
+    assert torch.equal(cached[0]["input_ids"], data[0]["input_ids"])
     assert torch.equal(cached[0]["labels"], data[0]["labels"])
+    # The prompt is a string: another prompt gives other prompt ids, the same answer.
+    other = CaptionDataset(records, processor, family, "USER: <image>\nWhat galaxy?\nASSISTANT:")
+    assert _answer(other[0]).tolist() == _answer(data[0]).tolist()
+    assert other[0]["input_ids"].tolist() != data[0]["input_ids"].tolist()
+    with pytest.raises(UserError, match="empty caption"):
+        CaptionDataset([{"image": paths[0], "text": "  "}], processor, family, DEFAULT_PROMPT)
+
+
+def test_cached_items_carry_the_stores_extra_inputs(processor, family, tmp_path):
+    path = str(tmp_path / "0.png")
+    _image(0).save(path)
+    grid = torch.tensor([[1, 4, 4]])
+    store = _constant_store(2, extras=[{"image_grid_thw": grid}, {"image_grid_thw": grid + 1}])
+    item = CaptionDataset([{"image": path, "text": SHORTEST}], processor, family, DEFAULT_PROMPT,
+                          features=store, rows={path: 1})[0]
+    assert set(item) == {"input_ids", "labels", "pixel_values", "image_grid_thw"}
+    assert torch.equal(item["image_grid_thw"], grid + 1)
+    assert torch.equal(item["pixel_values"], store.row(1))
+
+
+# ----------------------------------------------------------------- prompt ids per image-token count
+
+
+class _CountingFamily:
+    """The tiny model's family, with the image-token count read from the inputs' ``n`` and every
+    ``prompt_ids`` call recorded."""
+
+    def __init__(self, family):
+        self.family, self.calls = family, []
+
+    def num_image_tokens(self, processor, image_inputs: dict) -> int:
+        return int(image_inputs["n"])
+
+    def prompt_ids(self, processor, prompt: str, num_image_tokens: int) -> list[int]:
+        self.calls.append(num_image_tokens)
+        return self.family.prompt_ids(processor, prompt, num_image_tokens)
+
+
+def test_prompt_ids_are_built_once_per_image_token_count(processor, family):
+    counting = _CountingFamily(family)
+    prompt_ids = PromptIds(processor, counting, DEFAULT_PROMPT)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    first = prompt_ids({"n": 16})
+    assert first == family.prompt_ids(processor, DEFAULT_PROMPT, 16)
+    assert prompt_ids({"n": 16}) is first and counting.calls == [16]  # cached, not rebuilt
+    four = prompt_ids({"n": 4})
+    assert counting.calls == [16, 4] and sum(i == image_id for i in four) == 4
+    assert len(first) - len(four) == 12  # only the image tokens differ
+    assert prompt_ids({"n": 4}) is four and prompt_ids({"n": 16}) is first
+    assert counting.calls == [16, 4]
+    # The real family: the count comes from the processor (fixed for LLaVA), whatever the image.
+    real = PromptIds(processor, family, DEFAULT_PROMPT)
+    ids = [real(family.image_inputs(processor, _image(i, size=40 + 30 * i))) for i in range(3)]
+    assert ids[0] == ids[1] == ids[2] == _prompt_ids(processor, family)
+    assert sum(i == image_id for i in ids[0]) == processor_image_tokens(processor)
+    assert family.num_image_tokens(processor, family.image_inputs(processor, _image())) == 16
+
+
+def test_encode_text_ends_with_every_end_id(processor, family):
+    tok = processor.tokenizer
+    prompt_ids, answer = _prompt_ids(processor, family), family.answer_ids(tok, SHORTEST)
+    end = [tok.eos_token_id, tok.pad_token_id]
+    ex = encode_text(tok, prompt_ids, answer, end)
+    assert ex["input_ids"].tolist() == prompt_ids + answer + end
+    assert ex["labels"].tolist() == [IGNORE_INDEX] * len(prompt_ids) + answer + end
 
 
 def _expected_label_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -201,7 +286,9 @@ def test_collator_pads_ids_labels_and_masks(processor, family):
     assert set(batch) == {"input_ids", "attention_mask", "labels", "label_mask", "pixel_values"}
     for key in ("input_ids", "labels", "attention_mask", "label_mask"):
         assert batch[key].shape == (2, m)
-    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)  # concatenated, not stacked
+    assert torch.equal(batch["pixel_values"], torch.cat([short["pixel_values"],
+                                                         long["pixel_values"]]))
     assert (batch["input_ids"][0, n:] == pad).all()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # defect 2: padding is not trained on
     assert (batch["attention_mask"][0, n:] == 0).all()
@@ -229,10 +316,42 @@ def test_collator_without_labels_and_bad_settings(processor, family):
     ex = encode_example(processor, family, _image(), SHORTEST)
     batch = Collator(pad)([{"input_ids": ex["input_ids"], "pixel_values": ex["pixel_values"]}])
     assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
+    assert batch["pixel_values"].shape == (1, 3, 64, 64)
     with pytest.raises(UserError, match="no pad token"):
         Collator(None)
     with pytest.raises(ValueError, match="padding_side"):
         Collator(pad, padding_side="middle")
+
+
+class _TokenInputsFamily:
+    """A family with per-token inputs: ``position_ids`` from the padded ids, offset by the
+    processor it is handed (to see which one the collator passes)."""
+
+    def token_inputs(self, input_ids, processor) -> dict:
+        return {"position_ids": torch.arange(input_ids.shape[1]).expand_as(input_ids) + processor}
+
+
+def test_collator_concatenates_variable_image_inputs_and_adds_token_inputs(processor, family):
+    pad = processor.tokenizer.pad_token_id
+    ex = encode_example(processor, family, _image(), SHORTEST)
+    # Qwen-style inputs: a variable number of patch rows per image, a grid row per image.
+    a = {"input_ids": ex["input_ids"], "labels": ex["labels"],
+         "pixel_values": torch.ones(4, 8), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    b = {"input_ids": ex["input_ids"][:-3], "labels": ex["labels"][:-3],
+         "pixel_values": torch.zeros(6, 8), "image_grid_thw": torch.tensor([[1, 2, 3]])}
+    batch = Collator(pad, family=_TokenInputsFamily(), processor=100)([a, b])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "label_mask", "pixel_values",
+                          "image_grid_thw", "position_ids"}
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"], b["pixel_values"]]))
+    assert torch.equal(batch["image_grid_thw"], torch.tensor([[1, 2, 2], [1, 2, 3]]))
+    n = len(ex["input_ids"])
+    assert torch.equal(batch["position_ids"], torch.arange(n).expand(2, n) + 100)
+    # LLaVA has no per-token inputs: with or without the family, the same batch.
+    plain = Collator(pad)([ex, ex])
+    with_family = Collator(pad, family=family, processor=processor)([ex, ex])
+    assert set(with_family) == set(plain)
+    assert all(torch.equal(with_family[k], plain[k]) for k in plain)
+    assert family.token_inputs(plain["input_ids"], processor) == {}
 
 
 def test_collated_batch_trains_and_label_mask_covers_the_loss(tiny_model_dir, processor, family):

@@ -210,16 +210,55 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_pat
     n_test = len(load_records(prepared_dir, "test"))
     args = SimpleNamespace(model=str(tiny_model_dir), data=prepared_dir, split="test",
                            out=tmp_path / "eval", batch_size=4, num_beams=1, max_new_tokens=8,
-                           limit=3)
+                           limit=3, overwrite=False, allow_outside_paths=False)
     evaluate_cli(args)
     metrics, rows = _check_eval_folder(tmp_path / "eval", "vlm", min(3, n_test))
     assert metrics["parse_rate"] is not None and metrics["mean_length"] is not None
     assert metrics["run"] is None and metrics["split"] == "test"
+    # the tiny model folder stores its family's default prompt, which the answers used
+    from galaxy_llava.models.folders import read_prompt
+
+    assert metrics["prompt_source"] == "model"
+    assert metrics["prompt"] == read_prompt(tiny_model_dir)
     # a random model talks nonsense: every answer is still scored
     assert all(isinstance(r["prediction"], str) for r in rows)
     assert "exact" in capsys.readouterr().out
     with pytest.raises(UserError, match="train"):
         evaluate_cli(SimpleNamespace(**{**vars(args), "split": "nope"}))
+
+
+def test_prompt_source_names_where_the_prompt_came_from(tiny_model_dir, tmp_path):
+    import shutil
+
+    from galaxy_llava.evaluate import _prompt_source
+
+    assert _prompt_source(tiny_model_dir) == "model"
+    folder = tmp_path / "no-prompt"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "galaxy_llava.json").unlink()
+    assert _prompt_source(folder) == "default"
+    assert _prompt_source("no-such-org/no-such-model") == "default"  # a Hub id stores none
+
+
+def test_pooled_features_are_the_mean_of_each_images_encoder_output(tiny_model_dir,
+                                                                   prepared_dir):
+    import torch
+
+    from galaxy_llava.evaluate import pooled_features
+    from galaxy_llava.models.loading import load_model
+    from galaxy_llava.models.registry import family_for
+    from galaxy_llava.records import load_image, load_records
+
+    net, processor = load_model(tiny_model_dir)
+    family = family_for(net)
+    paths = [r["image"] for r in load_records(prepared_dir, "train")[:3]]
+    got = pooled_features(net, processor, paths, batch_size=2, desc="test")
+    assert got.shape == (3, net.config.vision_config.hidden_size) and got.dtype == "float32"
+    with torch.no_grad():
+        want = [family.vision_features(net, family.image_inputs(processor, load_image(p)))
+                .float().mean(dim=1)[0].numpy() for p in paths]
+    assert all(abs(got[i] - want[i]).max() < 1e-5 for i in range(3))
+    assert abs(got[0] - got[1]).max() > 1e-4  # one row per image, not one per batch
 
 
 @pytest.mark.slow
@@ -229,7 +268,8 @@ def test_probe_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_path):
 
     n_test = len(load_records(prepared_dir, "test"))
     probe_cli(SimpleNamespace(model=str(tiny_model_dir), data=prepared_dir, split="test",
-                              out=tmp_path / "probe"))
+                              out=tmp_path / "probe", overwrite=False,
+                              allow_outside_paths=False))
     metrics, rows = _check_eval_folder(tmp_path / "probe", "probe", n_test)
     assert metrics["parse_rate"] is None and metrics["mean_length"] is None
     assert metrics["hallucination_rate"] is None or 0 <= metrics["hallucination_rate"] <= 1

@@ -100,10 +100,41 @@ def test_generation_settings_and_one_call_per_batch(tiny_model_dir, monkeypatch)
     assert [c["pixel_values"].shape[0] for c in calls] == [2, 2, 1]
     kw = calls[0]
     tok = processor.tokenizer
-    assert kw["eos_token_id"] == tok.eos_token_id and kw["pad_token_id"] == tok.pad_token_id
+    family = family_for(model)
+    assert kw["eos_token_id"] == family.end_ids(tok) == [tok.eos_token_id]
+    assert kw["pad_token_id"] == tok.pad_token_id
     assert kw["no_repeat_ngram_size"] == 0 and kw["min_length"] == 0  # defect 6
     assert kw["repetition_penalty"] == 1.0 and kw["num_beams"] == 2 and kw["do_sample"] is False
     assert kw["input_ids"][0, 0] == tok.bos_token_id
+    # the images' inputs, concatenated along dim 0; the prompt's ids for each image
+    per_image = [family.image_inputs(processor, _noise(i)) for i in range(2)]
+    settings = {"max_new_tokens", "num_beams", "do_sample", "eos_token_id", "pad_token_id",
+                "no_repeat_ngram_size", "repetition_penalty", "min_length"}
+    assert set(kw) == settings | {"input_ids", "attention_mask", "pixel_values"}
+    assert torch.allclose(kw["pixel_values"], torch.cat([p["pixel_values"] for p in per_image]))
+    n = family.num_image_tokens(processor, per_image[0])
+    prompt_ids = family.prompt_ids(processor, DEFAULT_PROMPT, n)
+    assert kw["input_ids"].tolist() == [prompt_ids] * 2 and kw["attention_mask"].all()
+
+
+def test_default_prompt_is_the_familys(tiny_model_dir, monkeypatch):
+    model, processor = load_model(tiny_model_dir)
+    calls = []
+
+    def fake_generate(input_ids, **kwargs):
+        calls.append(input_ids)
+        return torch.cat([input_ids, torch.tensor([[processor.tokenizer.eos_token_id]])], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    other = "USER: <image>\nName this galaxy.\nASSISTANT:"
+    for prompt in (None, family_for(model).default_prompt(processor), DEFAULT_PROMPT, other):
+        assert describe_images(model, processor, [_noise(0)], prompt) == [""]
+    assert family_for(model).default_prompt(processor) == DEFAULT_PROMPT
+    assert torch.equal(calls[0], calls[1]) and torch.equal(calls[0], calls[2])
+    assert not torch.equal(calls[0], calls[3])
+    family = family_for(model)
+    n = family.num_image_tokens(processor, family.image_inputs(processor, _noise(0)))
+    assert calls[3][0].tolist() == family.prompt_ids(processor, other, n)
 
 
 def test_batching_does_not_change_answers(tiny_model_dir):

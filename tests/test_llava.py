@@ -28,6 +28,12 @@ def _image(seed: int = 0, size: int = 72) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
+def _prompt_ids(family, processor, prompt: str, image=None) -> list[int]:
+    """``prompt``'s ids with the image-token count the family gives for ``image``."""
+    inputs = family.image_inputs(processor, image if image is not None else _image())
+    return family.prompt_ids(processor, prompt, family.num_image_tokens(processor, inputs))
+
+
 def _logits(model, batch):
     with torch.no_grad():
         return model(**batch).logits
@@ -74,13 +80,17 @@ def test_family_for_model_config_and_peft_wrapper(tiny_model, tiny_model_dir):
 def test_unsupported_model_type_is_a_one_line_error():
     from transformers import CLIPVisionConfig, LlamaConfig
 
+    from galaxy_llava.models.registry import FAMILIES
+
+    supported = ", ".join(sorted(FAMILIES))  # every registered model type, llava among them
+    assert "llava" in FAMILIES and FAMILIES["llava"] is LLAVA
     for config, kind in ((LlamaConfig(), "llama"), (CLIPVisionConfig(), "clip_vision_model")):
-        with pytest.raises(UserError, match=f"unsupported model type '{kind}'; supported: llava"
-                           ) as e:
+        with pytest.raises(UserError) as e:
             family_for(config)
-        assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="unsupported model type None; supported: llava"):
+        assert str(e.value) == f"unsupported model type '{kind}'; supported: {supported}"
+    with pytest.raises(UserError) as e:
         family_for(object())
+    assert str(e.value) == f"unsupported model type None; supported: {supported}"
 
 
 # ----------------------------------------------------------------- image tokens and prompt
@@ -92,12 +102,15 @@ def test_image_token_counts_from_processor_and_config_agree(tiny_model, tiny_pro
     enc = tiny_processor(text=DEFAULT_PROMPT, images=_image(), return_tensors="pt")
     assert int((enc.input_ids == tiny_model.config.image_token_id).sum()) == n
     width = tiny_model.config.vision_config.hidden_size
-    assert family.feature_shape(tiny_model.config) == (n, width)
+    inputs = family.image_inputs(tiny_processor, _image())
+    assert family.num_image_tokens(tiny_processor, inputs) == n
+    assert family.vision_features(tiny_model, inputs).shape == (1, n, width)
     # TinyLLaVA's shapes: 336 px in 14 px patches
     assert family.image_token_count(_tinyllava_vision_config()) == 576
     assert family.image_token_count(_tinyllava_vision_config("full")) == 577  # CLS kept
     big = _processor_like_tinyllava(tiny_processor)
     assert processor_image_tokens(big) == 576
+    assert family.num_image_tokens(big, family.image_inputs(big, _image(size=400))) == 576
     enc = big(text=DEFAULT_PROMPT, images=_image(size=400), return_tensors="pt")
     assert int((enc.input_ids == tiny_model.config.image_token_id).sum()) == 576
     big.vision_feature_select_strategy = "full"
@@ -106,33 +119,47 @@ def test_image_token_counts_from_processor_and_config_agree(tiny_model, tiny_pro
 
 def test_prompt_ids_are_the_processors_own(tiny_processor, family):
     tok = tiny_processor.tokenizer
+    assert family.default_prompt(tiny_processor) == DEFAULT_PROMPT
     for prompt in (DEFAULT_PROMPT, "USER: <image>\nWhat galaxy is this?\nASSISTANT:"):
-        ids = family.prompt_ids(tiny_processor, prompt)
+        ids = _prompt_ids(family, tiny_processor, prompt)
         enc = tiny_processor(text=prompt, images=_image(), return_tensors="pt")
         assert ids == enc.input_ids[0].tolist()
         assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
     for bad in ("Describe this galaxy.", "USER: <image><image>\nDescribe.\nASSISTANT:"):
         with pytest.raises(UserError, match="exactly once"):
-            family.prompt_ids(tiny_processor, bad)
+            family.prompt_ids(tiny_processor, bad, 16)
+
+
+def test_prompt_ids_expand_the_placeholder_to_the_count_given(tiny_processor, family):
+    tok = tiny_processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    ids = {n: family.prompt_ids(tiny_processor, DEFAULT_PROMPT, n) for n in (1, 16, 40)}
+    for n, got in ids.items():
+        assert sum(i == image_id for i in got) == n
+        assert len(got) == len(ids[1]) + n - 1  # only the image tokens differ
+    assert ids[16] == _prompt_ids(family, tiny_processor, DEFAULT_PROMPT)
 
 
 def test_prompt_ids_never_truncate_image_tokens(tiny_processor, family):
     tok = tiny_processor.tokenizer
     big = _processor_like_tinyllava(tiny_processor)
-    ids = family.prompt_ids(big, DEFAULT_PROMPT)
+    ids = _prompt_ids(family, big, DEFAULT_PROMPT, _image(size=400))
     image_id = tok.convert_tokens_to_ids("<image>")
     assert sum(i == image_id for i in ids) == 576
     assert len(ids) > 576 > tok.model_max_length  # over the tokenizer's limit, yet complete
     assert ids[-1] != image_id and ids[0] == tok.bos_token_id
 
 
-def test_pixel_values_for_one_image_and_a_list(tiny_processor, family):
+def test_image_inputs_of_one_image_concatenate_into_a_batch(tiny_processor, family):
     images = [_image(0), _image(1, size=90)]
     want = tiny_processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    batch = family.pixel_values(tiny_processor, images)
+    per_image = [family.image_inputs(tiny_processor, im) for im in images]
+    for i, inputs in enumerate(per_image):
+        assert set(inputs) == {"pixel_values"}
+        assert inputs["pixel_values"].shape == (1, 3, 64, 64)
+        assert torch.allclose(inputs["pixel_values"], want[i:i + 1])
+    batch = torch.cat([p["pixel_values"] for p in per_image])
     assert batch.shape == (2, 3, 64, 64) and torch.allclose(batch, want)
-    one = family.pixel_values(tiny_processor, images[1])
-    assert one.shape == (3, 64, 64) and torch.allclose(one, want[1])
 
 
 # ----------------------------------------------------------------- fix_processor
@@ -197,24 +224,32 @@ def test_lora_targets_name_language_linears_and_projector_only(tiny_model, famil
 
 def test_vision_features_equal_the_towers_selected_layer(tiny_model, tiny_batch, family):
     pixels = tiny_batch["pixel_values"]
-    feats = family.vision_features(tiny_model, pixels)
+    feats = family.vision_features(tiny_model, {"pixel_values": pixels})
     with torch.no_grad():
         hidden = tiny_model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
     layer = tiny_model.config.vision_feature_layer
     assert layer == -2 and tiny_model.config.vision_feature_select_strategy == "default"
     want = hidden[layer][:, 1:]  # the selected layer, CLS dropped
-    assert feats.shape == (2, *family.feature_shape(tiny_model.config))
+    n = family.image_token_count(tiny_model.config)
+    width = tiny_model.config.vision_config.hidden_size
+    assert feats.shape == (2, n, width)
     assert torch.allclose(feats, want, atol=1e-6)
     assert not torch.allclose(feats, hidden[-1][:, 1:], atol=1e-3)  # not just any layer
     assert not feats.requires_grad
     assert not tiny_model.model.multi_modal_projector._forward_pre_hooks  # the hook is gone
+    # split per image: one [1, tokens, width] row each, concatenating back to the batch's output
+    rows = family.split_features(feats, {"pixel_values": pixels})
+    assert [tuple(r.shape) for r in rows] == [(1, n, width)] * 2
+    assert torch.equal(torch.cat(rows), feats)
+    one = family.vision_features(tiny_model, {"pixel_values": pixels[1:]})
+    assert torch.allclose(rows[1], one, atol=1e-6)
 
 
 def test_cached_features_forward_equals_the_plain_forward(tiny_model_dir, tiny_batch, family):
     model = load_model(tiny_model_dir)[0].eval()
     inner = model.model
     plain = _logits(model, tiny_batch)
-    feats = family.vision_features(model, tiny_batch["pixel_values"])
+    feats = family.vision_features(model, {"pixel_values": tiny_batch["pixel_values"]})
     cached = dict(tiny_batch, pixel_values=feats)
     with family.cached_features(model) as patched:
         assert patched is model and "get_image_features" in vars(inner)
@@ -239,7 +274,7 @@ def test_cached_features_train_the_projector_inside_the_forward(tiny_model_dir, 
         return [p.grad.clone() for p in projector.parameters()]
 
     plain = projector_grads(tiny_batch)
-    feats = family.vision_features(model, tiny_batch["pixel_values"])
+    feats = family.vision_features(model, {"pixel_values": tiny_batch["pixel_values"]})
     with family.cached_features(model):
         cached = projector_grads(dict(tiny_batch, pixel_values=feats))
     assert all(g.abs().sum() > 0 for g in plain)

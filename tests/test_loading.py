@@ -4,6 +4,7 @@ Hub ids, and one-line errors for what a user can fix."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -108,9 +109,13 @@ def test_unsupported_checkpoint_is_a_one_line_user_error(tiny_model_dir, tmp_pat
     base = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
     base.model.language_model.save_pretrained(tmp_path / "llama")
     base.model.vision_tower.save_pretrained(tmp_path / "clip")
+    from galaxy_llava.models.registry import FAMILIES
+
+    supported = ", ".join(sorted(FAMILIES))  # every registered model type, llava among them
+    assert "llava" in FAMILIES
     for name, kind in (("llama", "llama"), ("clip", "clip_vision_model")):
-        with pytest.raises(UserError, match=f"unsupported model type '{kind}'; supported: llava"
-                           ) as e:
+        with pytest.raises(UserError, match=re.escape(f"unsupported model type '{kind}'; "
+                                                      f"supported: {supported}")) as e:
             load_model(tmp_path / name)
         assert "\n" not in str(e.value)
 
@@ -145,7 +150,7 @@ def test_folder_that_is_neither_run_nor_model(tmp_path):
         load_for_inference(tmp_path / "missing")
 
 
-def test_load_for_inference_of_a_model_folder(tiny_model_dir, tmp_path, tiny_batch):
+def test_load_for_inference_of_a_model_folder(tiny_model_dir, tmp_path, tiny_batch, monkeypatch):
     model, processor, prompt = load_for_inference(tiny_model_dir)
     assert prompt == DEFAULT_PROMPT and not model.training
     assert processor.patch_size == 16
@@ -156,6 +161,14 @@ def test_load_for_inference_of_a_model_folder(tiny_model_dir, tmp_path, tiny_bat
     (folder / "galaxy_llava.json").unlink()
     with pytest.warns(UserWarning, match="no prompt stored"):
         assert load_for_inference(folder)[2] == DEFAULT_PROMPT
+    # without a stored prompt, the model family's default is used (and named in the warning)
+    from galaxy_llava.models.llava import LlavaFamily
+
+    other = "USER: <image>\nWhich galaxy?\nASSISTANT:"
+    monkeypatch.setattr(LlavaFamily, "default_prompt", lambda self, processor, *a, **k: other)
+    with pytest.warns(UserWarning, match="Which galaxy"):
+        assert load_for_inference(folder)[2] == other
+    assert load_for_inference(tiny_model_dir)[2] == DEFAULT_PROMPT  # a stored prompt wins
 
 
 # ----------------------------------------------------------------- RUN folders

@@ -46,12 +46,32 @@ def test_load_records_resolves_paths_and_splits(tmp_path):
         load_records(tmp_path, split="test")
 
 
-def test_absolute_image_paths_are_kept(tmp_path):
+def test_images_outside_the_dataset_folder_need_allow_outside(tmp_path):
     image = tmp_path / "elsewhere" / "x.png"
     image.parent.mkdir()
     _image().save(image)
-    _write_dataset(tmp_path / "data", [{"image": str(image), "text": SHORTEST}])
-    assert load_records(tmp_path / "data")[0]["image"] == str(image)
+    for path in (str(image), "../elsewhere/x.png", "images/../../elsewhere/x.png"):
+        _write_dataset(tmp_path / "data", [{"image": "images/a.jpg", "text": SHORTEST},
+                                           {"image": path, "text": SHORTEST}])
+        with pytest.raises(UserError, match=r"dataset\.jsonl:2: image .* is outside the folder"
+                                             r".*--allow-outside-paths"):
+            load_records(tmp_path / "data")
+        assert load_records(tmp_path / "data", allow_outside=True)[1]["image"] == str(image)
+    inside = tmp_path / "data" / "images" / "a.jpg"
+    _write_dataset(tmp_path / "data", [{"image": str(inside), "text": SHORTEST}])
+    assert load_records(tmp_path / "data")[0]["image"] == str(inside)  # absolute but inside
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"image": None, "text": SHORTEST}, "field 'image' must be a string"),
+    ({"image": "images/a.jpg", "text": 3}, "field 'text' must be a string"),
+    ({"image": "images/a.jpg", "text": " "}, "field 'text' is empty"),
+    ({"image": "images/a.jpg", "text": SHORTEST, "split": 1}, "field 'split' has the wrong type"),
+])
+def test_fields_of_the_wrong_type_name_file_line_and_field(tmp_path, record, message):
+    _write_dataset(tmp_path, [{"image": "images/b.jpg", "text": SHORTEST}, record])
+    with pytest.raises(UserError, match=r"dataset\.jsonl:2: " + message):
+        load_records(tmp_path)
 
 
 def test_load_records_errors(tmp_path):

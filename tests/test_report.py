@@ -45,6 +45,8 @@ def _make_evals(root: Path, n: int = 10) -> list[Path]:
         _galaxy_image(img, t, rng)
         records.append({"id_str": f"J{i:04d}", "image": str(img), "text": t.caption(),
                         "morphology": t.to_dict(), "split": "test"})
+    # root is the prepared dataset the images belong to: the report embeds images from there
+    (root / "dataset.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run = root / "runs" / "lora"
     run.mkdir(parents=True)
     (run / "train_metrics.json").write_text(json.dumps(
@@ -75,7 +77,7 @@ def _make_evals(root: Path, n: int = 10) -> list[Path]:
                                   txts if kind == "vlm" else None)
         folder = root / "eval" / name
         write_eval(folder, prediction_rows(records, preds, txts, ok), metrics, kind=kind,
-                   model="m", split="test", **extra)
+                   model="m", split="test", data=str(root), **extra)
         out.append(folder)
     return out
 

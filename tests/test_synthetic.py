@@ -50,9 +50,12 @@ def test_worker_pool_gives_the_same_bytes(tmp_path):
 def test_rerun_with_fewer_shards_removes_stale_ones(tmp_path):
     synthesize(tmp_path, n=5, seed=0, image_size=32, shard_rows=2)
     assert len(list((tmp_path / "data").glob("*.parquet"))) == 3
-    paths = synthesize(tmp_path, n=2, seed=0, image_size=32, shard_rows=2)
+    with pytest.raises(UserError, match="holds a different catalogue: n 5 -> 2.*--overwrite"):
+        synthesize(tmp_path, n=2, seed=0, image_size=32, shard_rows=2)
+    paths = synthesize(tmp_path, n=2, seed=0, image_size=32, shard_rows=2, overwrite=True)
     assert sorted((tmp_path / "data").glob("*.parquet")) == paths
     assert not list((tmp_path / "data").glob(".*"))  # no temporary files left behind
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))
 
 
 def test_every_gz2_column_present_with_consistent_counts_and_fractions(synth_dir):

@@ -74,13 +74,13 @@ def test_cached_and_label_only_losses_equal_the_plain_hf_forward(tiny_model_dir,
     records = load_records(prepared_dir, "train")[:4]
     paths = [r["image"] for r in records]
     rows = {p: i for i, p in enumerate(paths)}
-    prompt_ids = family.prompt_ids(processor, "USER: <image>\nDescribe this galaxy.\nASSISTANT:")
-    collate = Collator(processor.tokenizer.pad_token_id)
-    pixels = collate([CaptionDataset(records, processor, family, prompt_ids)[i] for i in range(4)])
+    prompt = family.default_prompt(processor)
+    collate = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)
+    pixels = collate([CaptionDataset(records, processor, family, prompt)[i] for i in range(4)])
     assert pixels["attention_mask"].min() == 0, "captions of unequal length: padding is exercised"
     store = build_feature_store(model, family, processor, paths, mode="memory",
                                 dtype=torch.float32, device=torch.device("cpu"), progress=False)
-    cached = collate([CaptionDataset(records, processor, family, prompt_ids, store, rows)[i]
+    cached = collate([CaptionDataset(records, processor, family, prompt, store, rows)[i]
                       for i in range(4)])
     assert torch.equal(cached["input_ids"], pixels["input_ids"])
 
@@ -264,7 +264,9 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, prepared_dir, tmp_pa
     for r in val:
         r["image"] = str(prepared_dir / r["image"])
     (nosplit / "dataset.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
-    assert "no train split" in _cli(capsys, *base, "--data", nosplit, "--method", "full")
+    assert "outside the folder" in _cli(capsys, *base, "--data", nosplit, "--method", "full")
+    assert "no train split" in _cli(capsys, *base, "--data", nosplit, "--method", "full",
+                                    "--allow-outside-paths")
 
     assert "unknown method 'sgd'" in _cli(capsys, *base, "--data", prepared_dir, "--method", "sgd")
     cfg = tmp_path / "c.yaml"

@@ -71,7 +71,15 @@ def test_bad_yaml_is_a_one_line_user_error(tmp_path, text, needle):
     ({"method": "lora", "lora_dropout": 1.5}, "lora_dropout"),
     ({"method": "lora", "bogus": 1}, "unknown setting 'bogus'"),
     ({"method": "lora", "output_dir": None}, "no output folder"),
-    ({"method": "lora", "feature_cache": "gpu"}, "unknown feature_cache")])
+    ({"method": "lora", "feature_cache": "gpu"}, "unknown feature_cache"),
+    # TrainingArguments itself accepts these (and trains a step at lr=inf)
+    ({"method": "lora", "learning_rate": float("inf")}, "--learning_rate must be a finite"),
+    ({"method": "lora", "learning_rate": 0.0}, "--learning_rate must be > 0"),
+    ({"method": "lora", "num_train_epochs": float("inf")}, "--num_train_epochs must be a finite"),
+    ({"method": "lora", "num_train_epochs": float("nan")}, "--num_train_epochs must be a finite"),
+    ({"method": "lora", "seed": -1}, "--seed must be in"),
+    ({"method": "lora", "weight_decay": -0.1}, "--weight_decay must be >= 0"),
+    ({"method": "lora", "lora_dropout": float("nan")}, "lora_dropout")])
 def test_bad_settings_are_user_errors(settings, needle):
     with pytest.raises(UserError, match=needle):
         parse_settings({"data": "D", "output_dir": "OUT", **settings})

@@ -3,10 +3,15 @@
 Four kinds of source, told apart by what is on disk:
 
 * a Hub id such as ``mwalmsley/gz2`` (``datasets.load_dataset`` with config and split);
-* a parquet file, or a folder of parquet shards searched recursively (the Hub's layout: an
-  ``image`` struct column ``{bytes, path}``, ``id_str`` and the vote columns);
+* a parquet file, or a folder of parquet shards (the Hub's layout: an ``image`` struct column
+  ``{bytes, path}``, ``id_str`` and the vote columns). A copy of a whole dataset repository holds
+  one folder per config (``data/`` for the default one, ``tiny/``, ...; or as its README's
+  ``configs:`` say): only the config ``hub_config`` names is read, never a mix;
 * a ``Dataset.save_to_disk`` folder (a ``DatasetDict`` folder picks ``hub_split``);
 * a CSV with a ``file_loc`` column of image paths (relative to the CSV's folder, or absolute).
+
+Image paths (CSV ``file_loc``, a parquet row's image ``path``) must stay inside the catalogue's
+folder unless the caller allows otherwise.
 
 Selecting galaxies needs a dozen numeric columns, while the images are most of the bytes, so
 :func:`load_catalog` reads only ``id_str`` and the columns the rule set needs (the notebook
@@ -30,13 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from galaxy_llava.checks import inside
 from galaxy_llava.errors import UserError
+from galaxy_llava.layouts import parquet_shards
 from galaxy_llava.rules import rule_set
 
 ID_COLUMN = "id_str"
 IMAGE_COLUMN = "image"
 PATH_COLUMN = "file_loc"
-KNOWN_SPLITS = ("train", "test", "validation", "val")
 # PIL's own default, used only if a caller has unset Image.MAX_IMAGE_PIXELS: the guard stays on.
 _DEFAULT_MAX_PIXELS = 89_478_485
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -53,9 +59,9 @@ class Catalog:
     galaxy, positional index) and images fetched on demand by row position."""
 
     def __init__(self, source: str, kind: str, votes: pd.DataFrame, fetch: Fetch,
-                 base_dir: Path | None = None):
+                 base_dir: Path | None = None, allow_outside: bool = False):
         self.source, self.kind, self.votes = source, kind, votes
-        self._fetch, self._base_dir = fetch, base_dir
+        self._fetch, self._base_dir, self._allow_outside = fetch, base_dir, allow_outside
 
     def __len__(self) -> int:
         return len(self.votes)
@@ -69,9 +75,24 @@ class Catalog:
         Rows come back in storage order (each parquet row group is read once), not input order."""
         for row, payload in self._fetch(sorted(set(int(r) for r in rows))):
             try:
-                yield row, _payload_bytes(payload, self._base_dir), None
+                yield row, _payload_bytes(payload, self._base_dir, self._allow_outside), None
             except ImageError as e:
                 yield row, None, str(e)
+
+    def check_paths(self) -> None:
+        """Refuse, in one line, the first stored image path outside the catalogue's folder.
+
+        Cheap for a CSV (its paths are in memory); elsewhere paths are checked as images are
+        read."""
+        if self._base_dir is None or self._allow_outside:
+            return
+        for row, payload in self._fetch(list(range(len(self)))):
+            if isinstance(payload, str) and payload:
+                path = Path(payload).expanduser()
+                if not inside(path if path.is_absolute() else self._base_dir / path,
+                              self._base_dir):
+                    raise UserError(f"row {row + 1} of {self.source}: "
+                                    + outside_message(payload, self._base_dir))
 
     def image(self, i: int) -> Image.Image:
         """The decoded RGB image of row ``i``; an unreadable image is a :class:`UserError`."""
@@ -82,6 +103,13 @@ class Catalog:
             return decode_image(data).convert("RGB")
         except ImageError as e:
             raise UserError(f"galaxy {self.votes[ID_COLUMN].iat[i]}: {e}") from None
+
+
+def outside_message(path: str, base_dir: Path) -> str:
+    """The one line for an image path that leaves the catalogue's folder."""
+    return (f"catalogue image {path} is outside the catalogue's folder {base_dir}; images are "
+            "read only from inside it unless you pass --allow-outside-paths (a CSV whose "
+            "file_loc paths are absolute needs it)")
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -105,9 +133,20 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def load_catalog(source: str | os.PathLike, rules: str = "reference",
-                 hub_config: str | None = None, hub_split: str = "train") -> Catalog:
+                 hub_config: str | None = None, hub_split: str = "train",
+                 allow_outside: bool = False) -> Catalog:
     """Open a catalogue (Hub id, parquet file/folder, save_to_disk folder or CSV) and check that
-    ``id_str`` and every column the rule set needs are present and numeric."""
+    ``id_str`` and every column the rule set needs are present and numeric.
+
+    ``allow_outside``: read image paths that point outside the catalogue's folder."""
+    cat = _open_catalog(source, rules, hub_config, hub_split)
+    cat._allow_outside = allow_outside
+    if cat.kind == "csv" and not allow_outside:
+        cat.check_paths()
+    return cat
+
+
+def _open_catalog(source, rules: str, hub_config: str | None, hub_split: str) -> Catalog:
     needed = list(rule_set(rules).columns)  # an unknown name is a UserError
     text = str(source)
     path = Path(text).expanduser()
@@ -115,7 +154,7 @@ def load_catalog(source: str | os.PathLike, rules: str = "reference",
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 return _from_disk(path, needed, hub_split)
-            return _from_parquet(path, _shards(path, hub_config, hub_split), needed)
+            return _from_parquet(path, parquet_shards(path, hub_config, hub_split), needed)
         suffix = path.name.lower()
         if suffix.endswith(".parquet"):
             return _from_parquet(path, [path], needed)
@@ -172,7 +211,7 @@ def _votes_frame(table: pa.Table, needed: list[str]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- image payloads
 
-def _payload_bytes(payload: Any, base_dir: Path | None) -> bytes:
+def _payload_bytes(payload: Any, base_dir: Path | None, allow_outside: bool = False) -> bytes:
     if isinstance(payload, dict):
         if payload.get("bytes"):
             return payload["bytes"]
@@ -183,6 +222,8 @@ def _payload_bytes(payload: Any, base_dir: Path | None) -> bytes:
         path = Path(payload).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
+        if base_dir is not None and not allow_outside and not inside(path, base_dir):
+            raise UserError(outside_message(payload, base_dir))
         try:
             return path.read_bytes()
         except OSError as e:
@@ -199,29 +240,6 @@ def _image_column(schema: pa.Schema, where: str) -> str:
 
 
 # ---------------------------------------------------------------- parquet
-
-def _shards(folder: Path, config: str | None, split: str) -> list[Path]:
-    """Parquet files under ``folder``; where names or folders mark splits/configs, pick ours."""
-    files = sorted(p for p in folder.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise UserError(f"folder {folder} holds no parquet files and no save_to_disk dataset")
-
-    def marks(f: Path, name: str) -> bool:
-        rel = f.relative_to(folder)
-        return (f.name.startswith((f"{name}-", f"{name}.", f"{name}_"))
-                or name in rel.parts[:-1])
-
-    if config and any(marks(f, config) for f in files):
-        files = [f for f in files if marks(f, config)]
-    ours = [f for f in files if marks(f, split)]
-    if ours:
-        return ours
-    others = sorted({s for s in KNOWN_SPLITS for f in files if marks(f, s)})
-    if others:  # split-named shards, but not of this split: never mix in another split
-        raise UserError(f"folder {folder} holds parquet shards of split(s) {', '.join(others)} "
-                        f"but none of split {split!r}; pass --hub-split {others[0]}")
-    return files
-
 
 def _from_parquet(where: Path, files: list[Path], needed: list[str]) -> Catalog:
     frames, groups, starts, image_col, total = [], [], [], None, 0

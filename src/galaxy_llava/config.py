@@ -75,11 +75,15 @@ class FinetuneArguments:
     feature_batch_size: int = field(default=32, metadata=_help("images per encoder batch"))
     label_only_loss: bool = field(default=True, metadata=_help(
         "apply lm_head only where a label is (exact; no [batch, length, vocab] logits)"))
-    prompt: str = field(default=DEFAULT_PROMPT, metadata=_help("training prompt with <image>"))
+    prompt: str | None = field(default=None, metadata=_help(
+        "training prompt with one image placeholder; default: the model family's"))
     trust_remote_code: bool = field(default=False, metadata=_help(
         "allow code shipped with the checkpoint (off: safe by default)"))
     overwrite_output_dir: bool = field(default=False, metadata=_help(
         "start over in an OUTPUT_DIR that already holds a run"))
+    allow_outside_paths: bool = field(default=False, metadata=_help(
+        "read dataset images outside the data folder (refused by default)",
+        aliases=["--allow-outside-paths"]))
 
     def check(self) -> "FinetuneArguments":
         """Raise a one-line UserError for a value out of range; return self."""

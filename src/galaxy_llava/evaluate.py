@@ -3,8 +3,9 @@
 Three kinds of predictor share one metric function (:func:`galaxy_llava.metrics.compute_metrics`)
 and one ``metrics.json`` layout: the fine-tuned VLM (``evaluate``), a linear probe on frozen vision
 features (``probe``) and a per-attribute majority class (``majority_baseline``). An EVAL folder
-gets ``predictions.jsonl`` first and ``metrics.json`` last (ending in ``"complete": true``), so a
-folder without ``metrics.json`` is an unfinished run.
+holds ``predictions.jsonl`` and ``metrics.json`` (ending in ``"complete": true``, and recording
+its ``inputs``). It is written whole or not at all (built beside it, then swapped in): a run that
+fails leaves the previous results as they were. Another evaluation's folder needs ``overwrite``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from galaxy_llava import outputs
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json, write_jsonl
 from galaxy_llava.metrics import (APPLIES, DEFAULT_LABEL, UNKNOWN, compute_metrics, format_table,
@@ -20,14 +22,16 @@ from galaxy_llava.morphology import ATTRIBUTES, Morphology
 
 # ------------------------------------------------------------------ EVAL folders
 
-def load_split(data: str | Path, split: str, limit: int | None = None) -> list[dict]:
+def load_split(data: str | Path, split: str, limit: int | None = None,
+               allow_outside: bool = False) -> list[dict]:
     """Records of one split of a prepared dataset; an unknown or empty split is a UserError
-    naming the splits the dataset has."""
+    naming the splits the dataset has. Images outside the dataset's folder need
+    ``allow_outside``."""
     from galaxy_llava.records import load_records
 
-    if limit is not None and limit < 1:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"--limit must be at least 1, got {limit}")
-    records = load_records(data)
+    records = load_records(data, allow_outside=allow_outside)
     present = sorted({r.get("split") for r in records} - {None},
                      key=lambda s: (["train", "val", "test"] + [s]).index(s))
     chosen = [r for r in records if r.get("split") == split]
@@ -73,39 +77,49 @@ def prediction_rows(records: Sequence[dict], preds: Sequence[dict[str, str]],
 
 def write_eval(out: str | Path, rows: list[dict], metrics: dict, name: str | None = None,
                **info: Any) -> dict:
-    """Write ``predictions.jsonl`` then ``metrics.json`` (info fields first, ``complete`` last)."""
+    """Write the EVAL folder whole: ``predictions.jsonl`` and ``metrics.json`` (info fields
+    first, ``complete`` last), built beside ``out`` and swapped in (other files there are kept).
+    Callers check ``out`` first with :func:`claim_eval`."""
     out = Path(out)
-    write_jsonl(out / "predictions.jsonl", rows)
     full = {"name": name or out.name, **info, **metrics, "complete": True}
-    write_json(out / "metrics.json", full)
+    with outputs.staged_folder(out, keep=True) as stage:
+        write_jsonl(stage / "predictions.jsonl", rows)
+        write_json(stage / "metrics.json", full)
     return full
 
 
-def start_eval(out: str | Path) -> Path:
-    """Create the EVAL folder and drop a stale ``metrics.json`` so an interrupted rerun is
-    recognisably unfinished."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)
-    return out
+def eval_inputs(kind: str, model: str | Path | None, data: str | Path, split: str,
+                **settings: Any) -> dict:
+    """What an evaluation is made from (stored as ``metrics.json`` ``inputs``): a re-run with
+    the same inputs may replace it, other inputs need ``overwrite``."""
+    from galaxy_llava.models.folders import abs_if_local
+
+    return {"kind": kind, "model": None if model is None else abs_if_local(str(model)),
+            "data": str(Path(data).expanduser().resolve()), "split": split, **settings}
+
+
+def claim_eval(out: str | Path, inputs: dict, overwrite: bool = False) -> None:
+    """Refuse (one line) an ``--out`` that is a file, holds something other than an EVAL
+    folder, or another evaluation (unless ``overwrite``); before any model is loaded."""
+    outputs.claim(out, "eval", overwrite=overwrite, identity=inputs)
 
 
 def majority_baseline(data: str | Path, split: str = "test", out: str | Path = "eval-majority",
-                      limit: int | None = None, name: str | None = None) -> dict:
+                      limit: int | None = None, name: str | None = None,
+                      overwrite: bool = False) -> dict:
     """Predict each attribute's most common training value for every galaxy of ``split``;
     writes an EVAL folder like :func:`evaluate` (kind "majority")."""
+    inputs = eval_inputs("majority", None, data, split, limit=limit)
+    claim_eval(out, inputs, overwrite)
     records = load_split(data, split, limit)
     train = load_split(data, "train")
-    out = start_eval(out)
     labels = majority_labels(truth_of(r) for r in train)
     caption = morphology_of(labels).caption()
     preds = [dict(labels) for _ in records]
     metrics = compute_metrics([truth_of(r) for r in records], preds)
     rows = prediction_rows(records, preds, [caption] * len(records), [None] * len(records))
     return write_eval(out, rows, metrics, name, kind="majority", model=None, split=split, run=None,
-                      data=str(data), majority=labels)
+                      data=str(data), majority=labels, inputs=inputs)
 
 
 def _with_majority(metrics: dict, data: str | Path, records: Sequence[dict]) -> list[dict]:
@@ -122,33 +136,36 @@ def _with_majority(metrics: dict, data: str | Path, records: Sequence[dict]) -> 
 
 # ------------------------------------------------------------------ VLM evaluation
 
-def _resolve_prompt(model: str | Path, prompt: str | None) -> tuple[str, str]:
-    """(prompt, source): the prompt stored with the model ("model"), else the default ("default")."""
-    from galaxy_llava.config import DEFAULT_PROMPT
+def _prompt_source(model: str | Path) -> str:
+    """"model" when the prompt came stored with the model, else "default" (the family's)."""
     from galaxy_llava.models.folders import read_prompt
 
-    stored = read_prompt(model) if Path(model).is_dir() else None
-    if stored:
-        return stored, "model"
-    return prompt or DEFAULT_PROMPT, "default"
+    return "model" if Path(model).is_dir() and read_prompt(model) else "default"
 
 
 def evaluate(model: str | Path, data: str | Path, split: str = "test",
              out: str | Path = "eval", batch_size: int = 16, num_beams: int = 3,
              max_new_tokens: int = 40, limit: int | None = None,
-             name: str | None = None) -> dict:
+             name: str | None = None, overwrite: bool = False,
+             allow_outside_paths: bool = False) -> dict:
     """Describe every galaxy of ``split`` with ``model`` (a run folder, model folder or Hub id)
     using its own prompt, score the answers and write ``out/predictions.jsonl`` and
-    ``out/metrics.json``; returns the metrics."""
+    ``out/metrics.json``; returns the metrics.
+
+    Settings, ``out``, the data and the model's files are checked before the model loads."""
+    from galaxy_llava.checks import check_generation
+
+    generation = {"batch_size": batch_size, "num_beams": num_beams,
+                  "max_new_tokens": max_new_tokens, "limit": limit}
+    inputs = eval_inputs("vlm", model, data, split, **generation)
+    check_generation(model, batch_size, num_beams, max_new_tokens)
+    records = load_split(data, split, limit, allow_outside_paths)
+    claim_eval(out, inputs, overwrite)
     from galaxy_llava.generate import describe_images
     from galaxy_llava.models.loading import load_for_inference
 
-    records = load_split(data, split, limit)
     net, processor, prompt = load_for_inference(str(model))
-    out = start_eval(out)
-    prompt, source = _resolve_prompt(model, prompt)
-    if source == "default":
-        print(f"note: {model} stores no prompt; using the default prompt {prompt!r}")
+    source = _prompt_source(model)  # load_for_inference warned when it is the default
     texts = [t or "" for t in describe_images(
         net, processor, [r["image"] for r in records], prompt, batch_size=batch_size,
         num_beams=num_beams, max_new_tokens=max_new_tokens)]
@@ -159,9 +176,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
     rows = prediction_rows(records, [a[0] for a in answers], texts, [a[1] for a in answers])
     full = write_eval(out, rows, metrics, name, kind="vlm", model=str(model), split=split,
                       run=run_folder(model), data=str(data), prompt=prompt,
-                      prompt_source=source,
-                      generation={"batch_size": batch_size, "num_beams": num_beams,
-                                  "max_new_tokens": max_new_tokens, "limit": limit})
+                      prompt_source=source, generation=generation, inputs=inputs)
     print(format_table(_with_majority(full, data, records)))
     return full
 
@@ -184,10 +199,15 @@ def pooled_features(net: Any, processor: Any, paths: Sequence[str], batch_size: 
     feats = []
     with torch.no_grad():
         for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-            pv = family.pixel_values(processor, [load_image(p) for p in paths[i:i + batch_size]])
-            h = family.vision_features(net, pv.to(param.device, param.dtype))
-            feats.append(h.float().mean(dim=1).cpu().numpy())
-    return np.concatenate(feats).astype("float32")
+            per_image = [family.image_inputs(processor, load_image(p))
+                         for p in paths[i:i + batch_size]]
+            batch = {k: torch.cat([p[k] for p in per_image]).to(param.device)
+                     for k in per_image[0]}
+            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
+            rows = family.split_features(family.vision_features(net, batch), batch)
+            # One pooled vector per image: the mean over all its feature tokens.
+            feats += [r.float().reshape(-1, r.shape[-1]).mean(dim=0).cpu().numpy() for r in rows]
+    return np.stack(feats).astype("float32")
 
 
 def _fit_predict(x_train, y_train: list[str], x_test, fallback: str) -> list[str]:
@@ -207,16 +227,22 @@ def _fit_predict(x_train, y_train: list[str], x_test, fallback: str) -> list[str
 
 def probe(model: str | Path, data: str | Path, split: str = "test",
           out: str | Path = "eval-probe", batch_size: int = 16, limit: int | None = None,
-          name: str | None = None) -> dict:
+          name: str | None = None, overwrite: bool = False,
+          allow_outside_paths: bool = False) -> dict:
     """Linear-probe baseline: one logistic regression per attribute on pooled frozen vision
     features, fitted on ``train`` where the attribute applies, scored on ``split``. The type
     prediction decides which of shape / bar / arms is stated. Writes an EVAL folder."""
+    from galaxy_llava.checks import number, preflight_model
+
+    number("--batch-size", batch_size, 1, integer=True)
+    inputs = eval_inputs("probe", model, data, split, limit=limit)
+    preflight_model(model)
+    records = load_split(data, split, limit, allow_outside_paths)
+    train = load_split(data, "train", allow_outside=allow_outside_paths)
+    claim_eval(out, inputs, overwrite)
     from galaxy_llava.models.loading import load_for_inference
 
-    records = load_split(data, split, limit)
-    train = load_split(data, "train")
     net, processor, _ = load_for_inference(str(model))
-    out = start_eval(out)
     x_train = pooled_features(net, processor, [r["image"] for r in train], batch_size,
                               "features train")
     x_test = pooled_features(net, processor, [r["image"] for r in records], batch_size,
@@ -242,7 +268,8 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
                            [None] * len(records))
     full = write_eval(out, rows, metrics, name, kind="probe", model=str(model), split=split,
                       run=run_folder(model), data=str(data),
-                      probe={"train_n": len(train), "feature_dim": int(x_train.shape[1])})
+                      probe={"train_n": len(train), "feature_dim": int(x_train.shape[1])},
+                      inputs=inputs)
     print(format_table(_with_majority(full, data, records)))
     return full
 
@@ -251,13 +278,15 @@ def evaluate_cli(args: Any) -> dict:
     """Handler of ``galaxy-llava evaluate``."""
     m = evaluate(args.model, args.data, split=args.split, out=args.out,
                  batch_size=args.batch_size, num_beams=args.num_beams,
-                 max_new_tokens=args.max_new_tokens, limit=args.limit)
+                 max_new_tokens=args.max_new_tokens, limit=args.limit,
+                 overwrite=args.overwrite, allow_outside_paths=args.allow_outside_paths)
     print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'metrics.json'}")
     return m
 
 
 def probe_cli(args: Any) -> dict:
     """Handler of ``galaxy-llava probe``."""
-    m = probe(args.model, args.data, split=args.split, out=args.out)
+    m = probe(args.model, args.data, split=args.split, out=args.out, overwrite=args.overwrite,
+              allow_outside_paths=args.allow_outside_paths)
     print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'metrics.json'}")
     return m

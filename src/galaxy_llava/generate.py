@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.records import IMAGE_SUFFIXES, load_image
@@ -46,12 +45,13 @@ def _cut_at_eos(ids: list[int], stop_ids: set[int]) -> list[int]:
 
 
 def describe_images(model, processor, images: Iterable[Image.Image | str | os.PathLike],
-                    prompt: str | None = DEFAULT_PROMPT, batch_size: int = 16, num_beams: int = 3,
+                    prompt: str | None = None, batch_size: int = 16, num_beams: int = 3,
                     max_new_tokens: int = 40, do_sample: bool = False,
                     progress: bool = True) -> list[str]:
     """One description per image (PIL images or paths, loaded a batch at a time), in order.
 
-    Greedy when ``num_beams=1``; stops at EOS; returns only the generated text, stripped."""
+    Greedy when ``num_beams=1``; stops at the family's end token; returns only the generated
+    text, stripped."""
     for name, value in (("batch size", batch_size), ("number of beams", num_beams),
                         ("max new tokens", max_new_tokens)):
         if value < 1:
@@ -60,13 +60,15 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set one before generating")
+    from galaxy_llava.training.batches import PromptIds
+
     family = family_for(model)
-    prompt_ids = family.prompt_ids(processor, prompt or DEFAULT_PROMPT)
+    prompt_ids = PromptIds(processor, family, prompt or family.default_prompt(processor))
     dtype, device = _model_dtype_device(model)
-    stop_ids = {tok.eos_token_id}
+    stop_ids = set(family.end_ids(tok))
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        eos_token_id=sorted(stop_ids), pad_token_id=tok.pad_token_id,
         # Explicit, so a checkpoint's generation_config cannot switch them back on (defect 6).
         no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0)
     texts: list[str] = []
@@ -75,11 +77,14 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
     for start in tqdm(starts, desc="describing", unit="batch", disable=quiet):
         batch = [im if isinstance(im, Image.Image) else load_image(im)
                  for im in images[start:start + batch_size]]
-        ids, mask = _left_pad([prompt_ids] * len(batch), tok.pad_token_id)
-        pv = family.pixel_values(processor, batch).to(device=device, dtype=dtype)
+        per_image = [family.image_inputs(processor, im) for im in batch]
+        ids, mask = _left_pad([prompt_ids(p) for p in per_image], tok.pad_token_id)
+        inputs = {k: torch.cat([p[k] for p in per_image]).to(device) for k in per_image[0]}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs.update({k: v.to(device) for k, v in family.token_inputs(ids, processor).items()})
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 pixel_values=pv, **gen_kwargs)
+                                 **inputs, **gen_kwargs)
         for row in out[:, ids.shape[1]:].tolist():
             texts.append(tok.decode(_cut_at_eos(row, stop_ids), skip_special_tokens=True).strip())
     return texts

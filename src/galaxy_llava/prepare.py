@@ -11,7 +11,9 @@ Output folder::
 
 Every file is a pure function of the arguments and the catalogue, so a re-run writes nothing
 new: images already present are kept and the other files are only replaced when their bytes
-would change.
+would change. The folder is built in a temporary sibling and swapped in at the end
+(:func:`galaxy_llava.outputs.staged_folder`): a run that fails or is killed leaves ``out`` as it
+was, and a folder holding something else is refused (:func:`galaxy_llava.outputs.claim`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from galaxy_llava import __version__, io as gio
+from galaxy_llava import __version__, io as gio, outputs
 from galaxy_llava.catalog import ID_COLUMN, Catalog, ImageError, decode_image, load_catalog
 from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import col
@@ -53,9 +55,14 @@ _MAX_WARNINGS = 10
 def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int = 1000,
             seed: int = 42, image_size: int = 336, rules: str = "reference", min_votes: int = 5,
             val_fraction: float = 0.1, test_fraction: float = 0.1, hub_config: str | None = None,
-            hub_split: str = "train", workers: int | None = None) -> dict:
+            hub_split: str = "train", workers: int | None = None, overwrite: bool = False,
+            allow_outside_paths: bool = False) -> dict:
     """Select ``n_per_class`` elliptical and spiral galaxies, write images, captions, splits,
     stats and a preview under ``out``; return the stats.
+
+    ``out`` may be new, empty, or a dataset prepared with the same settings from the same
+    catalogue (its images are reused); another dataset needs ``overwrite``. Catalogue image
+    paths outside the catalogue's folder need ``allow_outside_paths``.
 
     An unreadable, truncated or oversized image is skipped with a warning naming the galaxy and
     listed in the stats, not replaced by another galaxy: the selection and the splits stay a pure
@@ -69,34 +76,36 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int 
     args = {"rules": rules, "min_votes": min_votes if rule_set(rules).uses_min_votes else None,
             "n_per_class": n_per_class, "seed": seed, "image_size": image_size,
             "val_fraction": val_fraction, "test_fraction": test_fraction}
-    _check_out(out, args)  # cheap: before a possibly large catalogue is opened
-    catalog = load_catalog(source, rules=rules, hub_config=hub_config, hub_split=hub_split)
+    # cheap: before a possibly large catalogue is opened
+    outputs.claim(out, "dataset", overwrite=overwrite, identity=lambda o: _differences(o, args))
+    catalog = load_catalog(source, rules=rules, hub_config=hub_config, hub_split=hub_split,
+                           allow_outside=allow_outside_paths)
     manifest = {"format": MANIFEST_FORMAT, "source": _source_name(source),
                 "source_kind": catalog.kind, "hub_config": hub_config, "hub_split": hub_split,
                 **args, "catalog_rows": len(catalog), "catalog_sha256": _fingerprint(catalog)}
-    _check_out(out, manifest)
+    status = outputs.claim(out, "dataset", overwrite=overwrite,
+                           identity=lambda o: _differences(o, manifest))
 
     usable, excluded = _usable_rows(catalog.votes)
     sel = select(catalog.votes.loc[usable], n_per_class, seed, val_fraction, test_fraction)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "manifest.json").exists():  # written first: an interrupted run can resume
-        gio.write_json(out / "manifest.json", {**manifest, "version": __version__})
-
-    records = _records(catalog.votes, sel, rules, min_votes)
-    failed, written, reused = _write_images(catalog, sel["row"].tolist(), records,
-                                            out / "images", image_size, workers)
-    kept = [r for row, r in zip(sel["row"], records) if row not in failed]
-    if not kept:
-        first = next(iter(failed.values()))
-        raise UserError(f"none of the {len(records)} selected images could be read "
-                        f"(first: {first})")
-    changed = _write_if_changed(
-        out / "dataset.jsonl",
-        "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept).encode())
-    stats = _stats(records, sel, failed, excluded, n_per_class, manifest)
-    _write_if_changed(out / "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
-    if changed or not (out / "preview.png").exists():  # same records, same preview: save ~2 s
-        gio.write_bytes(out / "preview.png", render_preview(out, kept))
+    with outputs.staged_folder(out, keep=status == "same") as stage:
+        if not (stage / "manifest.json").exists():  # a re-run keeps the first run's
+            gio.write_json(stage / "manifest.json", {**manifest, "version": __version__})
+        records = _records(catalog.votes, sel, rules, min_votes)
+        failed, written, reused = _write_images(catalog, sel["row"].tolist(), records,
+                                                stage / "images", image_size, workers)
+        kept = [r for row, r in zip(sel["row"], records) if row not in failed]
+        if not kept:
+            first = next(iter(failed.values()))
+            raise UserError(f"none of the {len(records)} selected images could be read "
+                            f"(first: {first})")
+        changed = _write_if_changed(
+            stage / "dataset.jsonl",
+            "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept).encode())
+        stats = _stats(records, sel, failed, excluded, n_per_class, manifest)
+        _write_if_changed(stage / "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
+        if changed or not (stage / "preview.png").exists():  # same records: save ~2 s
+            gio.write_bytes(stage / "preview.png", render_preview(stage, kept))
     _print_summary(stats, out, written, reused)
     return {**stats, "images_written": written, "images_reused": reused}
 
@@ -235,31 +244,23 @@ def _fingerprint(catalog: Catalog) -> str:
     return h.hexdigest()
 
 
-def _check_out(out: Path, fields: dict) -> None:
-    """Refuse an output folder holding something else: never mix two datasets' images."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+def _differences(out: Path, fields: dict) -> list[str]:
+    """How the dataset in ``out`` differs from one made with ``fields`` (never mix two
+    datasets' images); [] when it is the same dataset."""
     path = out / "manifest.json"
     if not path.exists():
-        if any(out.iterdir()):
-            raise UserError(f"--out {out} is not empty and holds no manifest.json from "
-                            "`galaxy-llava prepare`; pass a new or empty folder")
-        return
+        return ["it has no manifest.json (an unfinished or foreign folder)"]
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}); pass a new --out folder") from None
+        return [f"its manifest.json is unreadable ({e})"]
     diffs = [f"{k} {old.get(k)!r} -> {fields[k]!r}" for k in IDENTITY_KEYS
              if k in fields and old.get(k) != fields[k]]
     if "catalog_sha256" in fields and old.get("catalog_sha256") != fields["catalog_sha256"]:
         diffs = [d for d in diffs if not d.startswith(("catalog_sha256", "catalog_rows"))]
         diffs.append(f"catalogue content differs (was prepared from {old.get('source')}, "
                      f"now {fields['source']})")
-    if diffs:
-        raise UserError(f"--out {out} holds a different dataset: {'; '.join(diffs)}; pass a new "
-                        "--out folder or delete this one")
+    return diffs
 
 
 def _usable_rows(votes: pd.DataFrame) -> tuple[pd.Index, dict]:

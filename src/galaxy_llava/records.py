@@ -1,8 +1,8 @@
 """Prepared datasets as records (``dataset.jsonl`` + images) and safe image loading.
 
 A record: ``{"image", "text", "id_str", "split", "morphology", "fractions"}``; image paths are
-resolved against the dataset folder. Images open through one guarded function (decompression-bomb
-guard, one-line errors).
+resolved against the dataset folder and must stay inside it (unless the caller allows otherwise).
+Images open through one guarded function (decompression-bomb guard, one-line errors).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from galaxy_llava.checks import contained
 from galaxy_llava.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -48,7 +49,9 @@ def _jsonl_path(data: str | os.PathLike) -> Path:
     return path
 
 
-def _parse_lines(path: Path, lines: Iterable[str]) -> list[dict]:
+def _parse_lines(path: Path, lines: Iterable[str], root: Path,
+                 allow_outside: bool) -> list[dict]:
+    """Records with their fields checked and image paths resolved (and contained) by line."""
     records = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -59,29 +62,54 @@ def _parse_lines(path: Path, lines: Iterable[str]) -> list[dict]:
             raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(record, dict) or not {"image", "text"} <= set(record):
             raise UserError(f"{path}:{lineno}: a record needs \"image\" and \"text\" fields")
+        _check_fields(record, f"{path}:{lineno}")
+        record["image"] = str(contained(record["image"], root, allow_outside, f"{path}:{lineno}"))
         records.append(record)
     return records
 
 
-def load_records(data: str | os.PathLike, split: str | None = None) -> list[dict]:
+# Optional fields and the type each must have when present.
+_OPTIONAL = {"split": str, "id_str": (str, int), "morphology": dict, "fractions": dict}
+
+
+def _check_fields(record: dict, where: str) -> None:
+    """Each field of the type the rest of the pipeline needs, named with its file:line."""
+    for field in ("image", "text"):
+        value = record[field]
+        if not isinstance(value, str):
+            raise UserError(f"{where}: field {field!r} must be a string "
+                            f"(got {type(value).__name__} {value!r:.40})")
+        if not value.strip():
+            raise UserError(f"{where}: field {field!r} is empty")
+    for field, kind in _OPTIONAL.items():
+        value = record.get(field)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise UserError(f"{where}: field {field!r} has the wrong type "
+                            f"({type(value).__name__})")
+
+
+def load_records(data: str | os.PathLike, split: str | None = None,
+                 allow_outside: bool = False) -> list[dict]:
     """Records of a prepared dataset (folder or ``dataset.jsonl``), optionally one split only.
 
-    Image paths are resolved against the JSONL's folder and made absolute; a missing image, a
-    malformed line (with its number) or an unknown or empty split is a UserError."""
+    Image paths are resolved against the JSONL's folder and made absolute; an image outside that
+    folder (``../x.jpg``, an absolute path elsewhere) is refused unless ``allow_outside``. A
+    missing image, a malformed line or a field of the wrong type (with its line number) or an
+    unknown or empty split is a UserError."""
     path = _jsonl_path(data)
-    with open(path, encoding="utf-8") as f:
-        records = _parse_lines(path, f)
+    root = path.parent.resolve()
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = _parse_lines(path, f, root, allow_outside)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (expected one JSON record per line)") from None
     if split is not None:
         present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
         records = [r for r in records if r.get("split") == split]
         if not records:
             raise UserError(f"split {split!r} is empty or absent in {path}; "
                             f"splits present: {', '.join(present) or 'none'}")
-    root = path.parent.resolve()
     for r in records:
-        image = Path(r["image"]).expanduser()
-        image = image if image.is_absolute() else root / image
-        if not image.is_file():
-            raise UserError(f"image {r['image']} of {path} not found (looked for {image})")
-        r["image"] = str(image)
+        if not Path(r["image"]).is_file():
+            raise UserError(f"image {r['image']} of {path} not found")
     return records

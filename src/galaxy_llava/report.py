@@ -4,7 +4,9 @@ Everything is embedded: plots and galaxy thumbnails as base64 PNG/JPEG, CSS inli
 URL, so the file can be mailed or opened offline. Sections: headline numbers, a comparison table,
 per-attribute accuracy bars, confusion matrices (CSS tabs, no JavaScript), training curves and
 speed of each run (when its run folder is known), and a grid of galaxies with truth and every
-run's answer, wrong phrases in red and missed ones struck through.
+run's answer, wrong phrases in red and missed ones struck through. Only images inside the EVAL
+folders given, or inside the prepared dataset their metrics name, are embedded: a
+``predictions.jsonl`` pointing elsewhere on disk gets a placeholder, not the file's bytes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import base64
 import html
 import io
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from galaxy_llava import outputs
+from galaxy_llava.checks import inside
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import write_text
 from galaxy_llava.metrics import TABLE_COLUMNS, table_value
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, caption_phrases
 
@@ -171,15 +175,35 @@ def loss_chart(runs: Sequence[tuple[str, list[dict], str]]) -> str:
     return _png(fig)
 
 
-def _thumbnail(path: str | None, data: str | None, size: int = 132) -> str | None:
+def image_roots(ev: dict) -> list[Path]:
+    """The folders whose images a report may embed for one evaluation: its EVAL folder and the
+    prepared dataset (a folder with ``dataset.jsonl``) its metrics name."""
+    roots = [Path(ev["folder"]).resolve()]
+    data = ev["metrics"].get("data")
+    if isinstance(data, str) and data:
+        d = Path(data).expanduser()
+        d = d.parent if d.name == "dataset.jsonl" else d
+        if (d / "dataset.jsonl").is_file():
+            roots.append(d.resolve())
+    return roots
+
+
+def _image_path(path: Any, data: Any) -> Path | None:
+    """A prediction row's image path, relative ones against the dataset folder."""
+    if not isinstance(path, str) or not path:
+        return None
+    p = Path(path)
+    if not p.is_absolute() and isinstance(data, str) and data:
+        p = (Path(data) if Path(data).is_dir() else Path(data).parent) / p
+    return p
+
+
+def _thumbnail(p: Path | None, size: int = 132) -> str | None:
     """A JPEG data URI of one galaxy image, or None when it cannot be read."""
     from PIL import Image
 
-    if not path:
+    if p is None:
         return None
-    p = Path(path)
-    if not p.is_absolute() and data:
-        p = (Path(data) if Path(data).is_dir() else Path(data).parent) / p
     try:
         with Image.open(p) as im:
             im = im.convert("RGB")
@@ -306,17 +330,24 @@ def _training_section(evals: Sequence[dict]) -> str:
     return f'{chart}<table class="summary"><tr><th>run</th>{head}</tr>{"".join(rows)}</table>'
 
 
-def _galaxy_grid(evals: Sequence[dict], limit: int = GRID_GALAXIES) -> str:
-    by_id = [{r.get("id_str"): r for r in e["rows"]} for e in evals]
+def _galaxy_grid(evals: Sequence[dict], limit: int = GRID_GALAXIES) -> tuple[str, int]:
+    """The grid's HTML and how many images were left out for lying outside the folders."""
+    by_id = [{r.get("id_str"): r for r in e["rows"] if isinstance(r, dict)} for e in evals]
     first = next((e for e in evals if e["rows"]), None)
     if first is None:
-        return '<p class="note">No predictions.jsonl found.</p>'
+        return '<p class="note">No predictions.jsonl found.</p>', 0
+    roots, outside = image_roots(first), 0
     cards = []
-    for row in first["rows"][:limit]:
+    for row in [r for r in first["rows"] if isinstance(r, dict)][:limit]:
         gid = row.get("id_str")
-        src = _thumbnail(row.get("image"), first["metrics"].get("data"))
-        img = (f'<img src="{src}" alt="galaxy {html.escape(str(gid))}">' if src
-               else '<div class="noimg">image missing</div>')
+        path = _image_path(row.get("image"), first["metrics"].get("data"))
+        if path is not None and not any(inside(path, root) for root in roots):
+            outside += 1
+            img = '<div class="noimg">image outside the EVAL and data folders: not embedded</div>'
+        else:
+            src = _thumbnail(path)
+            img = (f'<img src="{src}" alt="galaxy {html.escape(str(gid))}">' if src
+                   else '<div class="noimg">image missing</div>')
         lines = [f'<div class="truth"><b>truth</b> {html.escape(row.get("truth") or "")}</div>']
         for k, (e, index) in enumerate(zip(evals, by_id)):
             r = index.get(gid)
@@ -332,7 +363,7 @@ def _galaxy_grid(evals: Sequence[dict], limit: int = GRID_GALAXIES) -> str:
     return (f'<p class="note">The first {len(cards)} galaxies of the split. ✓ = every attribute '
             f'right. <span class="bad">Red</span>: a wrong or ungrammatical phrase; '
             f'<span class="miss">struck through</span>: a true attribute the answer left out.</p>'
-            f'<div class="grid">{"".join(cards)}</div>')
+            f'<div class="grid">{"".join(cards)}</div>'), outside
 
 
 def _confusion_tabs(evals: Sequence[dict]) -> str:
@@ -388,10 +419,16 @@ img.plot{max-width:100%;display:block;margin:0 auto}
 """
 
 
-def build_report(evals: Sequence[str | Path], out: str | Path = "report.html") -> Path:
-    """Write ONE self-contained HTML file comparing the given EVAL folders; returns its path."""
+def build_report(evals: Sequence[str | Path], out: str | Path = "report.html",
+                 overwrite: bool = False) -> Path:
+    """Write ONE self-contained HTML file comparing the given EVAL folders; returns its path.
+
+    ``out`` may be new or a report of the same EVAL folders; another report needs
+    ``overwrite``, and a folder or any other file is refused."""
     if not evals:
         raise UserError("name at least one EVAL folder to report on")
+    identity = {"evals": [str(Path(e).expanduser().resolve()) for e in evals]}
+    outputs.claim(out, "report", overwrite=overwrite, identity=identity)
     loaded = [load_eval(e) for e in evals]
     seen: dict[str, int] = {}
     for e in loaded:  # two folders of the same name must stay distinguishable
@@ -405,6 +442,7 @@ def build_report(evals: Sequence[str | Path], out: str | Path = "report.html") -
         f'{_fmt(e["metrics"].get("exact_match"))}</div><div class="l">type '
         f'{_fmt(table_value(e["metrics"], "type"))} · n={e["metrics"].get("n")}</div></div>'
         for k, e in enumerate(loaded))
+    grid, outside = _galaxy_grid(loaded)
     sections = [
         ("Headline", f'<div class="kpis">{kpis}</div>'),
         ("All metrics", _summary_table(loaded)),
@@ -412,12 +450,16 @@ def build_report(evals: Sequence[str | Path], out: str | Path = "report.html") -
          f'<img class="plot" src="{accuracy_chart(loaded)}" alt="accuracy per attribute">'),
         ("Confusion matrices", _confusion_tabs(loaded)),
         ("Training", _training_section(loaded)),
-        ("Galaxies: truth and answers", _galaxy_grid(loaded)),
+        ("Galaxies: truth and answers", grid),
     ]
     body = "".join(f"<section><h2>{t}</h2>{c}</section>" for t, c in sections)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<title>galaxy-llava report</title><style>{CSS}</style></head><body><header>'
+            f'<title>galaxy-llava report</title>{outputs.report_meta(identity)}'
+            f'<style>{CSS}</style></head><body><header>'
             f'<h1>Galaxy Zoo 2 descriptions: evaluation report</h1><p>{len(loaded)} evaluation(s)'
             f' on split {html.escape(", ".join(splits))} · generated '
             f'{datetime.now():%Y-%m-%d %H:%M}</p></header><main>{body}</main></body></html>')
-    return write_text(out, page)
+    if outside:
+        print(f"warning: {outside} image(s) outside the EVAL folders and their data folder were "
+              "not embedded", file=sys.stderr)
+    return outputs.write_file(out, lambda tmp: tmp.write_text(page))

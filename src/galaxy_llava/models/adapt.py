@@ -12,7 +12,7 @@ PROJECTOR_MODES = ("lora", "full")
 
 def freeze_vision_encoder(model) -> None:
     """Stop gradients into the vision encoder: 1.8k galaxies would only erode its features."""
-    for p in family_for(model).vision_encoder(model).parameters():
+    for p in family_for(model).encoder_parameters(model):
         p.requires_grad_(False)
 
 

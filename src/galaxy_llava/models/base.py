@@ -19,30 +19,70 @@ class ModelFamily:
 
     name: str = ""
     model_types: tuple[str, ...] = ()
+    cacheable: bool = True  # whether cached encoder output replays exactly (else: uncached)
 
-    # --- tokens and prompt
-    def image_token_count(self, config) -> int:
-        """Image tokens per image the language model sees."""
+    # --- prompt, answer and image inputs
+    def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
+        """The training prompt when none is given: the family's chat format with one image
+        placeholder and the question, ending where the answer starts."""
         raise NotImplementedError
 
     def fix_processor(self, processor, config) -> None:
         """Make ``processor`` expand images to exactly the tokens the model expects."""
 
-    def prompt_ids(self, processor, prompt: str) -> list[int]:
-        """Token ids of ``prompt`` (BOS first) with its image placeholder expanded."""
+    def image_inputs(self, processor, image) -> dict:
+        """The model inputs of one PIL image, as tensors that concatenate along dim 0 into a
+        batch (``pixel_values`` and whatever else the family needs, e.g. a grid)."""
+        out = processor.image_processor(images=[image], return_tensors="pt")
+        return {k: v for k, v in out.items() if k in self.image_input_names}
+
+    image_input_names: tuple[str, ...] = ("pixel_values",)
+
+    def num_image_tokens(self, processor, image_inputs: dict) -> int:
+        """How many image tokens the prompt holds for one image with these inputs."""
         raise NotImplementedError
 
-    def pixel_values(self, processor, images):
-        """The image processor's pixel values: (3, H, W) for one image, (N, 3, H, W) for a list."""
-        single = not isinstance(images, (list, tuple))
-        out = processor.image_processor(images=[images] if single else list(images),
-                                        return_tensors="pt")["pixel_values"]
-        return out[0] if single else out
+    def prompt_ids(self, processor, prompt: str, num_image_tokens: int) -> list[int]:
+        """Token ids of ``prompt`` with its one image placeholder expanded to
+        ``num_image_tokens`` tokens. Training and generation both use it: identical ids."""
+        raise NotImplementedError
+
+    def answer_ids(self, tokenizer, caption: str) -> list[int]:
+        """The caption's ids as they follow the prompt at generation time (no end token).
+        Default: a SentencePiece-style answer after a space (``▁This``)."""
+        caption = caption.strip()
+        if not caption:
+            return []  # encode_text refuses an empty answer by name
+        ids = tokenizer(caption, add_special_tokens=False).input_ids
+        first = tokenizer.convert_ids_to_tokens(ids[0]) if ids else ""
+        if not first.startswith(("▁", "Ġ", " ")):
+            # A tokenizer without SentencePiece's dummy prefix: spell the separating space out.
+            ids = tokenizer(" " + caption, add_special_tokens=False).input_ids
+        return list(ids)
+
+    def end_ids(self, tokenizer) -> list[int]:
+        """The token(s) that end an answer: learnt after the caption, where generation stops."""
+        return [tokenizer.eos_token_id]
+
+    def token_inputs(self, input_ids, processor) -> dict:
+        """Per-token inputs the model needs beside ``input_ids`` (built from padded ids)."""
+        return {}
 
     # --- where things are
     def vision_encoder(self, model):
-        """The frozen vision encoder module of a (possibly peft-wrapped) model."""
+        """The vision encoder module of a (possibly peft-wrapped) model."""
         raise NotImplementedError
+
+    def encoder_parameters(self, model):
+        """The parameters that stay frozen: the vision encoder's, without the projector where
+        the family keeps it inside the encoder module."""
+        return self.vision_encoder(model).parameters()
+
+    def load_processor(self, source: str, trust_remote_code: bool = False):
+        """The checkpoint's processor (``AutoProcessor``)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
 
     def lora_target_modules(self, projector: str) -> str:
         """peft ``target_modules`` regex: the language model's linears, plus the projector when
@@ -62,16 +102,18 @@ class ModelFamily:
         raise NotImplementedError
 
     # --- the cached-encoder fast path
-    def vision_features(self, model, pixel_values):
-        """The frozen encoder's output for ``pixel_values``: exactly what the projector receives."""
+    def vision_features(self, model, image_inputs: dict):
+        """The frozen encoder's output for a batch of image inputs: exactly what the
+        projector receives, concatenated along dim 0 as the images are."""
         raise NotImplementedError
 
-    def feature_shape(self, config) -> tuple[int, int]:
-        """(tokens, width) of one image's :meth:`vision_features`."""
-        raise NotImplementedError
+    def split_features(self, features, image_inputs: dict) -> list:
+        """:meth:`vision_features` of a batch cut into one tensor per image (each concatenates
+        back along dim 0). Default: one row per image."""
+        return list(features.split(1, dim=0))
 
     def cached_features(self, model) -> contextlib.AbstractContextManager:
-        """While active, the model's ``pixel_values`` input carries :meth:`vision_features` rows
+        """While active, the model's ``pixel_values`` input carries :meth:`vision_features`
         instead of images (the encoder is skipped; the projector still runs inside forward)."""
         raise NotImplementedError
 

@@ -51,7 +51,11 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     model_types = ("llava",)
 
+    def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
+        return f"USER: <image>\n{question}\nASSISTANT:"  # TinyLLaVA's format (config.DEFAULT_PROMPT)
+
     def image_token_count(self, config) -> int:
+        """Image tokens per image the language model sees (from the model config)."""
         vc = config.vision_config
         n = (_first(vc.image_size) // _first(vc.patch_size)) ** 2
         return n if config.vision_feature_select_strategy == "default" else n + 1
@@ -71,17 +75,18 @@ class LlavaFamily(ModelFamily):
                             f"per image but the model expects {expected}; check the image "
                             "processor's crop size")
 
-    def prompt_ids(self, processor, prompt: str) -> list[int]:
-        """Training and generation both use this, so the model sees identical prompt ids."""
+    def num_image_tokens(self, processor, image_inputs: dict) -> int:
+        return processor_image_tokens(processor)  # every image is resized to one size
+
+    def prompt_ids(self, processor, prompt: str, num_image_tokens: int) -> list[int]:
         tokenizer = processor.tokenizer
         image_token = getattr(tokenizer, "image_token", None) or "<image>"
         if prompt.count(image_token) != 1:
             raise UserError(f"the prompt must contain {image_token} exactly once: {prompt!r}")
-        n = processor_image_tokens(processor)
-        ids = tokenizer(prompt.replace(image_token, image_token * n),
+        ids = tokenizer(prompt.replace(image_token, image_token * num_image_tokens),
                         add_special_tokens=True).input_ids
         image_id = tokenizer.convert_tokens_to_ids(image_token)
-        if sum(i == image_id for i in ids) != n:
+        if sum(i == image_id for i in ids) != num_image_tokens:
             raise UserError(f"the tokenizer does not keep {image_token} as one token")
         return list(ids)
 
@@ -107,7 +112,7 @@ class LlavaFamily(ModelFamily):
     def unquantized_modules(self) -> list[str]:
         return ["vision_tower", "multi_modal_projector", "lm_head"]
 
-    def vision_features(self, model, pixel_values):
+    def vision_features(self, model, image_inputs: dict):
         """Taken with a pre-hook on the projector during the library's own
         ``get_image_features``, so layer and CLS selection cannot drift from transformers'.
         ``no_grad``, not ``inference_mode``: the result is later saved for the projector's
@@ -122,15 +127,12 @@ class LlavaFamily(ModelFamily):
         handle = inner.multi_modal_projector.register_forward_pre_hook(hook)
         try:
             with torch.no_grad():
-                inner.get_image_features(pixel_values=pixel_values)
+                inner.get_image_features(pixel_values=image_inputs["pixel_values"])
         except _Captured as c:
             return c.features
         finally:
             handle.remove()
         raise RuntimeError("the projector was never called by get_image_features")
-
-    def feature_shape(self, config) -> tuple[int, int]:
-        return self.image_token_count(config), config.vision_config.hidden_size
 
     @contextlib.contextmanager
     def cached_features(self, model):

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from pathlib import Path
 
 import torch
 
-from galaxy_llava.config import DEFAULT_MODEL, DEFAULT_PROMPT
+from galaxy_llava.config import DEFAULT_MODEL
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.folders import adapter_base, is_local, read_prompt, run_kind
@@ -63,6 +64,13 @@ def load_config(name: str, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(str(path) if is_local(name) else name,
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        unknown = re.search(r"model type `([^`]*)` but Transformers does not recognize", str(e))
+        if unknown:  # a checkpoint of a type transformers lacks (tiny_llava): not a Hub problem
+            from galaxy_llava.models.registry import FAMILIES
+
+            raise UserError(f"unsupported model type {unknown.group(1)!r} in {name} (this "
+                            f"transformers does not know it); supported: "
+                            f"{', '.join(sorted(FAMILIES))}") from None
         if is_local(name):
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot read the model config in {name}: {first}") from None
@@ -75,7 +83,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
 
     Returns ``(model, processor)``; bf16 on a capable GPU, fp32 on CPU, SDPA attention. A RUN
     folder works too (its ``model/``, or its LoRA adapter merged into the base weights)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     name = str(name_or_path)
     kind = run_kind(Path(name).expanduser()) if Path(name).expanduser().is_dir() else None
@@ -96,7 +104,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
         kwargs["device_map"] = {"": str(device)}
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+        processor = family.load_processor(source, trust_remote_code)
     except (OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if is_local(name):
@@ -121,7 +129,6 @@ def quiet_peft():
 def load_adapter_model(run: Path, device=None, dtype=None, merge: bool = True):
     """A LoRA RUN folder's base model with its adapter (merged unless ``merge=False``)."""
     from peft import PeftModel
-    from transformers import AutoProcessor
 
     if not (run / "adapter" / "adapter_model.safetensors").is_file():
         # peft would fall back to a pickled adapter_model.bin: weights load as safetensors only.
@@ -130,8 +137,9 @@ def load_adapter_model(run: Path, device=None, dtype=None, merge: bool = True):
     with quiet_peft():
         model = PeftModel.from_pretrained(model, str(run / "adapter"))
     if (run / "adapter" / "processor_config.json").is_file():
-        processor = AutoProcessor.from_pretrained(str(run / "adapter"))
-        family_for(model).fix_processor(processor, model.config)
+        family = family_for(model)
+        processor = family.load_processor(str(run / "adapter"))
+        family.fix_processor(processor, model.config)
     return (model.merge_and_unload() if merge else model), processor
 
 
@@ -139,7 +147,7 @@ def load_for_inference(run_or_model: str | os.PathLike, device=None):
     """Load a RUN folder (``model/`` or LoRA ``adapter/``), model folder or Hub id for inference.
 
     Returns ``(model, processor, prompt)`` with the model in eval mode and LoRA merged; the prompt
-    is the one stored with the model, else DEFAULT_PROMPT with a warning."""
+    is the one stored with the model, else the family's default with a warning."""
     name = str(run_or_model)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -158,7 +166,6 @@ def load_for_inference(run_or_model: str | os.PathLike, device=None):
         model, processor = load_model(name, device=device)
         prompt = None
     if prompt is None:
-        warnings.warn(f"no prompt stored with {name}; using the default {DEFAULT_PROMPT!r}",
-                      stacklevel=2)
-        prompt = DEFAULT_PROMPT
+        prompt = family_for(model).default_prompt(processor)
+        warnings.warn(f"no prompt stored with {name}; using the default {prompt!r}", stacklevel=2)
     return model.eval(), processor, prompt

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.base import ModelFamily, unwrap
+from galaxy_llava.models.idefics3 import IDEFICS3
 from galaxy_llava.models.llava import LLAVA
+from galaxy_llava.models.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 
 FAMILIES: dict[str, ModelFamily] = {
-    model_type: family for family in (LLAVA,) for model_type in family.model_types}
+    model_type: family for family in (LLAVA, QWEN2_VL, QWEN2_5_VL, IDEFICS3)
+    for model_type in family.model_types}
 
 
 def family_for(config_or_model) -> ModelFamily:

@@ -23,8 +23,10 @@ def _step(name: str, t0: float) -> None:
     print(f"\n=== {name}  (t = {time.time() - t0:.0f} s)", flush=True)
 
 
-def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0) -> dict:
-    """Run every stage on synthetic galaxies and a tiny model; print the table and report path."""
+def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0,
+             family: str = "llava") -> dict:
+    """Run every stage on synthetic galaxies and a tiny model of ``family``; print the table and
+    the report's path."""
     from galaxy_llava.evaluate import evaluate, majority_baseline, probe
     from galaxy_llava.metrics import format_table
     from galaxy_llava.prepare import prepare
@@ -48,14 +50,15 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0)
     _step("prepare: balanced caption dataset", t0)
     prepare(synth, data, n_per_class=n_galaxies, seed=seed, image_size=64,
             val_fraction=0.1, test_fraction=0.2)
-    _step(f"tiny-model: random-initialised LLaVA, {PRETRAIN_STEPS} steps on generic scenes", t0)
+    _step(f"tiny-model: random-initialised {family}, {PRETRAIN_STEPS} steps on generic scenes", t0)
     if not (model / "config.json").exists():
-        build_tiny_model(model, preset="tiny", seed=seed, pretrain_steps=PRETRAIN_STEPS)
+        build_tiny_model(model, preset="tiny", seed=seed, pretrain_steps=PRETRAIN_STEPS,
+                         family=family)
 
-    evals: dict[str, Path] = {}
+    evals: dict[str, Path] = {}  # the demo owns its folder: a re-run replaces its results
     _step("evaluate: base model (zero-shot)", t0)
     evals["base"] = out / "eval" / "base"
-    evaluate(model, data, split="test", out=evals["base"], name="base")
+    evaluate(model, data, split="test", out=evals["base"], name="base", overwrite=True)
     for method in ("lora", "full"):
         _step(f"train: {method}", t0)
         run = out / "runs" / method
@@ -63,15 +66,15 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0)
               **DEMO_TRAIN[method])
         _step(f"evaluate: {method}", t0)
         evals[method] = out / "eval" / method
-        evaluate(run, data, split="test", out=evals[method], name=method)
+        evaluate(run, data, split="test", out=evals[method], name=method, overwrite=True)
     _step("probe: logistic regression on frozen vision features", t0)
     evals["probe"] = out / "eval" / "probe"
-    probe(model, data, split="test", out=evals["probe"])
+    probe(model, data, split="test", out=evals["probe"], overwrite=True)
     evals["majority"] = out / "eval" / "majority"
-    majority_baseline(data, split="test", out=evals["majority"])
+    majority_baseline(data, split="test", out=evals["majority"], overwrite=True)
 
     _step("report", t0)
-    report = build_report(list(evals.values()), out / "report.html")
+    report = build_report(list(evals.values()), out / "report.html", overwrite=True)
     metrics = [json.loads((p / "metrics.json").read_text()) for p in evals.values()]
     print("\n" + format_table(metrics))
     print(f"\nreport: {report.resolve()}\ntotal time: {time.time() - t0:.0f} s")

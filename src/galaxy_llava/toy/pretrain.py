@@ -23,7 +23,8 @@ COLOURS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 1.0, 0.3), "blue": (0.3, 0.4
 KINDS = ("blob", "ring", "bar", "stripes", "cross", "dots")
 ELONGATION = {"round": 1.0, "oval": 0.6, "long": 0.3}
 DOT_COUNTS = {"two": 2, "three": 3, "many": 6}
-PRETRAIN_PROMPT = "USER: <image>\nWhat do you see?\nASSISTANT:"
+PRETRAIN_QUESTION = "What do you see?"
+PRETRAIN_PROMPT = "USER: <image>\nWhat do you see?\nASSISTANT:"  # the LLaVA spelling
 
 # Plain English prose for a text-only language-modelling objective: a real base model's language
 # model knows common words (galaxy, spiral, bulge, ...) before it is fine-tuned, so its embeddings
@@ -140,15 +141,17 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
 
     Scenes are drawn fresh every step (no dataset to overfit). Plain HF forward with labels."""
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import Collator, encode_text
+    from galaxy_llava.training.batches import Collator, PromptIds, encode_text
 
     rng = np.random.default_rng([seed, 7])
     torch.manual_seed(seed)
     tok = processor.tokenizer
     family = family_for(model)
-    prompt_ids = family.prompt_ids(processor, PRETRAIN_PROMPT)
-    size = processor.image_processor.crop_size["height"]
-    collate = Collator(tok.pad_token_id)
+    prompt = PromptIds(processor, family, family.default_prompt(processor, PRETRAIN_QUESTION))
+    end_ids = family.end_ids(tok)
+    # LLaVA's processor crops to its input size; the chat families' tiny models take 64 px.
+    size = (getattr(processor.image_processor, "crop_size", None) or {}).get("height") or 64
+    collate = Collator(tok.pad_token_id, family=family, processor=processor)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -156,15 +159,19 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
     losses = []
     for _ in tqdm(range(steps), desc="pretrain (generic scenes)", disable=not progress):
         scenes = [generic_scene(rng, size) for _ in range(batch_size)]
-        items = [encode_text(tok, prompt_ids, caption) for _, caption in scenes]
+        items = []
+        for img, caption in scenes:
+            inputs = family.image_inputs(processor, img)
+            text = encode_text(tok, prompt(inputs), family.answer_ids(tok, caption), end_ids)
+            items.append({**text, **inputs})
         batch = collate(items)
         del batch["label_mask"]  # the plain HF forward with labels computes its own loss
-        batch["pixel_values"] = family.pixel_values(processor, [img for img, _ in scenes])
         text = text_batch(tok, rng, batch_size // 2)
-        hidden = model.model.language_model(input_ids=text["input_ids"],
+        hidden = model.get_decoder()(input_ids=text["input_ids"],
                                             attention_mask=text["attention_mask"]).last_hidden_state
         text_loss = torch.nn.functional.cross_entropy(
-            model.lm_head(hidden[:, :-1]).flatten(0, 1), text["labels"][:, 1:].flatten())
+            model.get_output_embeddings()(hidden[:, :-1]).flatten(0, 1),
+            text["labels"][:, 1:].flatten())
         loss = model(**batch).loss + text_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,8 +21,9 @@ import numpy as np
 import scipy.fft
 from PIL import Image
 
+from galaxy_llava import outputs
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import atomic_path
+from galaxy_llava.io import write_json
 from galaxy_llava.gz2 import vote_columns
 from galaxy_llava.morphology import Morphology
 from galaxy_llava.rules import rule_set
@@ -43,6 +44,7 @@ TRUTH_MIX = {
     "disturbance": {"companion": 0.6, "tidal": 0.4},
 }
 MIN_IMAGE_SIZE = 32
+SYNTH_FORMAT = "galaxy-llava-synth/1"
 WIDTH = 424.0  # world units: all geometry is in pixels of a 424 px GZ2 cutout, whatever image_size
 # g:r:i flux ratios: old stars (ellipticals, bulges, bars) are redder than disks and arms.
 RED, DISK, BLUE = np.array([0.55, 1.0, 1.3]), np.array([0.9, 1.0, 1.0]), np.array([1.3, 1.0, 0.8])
@@ -346,11 +348,15 @@ def _galaxy_star(args):
 
 
 def synthesize(out_dir: str | os.PathLike, n: int, seed: int = 0, image_size: int = 424,
-               shard_rows: int = 1000, workers: int | None = None) -> list[Path]:
-    """Render ``n`` galaxies into ``out_dir/data/train-0000i-of-0000K.parquet`` (Hub layout).
+               shard_rows: int = 1000, workers: int | None = None,
+               overwrite: bool = False) -> list[Path]:
+    """Render ``n`` galaxies into ``out_dir/data/train-0000i-of-0000K.parquet`` (Hub layout) and
+    record the settings in ``out_dir/synth.json``.
 
     Same arguments give byte-identical shards whatever ``workers`` is (default: the CPUs, for
-    n >= 200). Old shards of another size are removed, so the folder holds one catalogue."""
+    n >= 200). The folder is built beside ``out_dir`` and swapped in whole, so it holds one
+    catalogue; a catalogue of other settings there needs ``overwrite``, anything else is
+    refused (:func:`galaxy_llava.outputs.claim`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -361,24 +367,26 @@ def synthesize(out_dir: str | os.PathLike, n: int, seed: int = 0, image_size: in
             raise UserError(f"{name} must be an integer >= {low} (got {value!r})")
     if image_size > 4096:
         raise UserError(f"image_size must be <= 4096 (got {image_size})")
+    if seed >= 2**32:
+        raise UserError(f"seed must be below 2**32 (got {seed})")
+    identity = {"format": SYNTH_FORMAT, "n": int(n), "seed": int(seed),
+                "image_size": int(image_size), "shard_rows": int(shard_rows)}
+    outputs.claim(out_dir, "catalogue", overwrite=overwrite, identity=identity)
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if n >= 200 else 1
-    data = Path(out_dir) / "data"
-    if data.exists() and not data.is_dir():
-        raise UserError(f"{data} exists and is not a folder")
     schema = _features().arrow_schema
     k = -(-n // shard_rows)
-    paths = [data / f"train-{i:05d}-of-{k:05d}.parquet" for i in range(k)]
+    names = [f"data/train-{i:05d}-of-{k:05d}.parquet" for i in range(k)]
     rows: list[dict] = []
-    with tqdm(total=n, desc="synth", unit="galaxy") as bar:
+    with outputs.staged_folder(out_dir) as stage, \
+            tqdm(total=n, desc="synth", unit="galaxy") as bar:
+        (stage / "data").mkdir()
         for row in _rows(int(seed), int(n), int(image_size), workers):
             rows.append(row)
             bar.update()
             if len(rows) == shard_rows or bar.n == n:
-                with atomic_path(paths[(bar.n - 1) // shard_rows]) as tmp:
-                    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp,
-                                   row_group_size=100)
+                pq.write_table(pa.Table.from_pylist(rows, schema=schema),
+                               stage / names[(bar.n - 1) // shard_rows], row_group_size=100)
                 rows = []
-    for stale in set(data.glob("train-*-of-*.parquet")) - set(paths):
-        stale.unlink()
-    return paths
+        write_json(stage / outputs.SYNTH_MARKER, identity)
+    return [Path(out_dir) / name for name in names]

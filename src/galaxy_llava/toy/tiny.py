@@ -53,7 +53,7 @@ def preset_shapes(preset: str) -> dict:
     return dict(_preset(preset))
 
 
-def _tokenizer_corpus() -> list[str]:
+def tokenizer_corpus(prompts: list[str] | None = None) -> list[str]:
     """Caption grammar (every reachable caption of every rule set), prompts and generic English."""
     from galaxy_llava.rules import RULE_SETS
 
@@ -61,7 +61,7 @@ def _tokenizer_corpus() -> list[str]:
                        for m in rule_set.reachable()})
     from galaxy_llava.toy.pretrain import PRETRAIN_PROMPT, scene_words
 
-    prompts = [DEFAULT_PROMPT, PRETRAIN_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
+    prompts = prompts or [DEFAULT_PROMPT, PRETRAIN_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
     # Repetition weights the prompt and generic words so they become whole pieces too.
     return captions * 4 + prompts * 40 + [_GENERIC_ENGLISH] * 10 + scene_words()
 
@@ -74,7 +74,7 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tokenizer_corpus()), model_writer=buf, model_type="bpe",
+        sentence_iterator=iter(tokenizer_corpus()), model_writer=buf, model_type="bpe",
         vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True, split_digits=True,
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
@@ -168,24 +168,47 @@ def build_model_in_memory(preset: str = "tiny", seed: int = 0, device=None, dtyp
     return model.eval(), processor
 
 
-def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
-                     pretrain_steps: int = 0, device=None) -> Path:
-    """Write a random-initialised LLaVA with its processor and prompt in the Hugging Face layout.
+FAMILIES = ("llava", "qwen2_vl", "idefics3")
 
-    ``tiny`` has 0.72 M parameters (64 px images, 16 image tokens) for CPU tests and the demo;
-    ``mini`` has 18.5 M (336 px, 576 image tokens, 32,064-token vocabulary; ~74 MB in fp32) for
-    CPU benchmarks; ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in bf16,
-    ~2.8 GB). ``device`` is where the weights are initialised (default CPU; a GPU makes the
-    ``tinyllava`` build take seconds); the saved folder is the same either way.
+
+def build_family_in_memory(family: str = "llava", preset: str = "tiny", seed: int = 0,
+                           device=None, dtype=None):
+    """``(model, processor)`` of a tiny random-initialised model of ``family``; presets other
+    than ``tiny`` exist for LLaVA only."""
+    if family not in FAMILIES:
+        raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family == "llava":
+        return build_model_in_memory(preset, seed=seed, device=device, dtype=dtype)
+    if preset != "tiny":
+        raise UserError(f"the {family} family has only the tiny preset")
+    if family == "qwen2_vl":
+        from galaxy_llava.toy.tiny_qwen2_vl import build_model_in_memory as build
+    else:
+        from galaxy_llava.toy.tiny_idefics3 import build_model_in_memory as build
+    return build(seed=seed, device=device, dtype=dtype)
+
+
+def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
+                     pretrain_steps: int = 0, device=None, family: str = "llava") -> Path:
+    """Write a random-initialised model with its processor and prompt in the Hugging Face layout.
+
+    LLaVA ``tiny`` has 0.72 M parameters (64 px images, 16 image tokens) for CPU tests and the
+    demo; ``mini`` has 18.5 M (336 px, 576 image tokens, 32,064-token vocabulary; ~74 MB in
+    fp32) for CPU benchmarks; ``tinyllava`` has TinyLLaVA's shapes (1.41 B parameters, saved in
+    bf16, ~2.8 GB). ``family`` ``qwen2_vl`` / ``idefics3`` builds the same scale of model of that
+    family (tiny only). ``device`` is where the weights are initialised (default CPU; a GPU makes
+    the ``tinyllava`` build take seconds); the saved folder is the same either way.
     ``pretrain_steps`` > 0 first trains it to caption generic scenes (see
     :mod:`galaxy_llava.toy.pretrain`) so it can see and speak, as a real base model can."""
     import torch
 
+    from galaxy_llava.models.registry import family_for
+
     out = Path(out)
     if pretrain_steps < 0:
         raise UserError(f"--pretrain-steps must be >= 0, got {pretrain_steps}")
-    model, processor = build_model_in_memory(
-        preset, seed=seed, device=device,
+    model, processor = build_family_in_memory(
+        family, preset, seed=seed, device=device,
         dtype=torch.bfloat16 if preset == "tinyllava" else torch.float32)
     if pretrain_steps:
         from galaxy_llava.toy.pretrain import pretrain_tiny
@@ -194,8 +217,9 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        # The SentencePiece model too, as TinyLLaVA ships it (tokenizer.json stays authoritative).
-        (tmp / "tokenizer.model").write_bytes(_train_sentencepiece(_preset(preset)["spm_vocab"]))
-        write_marker(tmp, prompt=DEFAULT_PROMPT, kind="model", preset=preset, seed=seed,
-                      pretrain_steps=pretrain_steps)
+        if family == "llava":
+            # The SentencePiece model too, as TinyLLaVA ships it (tokenizer.json is authoritative).
+            (tmp / "tokenizer.model").write_bytes(_train_sentencepiece(_preset(preset)["spm_vocab"]))
+        write_marker(tmp, prompt=family_for(model).default_prompt(processor), kind="model",
+                     preset=preset, family=family, seed=seed, pretrain_steps=pretrain_steps)
     return out

@@ -80,20 +80,74 @@ def device_defaults() -> dict[str, Any]:
 
 def _finish(finetune: FinetuneArguments, training) -> tuple[FinetuneArguments, Any]:
     finetune.check()
+    check_numbers(training)
     return finetune, training
+
+
+# TrainingArguments accepts inf, nan and negative values for these (and trains a step at
+# lr=inf): (field, low, high, low excluded, high excluded, integer, may be None).
+_RANGES = (
+    ("learning_rate", 0, None, True, False, False, False),
+    ("num_train_epochs", 0, None, True, False, False, False),
+    ("max_steps", -1, None, False, False, True, False),
+    ("per_device_train_batch_size", 1, None, False, False, True, False),
+    ("per_device_eval_batch_size", 1, None, False, False, True, False),
+    ("gradient_accumulation_steps", 1, None, False, False, True, False),
+    ("warmup_steps", 0, None, False, False, False, False),
+    ("weight_decay", 0, None, False, False, False, False),
+    ("adam_beta1", 0, 1, False, True, False, False),
+    ("adam_beta2", 0, 1, False, True, False, False),
+    ("adam_epsilon", 0, None, True, False, False, False),
+    ("max_grad_norm", 0, None, False, False, False, False),
+    ("label_smoothing_factor", 0, 1, False, True, False, False),
+    ("logging_steps", 0, None, True, False, False, False),
+    ("save_steps", 0, None, True, False, False, False),
+    ("eval_steps", 0, None, True, False, False, True),
+    ("save_total_limit", 0, None, False, False, True, True),
+    ("dataloader_num_workers", 0, None, False, False, True, False),
+)
+
+
+def check_numbers(training) -> None:
+    """Every numeric Trainer setting finite and in range, and the seeds ones numpy accepts;
+    checked before any data or model is loaded (one line naming the flag)."""
+    from galaxy_llava.checks import number, seed
+
+    for name, low, high, low_open, high_open, integer, optional in _RANGES:
+        if hasattr(training, name):
+            number(f"--{name}", getattr(training, name), low, high, low_open=low_open,
+                   high_open=high_open, integer=integer, optional=optional)
+    seed("--seed", training.seed)
+    if training.data_seed is not None:
+        seed("--data_seed", training.data_seed)
 
 
 def _argument_error(e: Exception) -> UserError:
     return UserError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
-def parse_cli(argv: list[str]) -> tuple[FinetuneArguments, Any]:
-    """Parse ``galaxy-llava train`` flags into (FinetuneArguments, TrainingArguments)."""
-    parser = build_parser()
+def precheck(argv: list[str]) -> argparse.Namespace:
+    """Peek at the flags that steer parsing (config, method, output folder, resume) and refuse,
+    before transformers is even imported, an ``--output_dir`` that is a file, a dataset, a
+    model or someone's folder (one line, whatever the other flags say)."""
     peek = argparse.ArgumentParser(add_help=False)
     for name in ("config", "method", "output_dir", "resume_from_checkpoint"):
         peek.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None)
     known, _ = peek.parse_known_args(argv)
+    if known.output_dir and known.resume_from_checkpoint is None:
+        from galaxy_llava.outputs import check_kind
+
+        check_kind(known.output_dir, "run", flag="--output_dir",
+                   overwrite_flag="--overwrite_output_dir")
+    return known
+
+
+def parse_cli(argv: list[str]) -> tuple[FinetuneArguments, Any]:
+    """Parse ``galaxy-llava train`` flags into (FinetuneArguments, TrainingArguments)."""
+    known = precheck(argv)
+    parser = build_parser()
+    if {"-h", "--help"} & set(argv):  # help needs no output folder
+        parser.parse_args(["--help"])
     explicit = {k: v for k, v in vars(known).items() if v is not None}
     parser.set_defaults(**_argparse_ready(layered_defaults(
         parser, explicit, known.config, resume=known.resume_from_checkpoint is not None)))

@@ -17,27 +17,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from galaxy_llava.errors import UserError
+
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
 class FeatureStore:
-    """Encoder features of N images, a row per image: a CPU tensor or a ``.npy`` memmap (bf16
-    rows are stored as their raw 16-bit patterns: numpy has no bf16)."""
+    """Encoder features of N images, a row per image (all rows of one shape): a CPU tensor or a
+    ``.npy`` memmap (bf16 rows are stored as their raw 16-bit patterns: numpy has no bf16);
+    ``extras`` holds each image's other inputs (e.g. Qwen's ``image_grid_thw``)."""
 
-    def __init__(self, data, dtype: torch.dtype):
+    def __init__(self, data, dtype: torch.dtype, extras: list[dict] | None = None):
         self.data, self.dtype = data, dtype
+        self.extras = extras if extras is not None else [{} for _ in range(len(data))]
 
     def __len__(self) -> int:
         return len(self.data)
 
     def row(self, i: int) -> torch.Tensor:
-        """Row ``i`` as a CPU tensor (what a dataset item carries)."""
+        """Row ``i`` as a CPU tensor."""
         if isinstance(self.data, torch.Tensor):
             return self.data[i]
         raw = np.array(self.data[i])
         if self.dtype == torch.bfloat16:
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(raw)
+
+    def inputs(self, i: int) -> dict:
+        """Image ``i``'s model inputs with its cached features as ``pixel_values``."""
+        return {**self.extras[i], "pixel_values": self.row(i)}
 
 
 def cache_key(model, family, paths: list[str], dtype: torch.dtype, model_name: str) -> str:
@@ -71,9 +79,10 @@ def build_feature_store(model, family, processor, paths: list[str], *, mode: str
                         progress: bool = True) -> FeatureStore:
     """Run the frozen encoder once per image (``paths``); each process computes its share.
 
-    ``mode="memory"`` keeps the rows in host memory; ``"disk"`` writes
+    ``mode="memory"`` keeps the rows in host memory; ``"disk"`` writes them as they come into
     ``cache_dir/features-<key>.npy`` (reused when model, images and dtype match) and reads rows
-    on demand."""
+    on demand. Every image's rows must have one shape: a family whose images vary in size is
+    cached only when they are all resized alike."""
     import contextlib
 
     import torch.distributed as dist
@@ -81,58 +90,82 @@ def build_feature_store(model, family, processor, paths: list[str], *, mode: str
 
     from galaxy_llava.records import load_image
 
-    dd, rank, world = _distributed()
-    n, (t, d) = len(paths), family.feature_shape(model.config)
-    final = disk = None
+    stem = None
     if mode == "disk":
-        cache_dir = Path(cache_dir)
-        final = cache_dir / f"features-{cache_key(model, family, paths, dtype, model_name)}.npy"
-        if final.is_file():
-            return FeatureStore(np.load(final, mmap_mode="r"), dtype)
-        tmp = cache_dir / f".{final.name}.partial"
-        if rank == 0:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=_NP_DTYPES[dtype],
-                                      shape=(n, t, d)).flush()
-        if dd:
-            dist.barrier()
-        disk = np.load(tmp, mmap_mode="r+")
-    mine = _shard(n, rank, world)
-    out = torch.zeros((len(mine), t, d), dtype=dtype) if disk is None else None
-    chunks = [list(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+        stem = Path(cache_dir) / f"features-{cache_key(model, family, paths, dtype, model_name)}"
+        if stem.with_suffix(".npy").is_file():
+            return _open_disk(stem, dtype)
+    dd, rank, world = _distributed()
+    n = len(paths)
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype \
+        else contextlib.nullcontext
     was_training = model.training
     model.eval()
-    done = 0
+
+    def encode(indices):
+        per_image = [family.image_inputs(processor, load_image(paths[i])) for i in indices]
+        batch = {k: torch.cat([p[k] for p in per_image]).to(device) for k in per_image[0]}
+        with autocast():
+            feats = family.vision_features(model, batch)
+        extras = [{k: v for k, v in p.items() if k != "pixel_values"} for p in per_image]
+        return [r.to(dtype).cpu() for r in family.split_features(feats, batch)], extras
+
+    shape = tuple(encode([0])[0][0].shape)  # every process learns the row shape alike
+    mine = _shard(n, rank, world)
+    tmp = stem.parent / f".{stem.name}.partial.npy" if stem is not None else None
+    if tmp is not None:
+        if rank == 0:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=_NP_DTYPES[dtype],
+                                      shape=(n, *shape)).flush()
+        if dd:
+            dist.barrier()
+        out = np.load(tmp, mmap_mode="r+")
+    else:
+        out = torch.zeros((len(mine), *shape), dtype=dtype)
+    extras: list[dict] = []
+    chunks = [list(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
     for chunk in tqdm(chunks, desc="vision features", unit="batch", disable=not progress,
                       leave=False):
-        pixels = family.pixel_values(processor, [load_image(paths[i]) for i in chunk])
-        pixels = pixels.to(device)
-        with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-              else contextlib.nullcontext()):
-            rows = family.vision_features(model, pixels).to(dtype).cpu()
-        if disk is None:
-            out[done:done + len(chunk)] = rows
+        rows, chunk_extras = encode(chunk)
+        if any(tuple(r.shape) != shape for r in rows):
+            raise UserError("the images give encoder outputs of different sizes, which the "
+                            "feature cache cannot hold: resize them alike or pass "
+                            "--feature_cache off")
+        block = torch.stack(rows)
+        if tmp is not None:
+            out[chunk[0]:chunk[-1] + 1] = (block.view(torch.int16).numpy().view(np.uint16)
+                                           if dtype == torch.bfloat16 else block.numpy())
         else:
-            disk[chunk[0]:chunk[-1] + 1] = (rows.view(torch.int16).numpy().view(np.uint16)
-                                            if dtype == torch.bfloat16 else rows.numpy())
-        done += len(chunk)
+            out[chunk[0] - mine.start:chunk[-1] + 1 - mine.start] = block
+        extras += chunk_extras
     model.train(was_training)
-    if disk is not None:
-        disk.flush()
-        del disk
+    if dd:  # every process needs every row and extra: its batches draw from them all
+        parts = [None] * world
+        dist.all_gather_object(parts, extras)
+        extras = [e for part in parts for e in part]
+    if tmp is not None:
+        out.flush()
+        del out
         if dd:
             dist.barrier()
         if rank == 0:
-            os.replace(tmp, final)
+            torch.save(extras, stem.with_suffix(".extras.pt"))
+            os.replace(tmp, stem.with_suffix(".npy"))
         if dd:
             dist.barrier()
-        return FeatureStore(np.load(final, mmap_mode="r"), dtype)
-    if dd:  # every process needs every row: its shuffled batches draw from the whole set
+        return _open_disk(stem, dtype)
+    if dd:
         per = -(-n // world)
         comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        padded = torch.zeros((per, t, d), dtype=dtype, device=comm)
-        padded[:len(mine)] = out
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded)
-        out = torch.cat(gathered)[:n].cpu()
-    return FeatureStore(out, dtype)
+        padded = torch.zeros((per, *shape), dtype=dtype, device=comm)
+        padded[:len(out)] = out
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        out = torch.cat(parts)[:n].cpu()
+    return FeatureStore(out, dtype, extras)
+
+
+def _open_disk(stem: Path, dtype) -> FeatureStore:
+    extras = torch.load(stem.with_suffix(".extras.pt"), weights_only=True)
+    return FeatureStore(np.load(stem.with_suffix(".npy"), mmap_mode="r"), dtype, extras)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+from galaxy_llava import outputs
+from galaxy_llava.checks import preflight_model
 from galaxy_llava.config import FinetuneArguments
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json, write_text
@@ -123,7 +125,7 @@ def train_cli(argv: list[str]) -> dict:
 def _load_data(ft: FinetuneArguments, main: bool) -> tuple[list[dict], list[dict]]:
     from galaxy_llava.records import load_records
 
-    records = load_records(ft.data)
+    records = load_records(ft.data, allow_outside=ft.allow_outside_paths)
     train_recs = [r for r in records if r.get("split") == "train"]
     val_recs = [r for r in records if r.get("split") == "val"]
     if not train_recs:
@@ -168,6 +170,11 @@ def _setup_features(ft, args, model, family, processor, paths, main):
 
     if ft.feature_cache == "off":
         return None
+    if not family.cacheable:
+        if main:
+            print(f"note: {family.name} models train without the feature cache (its encoder "
+                  "output cannot be replayed exactly)")
+        return None
     # Under bf16 autocast the projector casts its input to bf16 anyway: storing bf16 is exact.
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     return build_feature_store(
@@ -197,9 +204,14 @@ def run_training(ft: FinetuneArguments, args) -> dict:
 
     t_start = time.time()
     run, main, world = Path(args.output_dir), args.process_index == 0, args.world_size
+    if main:
+        run_folder.recover(run)  # a start killed while a previous run was set aside
     resume = run_folder.checkpoint_to_resume(run, args.resume_from_checkpoint)
-    if resume is None:
+    if resume is None:  # never into a file, a dataset, a model or someone's folder
+        outputs.check_kind(run, "run", flag="--output_dir",
+                           overwrite_flag="--overwrite_output_dir")
         run_folder.check_fresh(run, ft.overwrite_output_dir)
+    preflight_model(ft.model_name_or_path)  # damaged weights: one line, before any loading
     train_recs, val_recs = _load_data(ft, main)
     if not val_recs:
         args.eval_strategy = "no"
@@ -207,21 +219,22 @@ def run_training(ft: FinetuneArguments, args) -> dict:
 
     set_seed(args.seed)  # before the LoRA weights are drawn, as the Trainer seeds only itself
     model, processor, family = _setup_model(ft, args)
-    prompt_ids = family.prompt_ids(processor, ft.prompt)
+    ft.prompt = ft.prompt or family.default_prompt(processor)
     paths = list(dict.fromkeys(r["image"] for r in train_recs + val_recs))
     t_feat = time.time()
     store = _setup_features(ft, args, model, family, processor, paths, main)
     feature_seconds = time.time() - t_feat
     rows = {p: i for i, p in enumerate(paths)}
-    train_set = CaptionDataset(train_recs, processor, family, prompt_ids, store, rows)
-    val_set = CaptionDataset(val_recs, processor, family, prompt_ids, store, rows) if val_recs else None
+    train_set = CaptionDataset(train_recs, processor, family, ft.prompt, store, rows)
+    val_set = CaptionDataset(val_recs, processor, family, ft.prompt, store, rows) if val_recs else None
 
     # The folder changes only now that data and model have loaded: a typo leaves nothing behind.
     existed = run.exists()
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        if resume is None and ft.overwrite_output_dir:
-            run_folder.clear_previous(run)
+        run_folder.tidy(run)  # unfinished checkpoints and temporaries of killed runs
+        if resume is None:  # kept until this run has a checkpoint: a failure puts it back
+            run_folder.set_aside(run)
         import yaml
 
         write_text(run / CONFIG_FILE, yaml.safe_dump(settings_to_save(ft, args), sort_keys=False))
@@ -241,20 +254,25 @@ def run_training(ft: FinetuneArguments, args) -> dict:
 
         trainer = GalaxyTrainer(
             model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-            data_collator=Collator(processor.tokenizer.pad_token_id), processing_class=processor,
+            data_collator=Collator(processor.tokenizer.pad_token_id, family=family,
+                                    processor=processor), processing_class=processor,
             callbacks=[LossLogCallback(run)], label_only_loss=ft.label_only_loss)
         with hook:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as e:
         if main and resume is None and not run_folder.checkpoints(run):
-            # Nothing resumable was made: leave no half-run that would block the retry.
-            run_folder.clear_previous(run)
+            # Nothing resumable was made: leave the folder as it was, so the retry just works.
+            run_folder.restore_aside(run)
             if not existed and not any(run.iterdir()):
                 run.rmdir()
+        elif main and resume is None:
+            run_folder.drop_aside(run)  # the new run is resumable: it replaces the old one
         if type(e).__name__ in HUB_ERRORS:  # push_to_hub with the Hub unreachable
             raise UserError(f"cannot reach the Hugging Face Hub ({type(e).__name__}); "
                             "train without --push_to_hub or go online") from None
         raise
+    if main and resume is None:
+        run_folder.drop_aside(run)
     metrics_path = run / "train_metrics.json"
     if resume is not None and trainer.state.global_step == start and metrics_path.is_file():
         if main:

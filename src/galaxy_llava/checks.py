@@ -1,0 +1,223 @@
+"""Validation before work: numbers in range, paths inside their folder, weights and checkpoints
+intact, and a model folder's basic health, all without importing torch.
+
+Everything here runs before a model is loaded, so a typo costs a second, not a model load, and
+every problem is a one-line :class:`~galaxy_llava.errors.UserError` naming the setting or file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from galaxy_llava.errors import UserError
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format (optimizer.pt, scheduler.pt, rng_state.pth)
+_TESTZIP_BYTES = 512 * 2**20  # CRC-check members of files up to this size (reads them whole)
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+DEFAULT_CONTEXT = 4096  # generation ceiling when a model does not state its context
+
+
+def number(flag: str, value: Any, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False, integer: bool = False,
+           optional: bool = False) -> None:
+    """Refuse a value that is not a finite number in [low, high] (open ends as asked)."""
+    if value is None and optional:
+        return
+    ok_type = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        kind = "an integer" if integer else "a number"
+        raise UserError(f"{flag} must be {kind} (got {value!r})")
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number (got {value})")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        if low is not None and high is not None:
+            want = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            want = f"{'>' if low_open else '>='} {low}"
+        else:
+            want = f"{'<' if high_open else '<='} {high}"
+        raise UserError(f"{flag} must be {want} (got {value})")
+
+
+def seed(flag: str, value: Any) -> None:
+    """A random seed numpy and torch accept: an integer in [0, 2**32)."""
+    number(flag, value, 0, 2**32, high_open=True, integer=True)
+
+
+# ----------------------------------------------------------------- containment
+
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path`` lies under ``root``, as written (``..`` resolved) or after symlinks."""
+    p, r = os.path.abspath(path), os.path.abspath(root)
+    if os.path.commonpath([p, r]) == r:
+        return True
+    rp, rr = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([rp, rr]) == rr
+
+
+def contained(path: str, root: Path, allow_outside: bool, where: str) -> Path:
+    """``path`` resolved against ``root`` (absolute, ``..`` collapsed); a path that leaves
+    ``root`` is a UserError unless ``allow_outside``."""
+    p = Path(os.path.expanduser(path))
+    p = Path(os.path.normpath(p if p.is_absolute() else root / p))
+    if not allow_outside and not inside(p, root):
+        raise UserError(f"{where}: image {path} is outside the folder {root}; images are read "
+                        "only from inside it unless you pass --allow-outside-paths")
+    return p
+
+
+# ----------------------------------------------------------------- weights and checkpoints
+
+def check_safetensors(path: Path) -> None:
+    """Header and size of a .safetensors file agree (a truncated download or copy does not)."""
+    damaged = f"{path} is truncated or corrupt"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{damaged} ({size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise UserError(f"{damaged} (its header runs past the end of the file)")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{damaged} (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{damaged} (unreadable header)")
+    try:
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+                  or [0])
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise UserError(f"{damaged} (malformed tensor table)") from None
+    if 8 + n + end != size:
+        raise UserError(f"{damaged} ({size} bytes where its header needs {8 + n + end})")
+
+
+def check_torch_file(path: Path) -> None:
+    """A torch.save zip (optimizer, scheduler, RNG state) is whole: central directory present
+    and, for files up to 512 MB, every member's CRC right."""
+    with open(path, "rb") as f:
+        if f.read(4) != _ZIP_MAGIC:
+            return  # a legacy pickle: nothing cheap to check
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip() if path.stat().st_size <= _TESTZIP_BYTES else None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e})") from None
+    if bad is not None:
+        raise UserError(f"{path} is corrupt (member {bad} fails its checksum)")
+
+
+def check_weights(folder: Path) -> None:
+    """Every weights file directly in ``folder`` is whole, and a sharded index names only
+    shards that are there."""
+    for f in sorted(folder.iterdir()):
+        if f.suffix == ".safetensors" and f.is_file():
+            check_safetensors(f)
+        elif f.suffix in _TORCH_SUFFIXES and f.is_file():
+            check_torch_file(f)
+        elif f.name.endswith(".safetensors.index.json"):
+            try:
+                shards = set(json.loads(f.read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{f} is not a valid weights index") from None
+            missing = sorted(s for s in shards if not (folder / s).is_file())
+            if missing:
+                raise UserError(f"{f} names missing shard(s): {', '.join(missing[:3])}")
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """A Trainer checkpoint to resume from: its state readable and every file whole."""
+    state = checkpoint / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{state} is missing or not valid JSON: the checkpoint is incomplete; "
+                        "resume from an earlier checkpoint folder") from None
+    try:
+        check_weights(checkpoint)
+    except UserError as e:
+        raise UserError(f"checkpoint {checkpoint} is damaged: {e}; resume from an earlier "
+                        "checkpoint folder, or train again with --overwrite_output_dir") from None
+
+
+# ----------------------------------------------------------------- models
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json`` as a dict; one line when it is not JSON."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable JSON model config ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return config
+
+
+def preflight_model(model: str | os.PathLike) -> dict | None:
+    """Cheap checks of a local run or model folder before it is loaded: ``config.json`` readable,
+    its ``model_type`` one galaxy-llava supports, weights whole (an adapter's base too).
+
+    Returns the model's config as a dict, or None for a Hub id or a path the loader will
+    report on itself."""
+    from galaxy_llava.models.folders import adapter_base, is_local, run_kind
+    from galaxy_llava.models.registry import FAMILIES
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    kind = run_kind(path)
+    if kind == "adapter":
+        check_weights(path / "adapter")
+        base = adapter_base(path)
+        return preflight_model(base) if is_local(base) else None
+    if kind is None:
+        return None
+    folder = path / "model" if kind == "full" else path
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise UserError(f"unsupported model type {model_type!r} in {folder / 'config.json'}; "
+                        f"supported: {', '.join(sorted(FAMILIES))}")
+    check_weights(folder)
+    return config
+
+
+def generation_ceiling(config: dict) -> tuple[int, int]:
+    """(new tokens a model can generate after its image and prompt, its context length)."""
+    text = config.get("text_config") or {}
+    context = (text.get("max_position_embeddings") or config.get("max_position_embeddings")
+               or DEFAULT_CONTEXT)
+    image_tokens = int(config.get("image_seq_length") or 0)
+    return max(1, int(context) - image_tokens - 1), int(context)
+
+
+def check_generation(model: str | os.PathLike, batch_size: int, num_beams: int,
+                     max_new_tokens: int) -> None:
+    """Generation settings in range before the model loads: each at least 1, and
+    ``max_new_tokens`` within what the model's context leaves after the image."""
+    for flag, value in (("--batch-size", batch_size), ("--num-beams", num_beams),
+                        ("--max-new-tokens", max_new_tokens)):
+        number(flag, value, 1, integer=True)
+    config = preflight_model(model)
+    if config is None:
+        from galaxy_llava.models.folders import is_local
+
+        if is_local(str(model)):
+            return  # missing or not a model folder: the loader says which, in one line
+        from galaxy_llava.models.loading import load_config
+
+        config = load_config(str(model)).to_dict()
+    ceiling, context = generation_ceiling(config)
+    if max_new_tokens > ceiling:
+        raise UserError(f"--max-new-tokens {max_new_tokens} is more than {model} can generate: "
+                        f"its context is {context} tokens, so at most {ceiling} new ones")

@@ -1,0 +1,184 @@
+"""The Qwen2-VL family (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``):
+a ViT that sees images at their own resolution as a grid of 14 px patches, a merger (the
+projector, inside ``model.visual``) that joins 2x2 patches into one token, and a Qwen2 decoder
+with multimodal rotary positions. The number of image tokens follows from ``image_grid_thw``;
+the prompt is the processor's chat template; an answer ends with ``<|im_end|>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+from galaxy_llava.errors import UserError
+from galaxy_llava.models.base import ModelFamily, unwrap
+from galaxy_llava.models.llava import LANGUAGE_TARGETS
+
+IMAGE_TOKEN = "<|image_pad|>"
+END_OF_TURN = "<|im_end|>"
+MERGER_TARGETS = r".*visual\.merger\.mlp\.[02]"
+
+
+def image_only_processor_class():
+    """``Qwen2VLProcessor`` without its video processor: transformers 5.x builds the processor
+    only with one, which needs torchvision; images alone need neither. Saved under the library's
+    own class name, so machines with torchvision load it with plain ``AutoProcessor``."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+            self.video_token = "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            self.video_processor = None
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def to_dict(self):
+            return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+
+    return ImageOnlyQwen2VLProcessor
+
+
+class Qwen2VLFamily(ModelFamily):
+    """Qwen2-VL and Qwen2.5-VL: variable image-token counts, the merger as connector."""
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    image_input_names = ("pixel_values", "image_grid_thw")
+
+    def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
+        if not getattr(processor, "chat_template", None):
+            raise UserError("this Qwen2-VL processor has no chat template; pass --prompt")
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
+
+    def load_processor(self, source: str, trust_remote_code: bool = False):
+        """``AutoProcessor`` where it can build the processor; without torchvision it returns
+        only the tokenizer, so the image-only processor is assembled from the saved parts."""
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        try:
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+            if hasattr(processor, "image_processor"):
+                return processor
+        except (OSError, ImportError, ValueError):  # no torchvision for the video processor
+            pass
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        return image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                            chat_template=tokenizer.chat_template)
+
+    def num_image_tokens(self, processor, image_inputs: dict) -> int:
+        merge = processor.image_processor.merge_size
+        return int(image_inputs["image_grid_thw"][0].prod()) // merge**2
+
+    def prompt_ids(self, processor, prompt: str, num_image_tokens: int) -> list[int]:
+        tokenizer = processor.tokenizer
+        if prompt.count(IMAGE_TOKEN) != 1:
+            raise UserError(f"the prompt must contain {IMAGE_TOKEN} exactly once: {prompt!r}")
+        ids = tokenizer(prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens),
+                        add_special_tokens=False).input_ids
+        if ids.count(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)) != num_image_tokens:
+            raise UserError(f"the tokenizer does not keep {IMAGE_TOKEN} as one token")
+        return list(ids)
+
+    def answer_ids(self, tokenizer, caption: str) -> list[int]:
+        # The chat template ends the prompt with "assistant\n": the answer starts a new line.
+        return list(tokenizer(caption.strip(), add_special_tokens=False).input_ids)
+
+    def end_ids(self, tokenizer) -> list[int]:
+        return [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+
+    def token_inputs(self, input_ids, processor) -> dict:
+        """``mm_token_type_ids`` (1 at image tokens): the multimodal rotary positions need it."""
+        image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        return {"mm_token_type_ids": (input_ids == image_id).int()}
+
+    def vision_encoder(self, model):
+        return unwrap(model).model.visual
+
+    def encoder_parameters(self, model):
+        # The merger lives inside `visual` but is the connector: it trains.
+        return (p for n, p in self.vision_encoder(model).named_parameters()
+                if not n.startswith("merger."))
+
+    def lora_target_modules(self, projector: str) -> str:
+        return LANGUAGE_TARGETS + ("|" + MERGER_TARGETS if projector == "lora" else "")
+
+    def projector_module_names(self) -> list[str]:
+        return ["merger"]
+
+    def fsdp_wrap_classes(self, model) -> list[str]:
+        inner = unwrap(model).model
+        return [type(inner.language_model.layers[0]).__name__, type(inner.visual.blocks[0]).__name__]
+
+    def unquantized_modules(self) -> list[str]:
+        return ["visual", "lm_head"]
+
+    def vision_features(self, model, image_inputs: dict):
+        """The ViT's patch states before the merger, [all patches, width], captured by a
+        pre-hook on the merger during the library's own ``get_image_features``."""
+        import torch
+
+        inner = unwrap(model).model
+        captured = []
+
+        def hook(_module, args):
+            captured.append(args[0])
+            raise _Stop
+
+        handle = inner.visual.merger.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                inner.get_image_features(pixel_values=image_inputs["pixel_values"],
+                                         image_grid_thw=image_inputs["image_grid_thw"])
+        except _Stop:
+            return captured[0]
+        finally:
+            handle.remove()
+        raise RuntimeError("the merger was never called by get_image_features")
+
+    def split_features(self, features, image_inputs: dict) -> list:
+        return list(features.split(image_inputs["image_grid_thw"].prod(-1).tolist(), dim=0))
+
+    @contextlib.contextmanager
+    def cached_features(self, model):
+        """``get_image_features`` replaced (on this instance) by the merger applied to cached
+        patch states: the library's forward and generate splice them in as fresh ones."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inner = unwrap(model).model
+
+        def from_cached(self, pixel_values, image_grid_thw=None, **_kwargs):
+            merger = self.visual.merger
+            merged = merger(pixel_values.to(next(merger.parameters()).dtype))
+            sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+            return BaseModelOutputWithPooling(pooler_output=merged.split(sizes))
+
+        inner.get_image_features = types.MethodType(from_cached, inner)
+        try:
+            yield model
+        finally:
+            del inner.get_image_features
+
+
+class Qwen25VLFamily(Qwen2VLFamily):
+    """Qwen2.5-VL: Qwen2-VL's interface, but its ViT reorders patches into attention windows
+    and back around the merger, so merger-only replay of cached states is not exact: it trains
+    uncached (``cacheable = False``)."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    cacheable = False
+
+
+class _Stop(Exception):
+    """Stops the encoder's forward once the merger's input is captured."""
+
+
+QWEN2_VL = Qwen2VLFamily()
+QWEN2_5_VL = Qwen25VLFamily()
