@@ -120,3 +120,48 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     save_run_model(peft_model, processor, run, prompt=prompt, base_model=str(tiny_model_dir))
     return run, peft_model.eval(), processor, prompt
 
+
+
+@pytest.fixture(scope="session")
+def make_trainable():
+    """``make(model_dir, method) -> (model, processor)``: the model in train mode with its
+    encoder frozen; for ``lora``, adapters (r=4, no dropout) whose B is non-zero so they count."""
+    def make(model_dir, method):
+        from galaxy_llava.models.adapt import apply_lora, freeze_vision_encoder
+        from galaxy_llava.models.loading import load_model
+
+        model, processor = load_model(model_dir, device="cpu", dtype=torch.float32)
+        freeze_vision_encoder(model)
+        if method == "lora":
+            model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.05)
+        return model.train(), processor
+    return make
+
+
+@pytest.fixture(scope="session")
+def teach():
+    """``teach(model, processor, [(image, caption), ...])``: full-train until each image gets
+    its caption (loss < 0.05 in 150 AdamW steps); returns the model in eval mode."""
+    def run(model, processor, pairs):
+        from galaxy_llava.models.registry import family_for
+        from galaxy_llava.training.batches import Collator, encode_example
+
+        torch.manual_seed(0)
+        family = family_for(model)
+        batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
+            [encode_example(processor, family, image, caption) for image, caption in pairs])
+        batch.pop("label_mask")
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(150):
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < 0.05
+        return model.eval()
+    return run

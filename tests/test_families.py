@@ -68,27 +68,22 @@ def test_labels_are_the_caption_then_the_families_end_token(family_dir):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_cached_and_label_only_losses_equal_the_plain_forward(family_dir, method):
+def test_cached_and_label_only_losses_equal_the_plain_forward(family_dir, method,
+                                                             make_trainable):
     """The trainer's loss with cached encoder features and the label-only lm_head equals the
     plain HF forward's loss (pixels, full logits, HF's loss), gradient for gradient."""
     from types import SimpleNamespace
 
-    from galaxy_llava.models.adapt import apply_lora, freeze_vision_encoder
     from galaxy_llava.training.batches import Collator, encode_example
     from galaxy_llava.training.feature_cache import FeatureStore
     from galaxy_llava.training.trainer import GalaxyTrainer
 
+    from galaxy_llava.models.registry import family_for
+
     _, folder = family_dir
     torch.manual_seed(0)
-    model, processor, family = _load(folder)
-    freeze_vision_encoder(model)
-    if method == "lora":
-        model = apply_lora(model, r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-    model.train()
+    model, processor = make_trainable(folder, method)
+    family = family_for(model)
     images = [_flat(0), _flat(90), _flat(255)]
     items = [encode_example(processor, family, im, cap)
              for im, cap in zip(images, [SHORT, LONG, SHORT])]
@@ -183,28 +178,15 @@ def test_adapter_reloads_with_plain_peft_and_gives_the_same_logits(family_dir, t
 
 
 @pytest.mark.slow
-def test_description_stops_at_the_end_token(family_dir, tmp_path):
+def test_description_stops_at_the_end_token(family_dir, teach):
     """A model taught two captions answers each exactly, ending at the family's end token
     (a model that had not learned to stop would run on to max_new_tokens)."""
     from galaxy_llava.generate import describe_images
-    from galaxy_llava.training.batches import Collator, encode_example
 
     _, folder = family_dir
-    torch.manual_seed(0)
-    model, processor, family = _load(folder)
-    batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
-        [encode_example(processor, family, _flat(0), SHORT),
-         encode_example(processor, family, _flat(255), LONG)])
-    batch.pop("label_mask")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(150):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
-    texts = describe_images(model.eval(), processor, [_flat(0), _flat(255)], max_new_tokens=60,
+    model, processor, _ = _load(folder)
+    model = teach(model, processor, [(_flat(0), SHORT), (_flat(255), LONG)])
+    texts = describe_images(model, processor, [_flat(0), _flat(255)], max_new_tokens=60,
                             progress=False)
     assert texts == [SHORT, LONG]
 

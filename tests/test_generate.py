@@ -16,7 +16,6 @@ from galaxy_llava.generate import describe_images, describe_paths, expand_image_
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.loading import load_model
 from galaxy_llava.models.runs import save_run_model
-from galaxy_llava.training.batches import Collator, encode_example
 
 SHORTEST = "This is an image of a spiral galaxy."
 LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
@@ -37,25 +36,12 @@ def _noise(seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def overfit(tiny_model_dir):
+def overfit(tiny_model_dir, teach):
     """The tiny model trained to give SHORTEST for a black image and LONGEST for a white one.
 
     Its answers must stop at EOS: a model that had not learned EOS (defect 3) would run on."""
-    torch.manual_seed(0)
     model, processor = load_model(tiny_model_dir)
-    family = family_for(model)
-    batch = Collator(processor.tokenizer.pad_token_id)(
-        [encode_example(processor, family, _flat(0), SHORTEST),
-         encode_example(processor, family, _flat(255), LONGEST)])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(150):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
-    return model.eval(), processor
+    return teach(model, processor, [(_flat(0), SHORTEST), (_flat(255), LONGEST)]), processor
 
 
 def test_describe_stops_at_eos(overfit):

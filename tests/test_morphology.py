@@ -18,7 +18,6 @@ from galaxy_llava.morphology import (
     has_type_clause,
     parse_caption,
 )
-from galaxy_llava.rules import RULE_SETS
 
 # Every Morphology the grammar can state, reachable by a rule set or not.
 EVERY = [Morphology(t, s, b, a, p, x, d)

@@ -33,23 +33,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _trainable_tiny_model(tiny_model_dir, method):
-    """The tiny model, encoder frozen, in train mode; LoRA adapters with non-zero B (so they
-    matter) and no dropout (so two forwards are comparable)."""
-    from galaxy_llava.models.adapt import apply_lora, freeze_vision_encoder
-    from galaxy_llava.models.loading import load_model
-
-    model, processor = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
-    freeze_vision_encoder(model)
-    if method == "lora":
-        model = apply_lora(model, r=4, alpha=8, dropout=0.0)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05)
-    return model.train(), processor
-
-
 def _compute_loss(model, batch, label_only: bool, num_items=None):
     """GalaxyTrainer.compute_loss itself, on a stand-in for the Trainer's state."""
     me = SimpleNamespace(label_only_loss=label_only,
@@ -59,7 +42,7 @@ def _compute_loss(model, batch, label_only: bool, num_items=None):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_cached_and_label_only_losses_equal_the_plain_hf_forward(tiny_model_dir, prepared_dir,
-                                                                  method):
+                                                                  method, make_trainable):
     """Loss and every trainable gradient of the trainer's loss, with and without the feature
     cache and the label-only lm_head, equal those of the plain HF forward (pixels through the
     whole model, full logits, HF's own loss on the labels)."""
@@ -69,7 +52,7 @@ def test_cached_and_label_only_losses_equal_the_plain_hf_forward(tiny_model_dir,
     from galaxy_llava.training.feature_cache import build_feature_store
 
     torch.manual_seed(0)
-    model, processor = _trainable_tiny_model(tiny_model_dir, method)
+    model, processor = make_trainable(tiny_model_dir, method)
     family = family_for(model)
     records = load_records(prepared_dir, "train")[:4]
     paths = [r["image"] for r in records]
