@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-votes", type=int, default=5, help="tree rules: votes a fraction needs")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--test-fraction", type=float, default=0.1)
-    s.add_argument("--hub-config", default=None, help="Hub dataset config (default, tiny)")
+    s.add_argument("--hub-config", default=None,
+                   help="dataset config (default, tiny); in a local copy of a dataset "
+                        "repository, its folder (default: data/) or its README's configs")
     s.add_argument("--hub-split", default="train")
     s.add_argument("--workers", type=int, default=None, help="image workers (default: CPUs)")
     _overwrite(s)

@@ -126,25 +126,52 @@ def _argument_error(e: Exception) -> UserError:
     return UserError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
-def precheck(argv: list[str]) -> argparse.Namespace:
-    """Peek at the flags that steer parsing (config, method, output folder, resume) and refuse,
-    before transformers is even imported, an ``--output_dir`` that is a file, a dataset, a
-    model or someone's folder (one line, whatever the other flags say)."""
-    peek = argparse.ArgumentParser(add_help=False)
+def _lenient(kind):
+    """argparse type that keeps what it cannot convert (the real parser reports it)."""
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+    return convert
+
+
+def precheck(argv: list[str], resume: bool = True) -> argparse.Namespace:
+    """Cheap checks before transformers is even imported, so a mistake costs no model load:
+    an ``--output_dir`` that is a file, a dataset, a model or someone's folder; the checkpoint
+    ``--resume_from_checkpoint`` names (there and whole; with ``resume``); numeric flags out of
+    range (the ranges of :func:`check_numbers`, which checks every source of settings again
+    after parsing). Returns the peeked flags."""
+    from galaxy_llava.checks import number, seed
+    from galaxy_llava.outputs import check_kind
+    from galaxy_llava.training import run_folder
+
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for name in ("config", "method", "output_dir", "resume_from_checkpoint"):
         peek.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None)
+    for name, *_, integer, _optional in _RANGES:
+        peek.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None,
+                          type=_lenient(int if integer else float))
+    peek.add_argument("--seed", default=None, type=_lenient(int))
     known, _ = peek.parse_known_args(argv)
-    if known.output_dir and known.resume_from_checkpoint is None:
-        from galaxy_llava.outputs import check_kind
-
-        check_kind(known.output_dir, "run", flag="--output_dir",
-                   overwrite_flag="--overwrite_output_dir")
+    for name, low, high, low_open, high_open, integer, _optional in _RANGES:
+        value = getattr(known, name)
+        if isinstance(value, (int, float)):
+            number(f"--{name}", value, low, high, low_open=low_open, high_open=high_open,
+                   integer=integer)
+    if isinstance(known.seed, int):
+        seed("--seed", known.seed)
+    run = Path(known.output_dir) if known.output_dir else None
+    if run is not None and known.resume_from_checkpoint is None:
+        check_kind(run, "run", flag="--output_dir", overwrite_flag="--overwrite_output_dir")
+    elif resume and run is not None and not (run / run_folder.BACKUP).exists():
+        run_folder.checkpoint_to_resume(run, known.resume_from_checkpoint)
     return known
 
 
 def parse_cli(argv: list[str]) -> tuple[FinetuneArguments, Any]:
     """Parse ``galaxy-llava train`` flags into (FinetuneArguments, TrainingArguments)."""
-    known = precheck(argv)
+    known = precheck(argv, resume=False)
     parser = build_parser()
     if {"-h", "--help"} & set(argv):  # help needs no output folder
         parser.parse_args(["--help"])
