@@ -93,8 +93,12 @@ def _cmd_describe(args: argparse.Namespace) -> None:
     for result in describe_paths(
         args.model, args.paths, batch_size=args.batch_size, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+        scores_rules=args.rules if args.scores else None,
     ):
-        print(json.dumps(result) if args.json else f"{result['image']}\t{result['text']}")
+        if args.json or args.scores:
+            print(json.dumps(result))
+        else:
+            print(f"{result['image']}\t{result['text']}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -201,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=40)
     s.add_argument("--prompt", default=None, help="override the model's stored prompt")
     s.add_argument("--json", action="store_true", help="JSONL output")
+    s.add_argument("--scores", action="store_true",
+                   help="also score every caption of the grammar: the most probable caption, "
+                        "each attribute's probabilities and the entropy (JSONL)")
+    s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
+                   help="the caption grammar scored with --scores")
     s.set_defaults(func=_cmd_describe)
 
     s = sub.add_parser("evaluate", help="describe a split and score the answers")

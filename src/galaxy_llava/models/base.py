@@ -20,6 +20,7 @@ class ModelFamily:
     name: str = ""
     model_types: tuple[str, ...] = ()
     cacheable: bool = True  # whether cached encoder output replays exactly (else: uncached)
+    prefix_cache_scoring: bool = True  # candidates may continue one prefix's key/value cache
 
     # --- prompt, answer and image inputs
     def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:

@@ -47,6 +47,8 @@ class Qwen2VLFamily(ModelFamily):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
     image_input_names = ("pixel_values", "image_grid_thw")
+    # Multimodal rotary positions of continuations depend on per-row deltas: score uncached.
+    prefix_cache_scoring = False
 
     def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
         if not getattr(processor, "chat_template", None):
