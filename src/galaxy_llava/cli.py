@@ -113,6 +113,12 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     probe_cli(args)
 
 
+def _cmd_catalogue(args: argparse.Namespace) -> None:
+    from galaxy_llava.catalogue import catalogue_cli
+
+    catalogue_cli(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from galaxy_llava.report import build_report
 
@@ -233,6 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite(s)
     _outside(s)
     s.set_defaults(func=_cmd_probe)
+
+    s = sub.add_parser("catalogue", help="a parquet morphology catalogue of many images: "
+                       "captions, attribute probabilities, entropy; resumable, shardable")
+    s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
+    s.add_argument("--out", type=Path, required=True, help="folder of part-XXXXX.parquet files")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", help="folders searched recursively for images (a "
+                     "prepared dataset: its images/ only)")
+    src.add_argument("--source", help="GZ2-schema catalogue: parquet file/folder, save_to_disk "
+                     "folder, CSV with file_loc, or Hub id")
+    s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
+                   help="the caption grammar scored")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--num-beams", type=int, default=3)
+    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--no-scores", action="store_true",
+                   help="beam-search captions only (no grammar scores)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="this job's share: parts i with i %% N == I (e.g. "
+                        "--shard $SLURM_ARRAY_TASK_ID/N); combines with torchrun's RANK")
+    s.add_argument("--part-size", type=int, default=256,
+                   help="images per part file (the unit of resume and sharding)")
+    _overwrite(s)
+    _outside(s)
+    s.set_defaults(func=_cmd_catalogue)
 
     s = sub.add_parser("report", help="one self-contained HTML report of evaluations")
     s.add_argument("evals", nargs="+", type=Path)

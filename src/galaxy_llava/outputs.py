@@ -36,6 +36,8 @@ REPORT_META = "galaxy-llava-inputs"
 KINDS: dict[str, tuple[str, str, str, str]] = {
     "catalogue": ("a synthetic catalogue", "catalogue", SYNTH_MARKER, "synth"),
     "dataset": ("a prepared dataset", "dataset", "manifest.json", "prepare"),
+    "morphology": ("a morphology catalogue", "morphology catalogue",
+                   "manifest.json (command: catalogue)", "catalogue"),
     "model": ("a model folder", "model", "config.json", "tiny-model or export"),
     "run": ("a training run", "training run", "config.yaml or checkpoint-N/", "train"),
     "eval": ("an EVAL folder", "evaluation", "metrics.json", "evaluate or probe"),
@@ -75,7 +77,8 @@ def kind_of(path: str | os.PathLike) -> str | None:
     if not names:
         return "empty"
     if names & {"manifest.json", "dataset.jsonl"}:
-        return "dataset"
+        manifest = _read_json(p / "manifest.json") if "manifest.json" in names else {}
+        return "morphology" if manifest.get("command") == "catalogue" else "dataset"
     if SYNTH_MARKER in names:
         return "catalogue"
     if "config.json" in names:
@@ -204,7 +207,7 @@ def clean_leftovers(out: str | os.PathLike, inside: bool = True) -> int:
         pattern = temp_pattern(out.name)
         for e in os.scandir(out.parent):
             if pattern.match(e.name):
-                _remove(Path(e.path))
+                remove(Path(e.path))
                 removed += 1
     if inside and out.is_dir() and not out.is_symlink():
         for folder, dirs, files in os.walk(out):
@@ -216,13 +219,13 @@ def clean_leftovers(out: str | os.PathLike, inside: bool = True) -> int:
                     recover(path.with_name(name[1:-len(".old")]))
                     if not path.exists():
                         continue
-                _remove(path)
+                remove(path)
                 removed += 1
             dirs[:] = [d for d in dirs if not is_temporary(d)]
     return removed
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

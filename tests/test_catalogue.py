@@ -1,0 +1,200 @@
+"""catalogue: parquet rows equal describe's captions and the grammar's scores; parts, shards and
+resumes give the same rows as one uninterrupted run; bad input writes nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from galaxy_llava.catalogue import MANIFEST, part_name, value_column
+from galaxy_llava.cli import main
+from galaxy_llava.morphology import ATTRIBUTES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = ["--batch-size", "2", "--num-beams", "2", "--max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random LLaVA, built once for this module."""
+    from galaxy_llava.toy.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("catalogue-model") / "m", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(prepared_dir, tmp_path_factory):
+    """10 of the prepared dataset's images in a nested folder tree (plus a non-image file)."""
+    folder = tmp_path_factory.mktemp("catalogue-images") / "imgs"
+    files = sorted((prepared_dir / "images").iterdir())[:10]
+    for k, f in enumerate(files):
+        target = folder / ("a" if k < 5 else "b") / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def run(*args) -> int:
+    return main(["catalogue", *map(str, args)])
+
+
+def read(out: Path) -> pd.DataFrame:
+    """Every part, in part order, as one frame (``datasets`` reads the same files)."""
+    parts = sorted(out.glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def reference(model, images, tmp_path_factory):
+    """One uninterrupted single-process run: 10 images in parts of 4 (3 parts)."""
+    out = tmp_path_factory.mktemp("catalogue-ref") / "cat"
+    assert run("--model", model, "--images", images, "--out", out, "--part-size", 4, *FAST) == 0
+    return out
+
+
+def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
+    from galaxy_llava.generate import describe_paths
+    from galaxy_llava.models.loading import load_for_inference
+    from galaxy_llava.scoring import grammar_scores
+
+    out = tmp_path / "cat"
+    # The dataset folder itself: only images/ is catalogued, never preview.png.
+    assert run("--model", model, "--images", prepared_dir, "--out", out, "--part-size", 4,
+               *FAST) == 0
+    rows = read(out)
+    described = describe_paths(model, [prepared_dir / "images"], batch_size=2, num_beams=2,
+                               max_new_tokens=8)
+    assert len(rows) == len(described) == len(list((prepared_dir / "images").iterdir()))
+    assert rows["image"].tolist() == [os.path.abspath(d["image"]) for d in described]
+    assert rows["id"].tolist() == [Path(d["image"]).stem for d in described]
+    assert rows["caption"].tolist() == [d["text"] for d in described]
+
+    net, processor, prompt = load_for_inference(model)
+    scores = grammar_scores(net, processor, rows["image"].tolist(), "reference", prompt)
+    assert rows["best_caption"].tolist() == [s.best for s in scores]
+    for (_, row), s in zip(rows.iterrows(), scores):
+        assert row["entropy"] == pytest.approx(s.entropy, abs=1e-9)
+        for a in ATTRIBUTES:
+            assert row[value_column(a, max(s.marginals[a], key=s.marginals[a].get))] \
+                == pytest.approx(max(s.marginals[a].values()), abs=1e-9)
+            for v, p in s.marginals[a].items():
+                assert row[value_column(a, v)] == pytest.approx(p, abs=1e-9)
+            total = sum(row[c] for c in rows.columns if c.startswith(f"p_{a}_"))
+            assert total == pytest.approx(1.0, abs=1e-9)
+    # The predicted values are the best caption's.
+    from galaxy_llava.catalogue import attribute_value
+    from galaxy_llava.morphology import parse_caption
+
+    for _, row in rows.iterrows():
+        best = parse_caption(row["best_caption"])
+        assert [row[a] for a in ATTRIBUTES] == [attribute_value(best, a) for a in ATTRIBUTES]
+
+
+def test_output_is_a_parquet_dataset_with_provenance(reference):
+    import datasets
+    import json
+
+    import pyarrow.parquet as pq
+
+    ds = datasets.load_dataset("parquet", data_files=str(reference / "*.parquet"))["train"]
+    assert ds.num_rows == 10 and {"id", "image", "caption", "best_caption", "entropy",
+                                  *ATTRIBUTES} <= set(ds.column_names)
+    assert sorted(p.name for p in reference.iterdir()) == [MANIFEST] + [
+        part_name(i) for i in range(3)]
+    meta = json.loads(pq.read_schema(reference / part_name(0)).metadata[b"galaxy_llava"])
+    assert meta["rules"] == "reference" and meta["prompt"] and meta["package"].startswith(
+        "galaxy-llava ")
+    assert meta["decoding"] == {"num_beams": 2, "max_new_tokens": 8, "batch_size": 2,
+                                "do_sample": False}
+    assert meta["model"] == str(Path(meta["model"]).resolve())
+
+
+def test_two_shards_give_the_rows_of_one_run(model, images, reference, tmp_path):
+    out = tmp_path / "cat"
+    assert run("--model", model, "--images", images, "--out", out, "--part-size", 4,
+               "--shard", "1/2", *FAST) == 0
+    assert sorted(p.name for p in out.glob("*.parquet")) == [part_name(1)]
+    assert run("--model", model, "--images", images, "--out", out, "--part-size", 4,
+               "--shard", "0/2", *FAST) == 0
+    pd.testing.assert_frame_equal(read(out), read(reference))
+
+
+def test_torchrun_ranks_split_the_parts(model, images, reference, tmp_path, monkeypatch):
+    out = tmp_path / "cat"
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert run("--model", model, "--images", images, "--out", out, "--part-size", 4,
+                   *FAST) == 0
+        assert len(list(out.glob("*.parquet"))) == (2 if rank == 0 else 3)
+    pd.testing.assert_frame_equal(read(out), read(reference))
+
+
+def test_a_lost_part_is_rewritten_and_leftovers_removed(model, images, reference, tmp_path):
+    out = tmp_path / "cat"
+    shutil.copytree(reference, out)
+    kept = (out / part_name(0)).stat().st_mtime_ns
+    (out / part_name(1)).unlink()  # what a kill during part 1 leaves: part 0, 2 and a temp
+    (out / f".{part_name(1)}.abcd1234.tmp").mkdir()
+    assert run("--model", model, "--images", images, "--out", out, "--part-size", 4, *FAST) == 0
+    pd.testing.assert_frame_equal(read(out), read(reference))
+    assert (out / part_name(0)).stat().st_mtime_ns == kept  # finished parts are not redone
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_killed_then_rerun_equals_an_uninterrupted_run(model, prepared_dir, tmp_path):
+    argv = ["--model", model, "--images", prepared_dir / "images", "--part-size", 2,
+            "--no-scores", *FAST]
+    whole = tmp_path / "whole"
+    assert run(*argv, "--out", whole) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "galaxy_llava", "catalogue", *map(str, argv),
+                             "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / part_name(0)).exists():
+        assert proc.poll() is None and time.time() < deadline, "no part appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(out.glob("part-*.parquet"))) < len(list(whole.glob("part-*.parquet")))
+    assert run(*argv, "--out", out) == 0
+    pd.testing.assert_frame_equal(read(out), read(whole))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_other_settings_into_the_same_out_are_refused(model, images, reference, capsys):
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in reference.iterdir())
+    assert run("--model", model, "--images", images, "--out", reference, "--part-size", 4,
+               "--batch-size", "2", "--num-beams", "3", "--max-new-tokens", "8") == 2
+    err = capsys.readouterr().err.strip()
+    assert "different catalogue" in err and "num_beams 2 -> 3" in err and "\n" not in err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in reference.iterdir()) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--images", "{missing}"], "not found"),
+    (["--images", "{images}", "--shard", "3/2"], "--shard 3/2"),
+    (["--images", "{images}", "--part-size", "0"], "--part-size must be >= 1"),
+    (["--images", "{images}", "--shard", "x"], "--shard must be I/N"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, images, tmp_path, capsys,
+                                                         args, message):
+    out = tmp_path / "cat"
+    args = [a.format(missing=tmp_path / "nope", images=images) for a in args]
+    assert run("--model", model, "--out", out, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("galaxy-llava catalogue: error")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
