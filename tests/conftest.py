@@ -165,3 +165,34 @@ def teach():
         assert loss.item() < 0.05
         return model.eval()
     return run
+
+
+@pytest.fixture
+def moved_lora_run(lora_run, tmp_path):
+    """A copy of ``lora_run`` whose markers name a base model folder that no longer exists."""
+    import json
+    import shutil
+
+    run = tmp_path / "moved-run"
+    shutil.copytree(lora_run[0], run)
+    for marker in (run / "galaxy_llava.json", run / "adapter" / "galaxy_llava.json"):
+        data = json.loads(marker.read_text())
+        data["base_model"] = str(tmp_path / "deleted-base")
+        marker.write_text(json.dumps(data))
+    return run
+
+
+@pytest.fixture
+def no_patch_model_dir(tiny_model_dir, tmp_path):
+    """A copy of the tiny model whose processor ships without patch_size, as TinyLLaVA's does."""
+    import json
+    import shutil
+
+    folder = tmp_path / "no-patch"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg_path = folder / "processor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy"):
+        cfg.pop(key)
+    cfg_path.write_text(json.dumps(cfg))
+    return folder

@@ -3,7 +3,6 @@ Hub ids, and one-line errors for what a user can fix."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 
@@ -86,15 +85,8 @@ def test_load_model_gives_fp32_sdpa_on_cpu(tiny_model_dir):
     assert load_model(tiny_model_dir, device="cpu", dtype="bf16")[0].dtype == torch.bfloat16
 
 
-def test_load_model_fixes_missing_patch_size(tiny_model_dir, tmp_path):
-    folder = tmp_path / "no-patch"
-    shutil.copytree(tiny_model_dir, folder)
-    cfg_path = folder / "processor_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    for key in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy"):
-        cfg.pop(key)  # as TinyLLaVA ships it
-    cfg_path.write_text(json.dumps(cfg))
-    model, processor = load_model(folder)
+def test_load_model_fixes_missing_patch_size(no_patch_model_dir):
+    model, processor = load_model(no_patch_model_dir)
     assert processor.patch_size == 16
     assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
     enc = processor(text=DEFAULT_PROMPT, images=_image(), return_tensors="pt")
@@ -201,17 +193,11 @@ def test_load_adapter_model_unmerged(lora_run, tiny_batch):
                           atol=1e-5)
 
 
-def test_missing_base_model_of_adapter(lora_run, tmp_path):
-    run = tmp_path / "moved-run"
-    shutil.copytree(lora_run[0], run)
-    for marker in (run / "galaxy_llava.json", run / "adapter" / "galaxy_llava.json"):
-        data = json.loads(marker.read_text())
-        data["base_model"] = str(tmp_path / "deleted-base")
-        marker.write_text(json.dumps(data))
+def test_missing_base_model_of_adapter(moved_lora_run):
     with pytest.raises(UserError, match="base model.*was not found"):
-        load_for_inference(run)
+        load_for_inference(moved_lora_run)
     with pytest.raises(UserError, match="base model.*was not found"):
-        load_model(run)
+        load_model(moved_lora_run)
 
 
 def test_adapter_loads_only_as_safetensors(lora_run, tmp_path):

@@ -91,15 +91,7 @@ def test_export_of_something_that_is_not_a_run(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_with_a_missing_base_model(lora_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "moved-run"
-    shutil.copytree(lora_run[0], run)
-    for marker in (run / "galaxy_llava.json", run / "adapter" / "galaxy_llava.json"):
-        data = json.loads(marker.read_text())
-        data["base_model"] = str(tmp_path / "deleted-base")
-        marker.write_text(json.dumps(data))
+def test_export_with_a_missing_base_model(moved_lora_run, tmp_path):
     with pytest.raises(UserError, match="base model.*was not found"):
-        export_run(run, tmp_path / "out")
+        export_run(moved_lora_run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
