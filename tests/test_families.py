@@ -40,6 +40,17 @@ def _flat(value: int) -> Image.Image:
     return Image.fromarray(np.full((64, 64, 3), value, dtype=np.uint8))
 
 
+def _model_inputs(model, processor, image, caption, prompt):
+    """One example as the model's forward takes it (no labels)."""
+    from galaxy_llava.models.registry import family_for
+    from galaxy_llava.training.batches import Collator, encode_example
+
+    family = family_for(model)
+    batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
+        [encode_example(processor, family, image, caption, prompt=prompt)])
+    return {k: v for k, v in batch.items() if k not in ("labels", "label_mask")}
+
+
 def test_family_is_chosen_from_the_checkpoint(family_dir):
     name, folder = family_dir
     model, _, family = _load(folder)
@@ -161,18 +172,13 @@ def test_adapter_reloads_with_plain_peft_and_gives_the_same_logits(family_dir, t
     from transformers import AutoModelForImageTextToText
 
     from galaxy_llava.models.loading import load_for_inference
-    from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import Collator, encode_example
 
     _, folder = family_dir
     run = trained["lora"][0]
     ours, processor, prompt = load_for_inference(run)
     plain = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder),
                                       run / "adapter").eval()
-    family = family_for(ours)
-    batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
-        [encode_example(processor, family, _flat(60), SHORT, prompt=prompt)])
-    batch = {k: v for k, v in batch.items() if k not in ("labels", "label_mask")}
+    batch = _model_inputs(ours, processor, _flat(60), SHORT, prompt)
     with torch.no_grad():
         assert torch.allclose(ours(**batch).logits, plain(**batch).logits, atol=1e-5)
 
@@ -207,17 +213,12 @@ def test_export_merges_into_a_plain_checkpoint_with_the_same_answers(family_dir,
     from transformers import AutoModelForImageTextToText
 
     from galaxy_llava.models.loading import load_for_inference
-    from galaxy_llava.models.registry import family_for
     from galaxy_llava.models.runs import export_run
-    from galaxy_llava.training.batches import Collator, encode_example
 
     run = trained["lora"][0]
     out = export_run(run, tmp_path / "merged")
     plain = AutoModelForImageTextToText.from_pretrained(out).eval()
     ours, processor, prompt = load_for_inference(run)
-    family = family_for(ours)
-    batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
-        [encode_example(processor, family, _flat(200), LONG, prompt=prompt)])
-    batch = {k: v for k, v in batch.items() if k not in ("labels", "label_mask")}
+    batch = _model_inputs(ours, processor, _flat(200), LONG, prompt)
     with torch.no_grad():
         assert torch.allclose(ours(**batch).logits, plain(**batch).logits, atol=1e-5)

@@ -10,7 +10,10 @@ and evaluation never name a family's modules. A new family is one new module and
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
+
+from galaxy_llava.errors import UserError
 
 
 
@@ -117,6 +120,46 @@ class ModelFamily:
         """While active, the model's ``pixel_values`` input carries :meth:`vision_features`
         instead of images (the encoder is skipped; the projector still runs inside forward)."""
         raise NotImplementedError
+
+
+class _Captured(Exception):
+    """Carries a module's input out of a forward (stops it there)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+def capture_input(module, run: Callable[[], Any]):
+    """The first positional input ``module`` receives while ``run()`` executes, taken by a
+    forward pre-hook that stops the forward there (under ``no_grad``, not ``inference_mode``:
+    the result is later saved for the connector's backward). The families capture their frozen
+    encoder's output at the connector this way, during the library's own
+    ``get_image_features``, so layer and token selection cannot drift from transformers'."""
+    import torch
+
+    def hook(_module, args):
+        raise _Captured(args[0])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            run()
+    except _Captured as c:
+        return c.value
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(module).__name__} was never called")
+
+
+def chat_prompt(processor, question: str, family_name: str) -> str:
+    """The processor's chat template rendered for one image and ``question``, ending where
+    the assistant's answer starts."""
+    if not getattr(processor, "chat_template", None):
+        raise UserError(f"this {family_name} processor has no chat template; pass --prompt")
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def unwrap(model) -> Any:

@@ -26,7 +26,7 @@ import math
 import types
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import ModelFamily, unwrap
+from galaxy_llava.models.base import ModelFamily, capture_input, chat_prompt, unwrap
 
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<end_of_utterance>"
@@ -98,14 +98,6 @@ def _real_images(x, keep_one: bool):
     return real
 
 
-class _Captured(Exception):
-    """Carries the connector's input out of ``get_image_features``."""
-
-    def __init__(self, features):
-        super().__init__()
-        self.features = features
-
-
 class Idefics3Family(ModelFamily):
     """Idefics3 / SmolVLM / SmolVLM2: image splitting, the connector as projector."""
 
@@ -115,12 +107,7 @@ class Idefics3Family(ModelFamily):
 
     # --- prompt, answer and image inputs
     def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
-        if not getattr(processor, "chat_template", None):
-            raise UserError("this Idefics3/SmolVLM processor has no chat template; pass --prompt")
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False)
+        return chat_prompt(processor, question, "Idefics3/SmolVLM")
 
     def load_processor(self, source: str, trust_remote_code: bool = False):
         """``AutoProcessor``; where it cannot build SmolVLM2's (no torchvision for its video
@@ -286,25 +273,11 @@ class Idefics3Family(ModelFamily):
         """The vision encoder's output per sub-image, [images, sub-images, patches, width]
         (zeros at padding sub-images), captured by a pre-hook on the connector during the
         library's own ``get_image_features``."""
-        import torch
-
         inner = unwrap(model).model
         pixels = image_inputs["pixel_values"]
-
-        def hook(_module, args):
-            raise _Captured(args[0])
-
         mask = image_inputs.get("pixel_attention_mask")
-        handle = inner.connector.register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                inner.get_image_features(pixel_values=pixels, pixel_attention_mask=mask)
-        except _Captured as c:
-            captured = c.features
-        else:
-            raise RuntimeError("the connector was never called by get_image_features")
-        finally:
-            handle.remove()
+        captured = capture_input(inner.connector, lambda: inner.get_image_features(
+            pixel_values=pixels, pixel_attention_mask=mask))
         b, n = pixels.shape[:2]
         real = _real_images(pixels.to(inner.dtype).flatten(0, 1), self._keeps_one(inner))
         out = captured.new_zeros((b * n, *captured.shape[1:]))

@@ -9,7 +9,7 @@ import contextlib
 import types
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import ModelFamily, unwrap
+from galaxy_llava.models.base import ModelFamily, capture_input, unwrap
 
 # LoRA targets: the decoder's attention and MLP projections and the projector's two linears. A
 # regex (peft full-matches it against module names) so the CLIP tower's q/k/v_proj never match.
@@ -35,14 +35,6 @@ def processor_image_tokens(processor) -> int:
         raise UserError("the processor has no patch_size or image size; load it with load_model()")
     n = (height // patch) * (width // patch) + (processor.num_additional_image_tokens or 0)
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
-
-
-class _Captured(Exception):
-    """Carries the projector's input out of ``get_image_features`` (stops before the projector)."""
-
-    def __init__(self, features):
-        super().__init__()
-        self.features = features
 
 
 class LlavaFamily(ModelFamily):
@@ -113,26 +105,10 @@ class LlavaFamily(ModelFamily):
         return ["vision_tower", "multi_modal_projector", "lm_head"]
 
     def vision_features(self, model, image_inputs: dict):
-        """Taken with a pre-hook on the projector during the library's own
-        ``get_image_features``, so layer and CLS selection cannot drift from transformers'.
-        ``no_grad``, not ``inference_mode``: the result is later saved for the projector's
-        backward."""
-        import torch
-
+        """The projector's input (the selected CLIP layer, CLS dropped), see capture_input."""
         inner = unwrap(model).model
-
-        def hook(_module, args):
-            raise _Captured(args[0])
-
-        handle = inner.multi_modal_projector.register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                inner.get_image_features(pixel_values=image_inputs["pixel_values"])
-        except _Captured as c:
-            return c.features
-        finally:
-            handle.remove()
-        raise RuntimeError("the projector was never called by get_image_features")
+        return capture_input(inner.multi_modal_projector, lambda: inner.get_image_features(
+            pixel_values=image_inputs["pixel_values"]))
 
     @contextlib.contextmanager
     def cached_features(self, model):

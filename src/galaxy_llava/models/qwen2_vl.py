@@ -11,7 +11,7 @@ import contextlib
 import types
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.base import ModelFamily, unwrap
+from galaxy_llava.models.base import ModelFamily, capture_input, chat_prompt, unwrap
 from galaxy_llava.models.llava import LANGUAGE_TARGETS
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -51,12 +51,7 @@ class Qwen2VLFamily(ModelFamily):
     prefix_cache_scoring = False
 
     def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
-        if not getattr(processor, "chat_template", None):
-            raise UserError("this Qwen2-VL processor has no chat template; pass --prompt")
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False)
+        return chat_prompt(processor, question, "Qwen2-VL")
 
     def load_processor(self, source: str, trust_remote_code: bool = False):
         """``AutoProcessor`` where it can build the processor; without torchvision it returns
@@ -124,25 +119,9 @@ class Qwen2VLFamily(ModelFamily):
     def vision_features(self, model, image_inputs: dict):
         """The ViT's patch states before the merger, [all patches, width], captured by a
         pre-hook on the merger during the library's own ``get_image_features``."""
-        import torch
-
         inner = unwrap(model).model
-        captured = []
-
-        def hook(_module, args):
-            captured.append(args[0])
-            raise _Stop
-
-        handle = inner.visual.merger.register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                inner.get_image_features(pixel_values=image_inputs["pixel_values"],
-                                         image_grid_thw=image_inputs["image_grid_thw"])
-        except _Stop:
-            return captured[0]
-        finally:
-            handle.remove()
-        raise RuntimeError("the merger was never called by get_image_features")
+        return capture_input(inner.visual.merger, lambda: inner.get_image_features(
+            pixel_values=image_inputs["pixel_values"], image_grid_thw=image_inputs["image_grid_thw"]))
 
     def split_features(self, features, image_inputs: dict) -> list:
         return list(features.split(image_inputs["image_grid_thw"].prod(-1).tolist(), dim=0))
@@ -176,10 +155,6 @@ class Qwen25VLFamily(Qwen2VLFamily):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     cacheable = False
-
-
-class _Stop(Exception):
-    """Stops the encoder's forward once the merger's input is captured."""
 
 
 QWEN2_VL = Qwen2VLFamily()
