@@ -11,7 +11,7 @@
 # `speedup:` line; $RESULTS/<step>.json holds the numbers. Exit status: 0 when every step passed.
 #
 # Settings (environment): PRESET (tinyllava), OUT (/tmp), PYTHON (.venv/bin/python, else python3),
-# TRAIN_STEPS, WARMUP, REPEATS, DESCRIBE_N, ROWS, LOOP_BUDGET, PROFILE=1 (torch.profiler breakdown).
+# TRAIN_STEPS, WARMUP, REPEATS, DESCRIBE_N, CATALOGUE_N, ROWS, LOOP_BUDGET, PROFILE=1 (torch.profiler breakdown).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,18 +26,18 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 if [[ "$PRESET" == "tinyllava" ]]; then
   : "${TRAIN_STEPS:=20}" "${WARMUP:=3}" "${REPEATS:=2}" "${DESCRIBE_N:=24}"
-  : "${ROWS:=172377}" "${LOOP_BUDGET:=30}"
+  : "${ROWS:=172377}" "${LOOP_BUDGET:=30}" "${CATALOGUE_N:=64}"
   # Training loads the 2.8 GB model folder per run and the full run saves its 5.6 GB fp32 model.
-  T_TRAIN=150; T_DESCRIBE=90; T_PREPARE=90  # worst case 45+2*150+90+90 = 525 s
+  T_TRAIN=150; T_DESCRIBE=75; T_CATALOGUE=75; T_PREPARE=75  # worst case 45+2*150+3*75 = 570 s
 elif [[ "$PRESET" == "mini" ]]; then
   # A CPU preset: the reference's LoRA step (8 x 616 tokens x 32k logits) takes seconds.
   : "${TRAIN_STEPS:=10}" "${WARMUP:=2}" "${REPEATS:=1}" "${DESCRIBE_N:=16}"
-  : "${ROWS:=172377}" "${LOOP_BUDGET:=60}"
-  T_TRAIN=600; T_DESCRIBE=300; T_PREPARE=300
+  : "${ROWS:=172377}" "${LOOP_BUDGET:=60}" "${CATALOGUE_N:=8}"
+  T_TRAIN=600; T_DESCRIBE=300; T_CATALOGUE=300; T_PREPARE=300
 else
   : "${TRAIN_STEPS:=40}" "${WARMUP:=3}" "${REPEATS:=3}" "${DESCRIBE_N:=32}"
-  : "${ROWS:=172377}" "${LOOP_BUDGET:=60}"
-  T_TRAIN=300; T_DESCRIBE=300; T_PREPARE=300
+  : "${ROWS:=172377}" "${LOOP_BUDGET:=60}" "${CATALOGUE_N:=16}"
+  T_TRAIN=300; T_DESCRIBE=300; T_CATALOGUE=300; T_PREPARE=300
 fi
 PROFILE_FLAG=()
 [[ "${PROFILE:-0}" == "1" ]] && PROFILE_FLAG=(--profile)
@@ -55,7 +55,7 @@ FAILED=0
     echo "gpu: none (nvidia-smi not found)"
   fi
   echo "python: $PYTHON"
-  echo "settings: TRAIN_STEPS=$TRAIN_STEPS WARMUP=$WARMUP REPEATS=$REPEATS DESCRIBE_N=$DESCRIBE_N ROWS=$ROWS LOOP_BUDGET=$LOOP_BUDGET"
+  echo "settings: TRAIN_STEPS=$TRAIN_STEPS WARMUP=$WARMUP REPEATS=$REPEATS DESCRIBE_N=$DESCRIBE_N CATALOGUE_N=$CATALOGUE_N ROWS=$ROWS LOOP_BUDGET=$LOOP_BUDGET"
 } > "$SUMMARY"
 
 # run_step NAME TIMEOUT_SECONDS COMMAND...: log to NAME.log, record rc and the speedup line.
@@ -94,6 +94,10 @@ done
 run_step describe "$T_DESCRIBE" "$PYTHON" benchmarks/describe_throughput.py \
   --preset "$PRESET" --n "$DESCRIBE_N" --compare --repeats "$REPEATS" \
   --json "$RESULTS/describe.json"
+
+run_step catalogue "$T_CATALOGUE" "$PYTHON" benchmarks/catalogue_throughput.py \
+  --preset "$PRESET" --n "$CATALOGUE_N" --compare --repeats 1 \
+  --json "$RESULTS/catalogue.json"
 
 run_step prepare-select "$T_PREPARE" "$PYTHON" benchmarks/prepare_select.py \
   --rows "$ROWS" --loop-budget "$LOOP_BUDGET" --json "$RESULTS/prepare-select.json"

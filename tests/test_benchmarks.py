@@ -294,7 +294,7 @@ def test_gpu_sh_runs_on_cpu_with_the_tiny_preset(tmp_path):
     """The GPU script's every step, on CPU with tiny step counts: each passes and prints one
     speedup line; the summary and JSON results land under $OUT."""
     env = {**os.environ, "PRESET": "tiny", "OUT": str(tmp_path), "TRAIN_STEPS": "3",
-           "WARMUP": "1", "REPEATS": "1", "DESCRIBE_N": "4", "ROWS": "2000", "LOOP_BUDGET": "2",
+           "WARMUP": "1", "REPEATS": "1", "DESCRIBE_N": "4", "CATALOGUE_N": "2", "ROWS": "2000", "LOOP_BUDGET": "2",
            "PYTHON": sys.executable, "GALAXY_LLAVA_BENCH_CACHE": str(tmp_path / "cache")}
     out = subprocess.run(["bash", str(BENCH / "gpu.sh")], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=env)
@@ -302,7 +302,7 @@ def test_gpu_sh_runs_on_cpu_with_the_tiny_preset(tmp_path):
     summary = (results / "summary.txt").read_text()
     assert out.returncode == 0, summary + out.stderr[-2000:]
     assert "failed steps: 0" in summary
-    for step in ("train-full", "train-lora", "describe", "prepare-select"):
+    for step in ("train-full", "train-lora", "describe", "catalogue", "prepare-select"):
         log = (results / f"{step}.log").read_text().strip().splitlines()
         assert SPEEDUP.match(log[-1]), step
         assert sum(bool(SPEEDUP.match(l)) for l in log) == 1, step

@@ -140,6 +140,79 @@ def test_torchrun_ranks_split_the_parts(model, images, reference, tmp_path, monk
     pd.testing.assert_frame_equal(read(out), read(reference))
 
 
+@pytest.mark.slow
+def test_two_torchrun_processes_give_the_rows_of_one_process(model, images, reference,
+                                                             tmp_path):
+    """A real 2-process launch (torchrun on the CPU): each rank writes its parts, and together
+    they are exactly the single-process catalogue."""
+    out = tmp_path / "cat"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "galaxy_llava", "catalogue", "--model", str(model), "--images", str(images),
+           "--out", str(out), "--part-size", "4", *FAST]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("this process wrote") == 2
+    pd.testing.assert_frame_equal(read(out), read(reference))
+
+
+@pytest.mark.slow
+def test_test_split_captions_equal_evaluate_predictions(lora_run, prepared_dir, tmp_path):
+    """The catalogue of a whole prepared dataset (every split, in file order, default batches)
+    gives the test split's galaxies exactly the captions ``evaluate`` predicted for them."""
+    import json
+
+    from galaxy_llava.evaluate import evaluate
+
+    run_dir = lora_run[0]
+    out = tmp_path / "cat"
+    assert run("--model", run_dir, "--images", prepared_dir, "--out", out, "--no-scores") == 0
+    rows = read(out).set_index("image")
+    evaluate(run_dir, prepared_dir, split="test", out=tmp_path / "eval")
+    predictions = [json.loads(line) for line in
+                   (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert predictions
+    for p in predictions:
+        image = str((prepared_dir / p["image"]).resolve()) if not os.path.isabs(p["image"]) \
+            else p["image"]
+        assert rows.loc[image, "caption"] == p["prediction"], p["id_str"]
+
+
+def test_path_lists_and_fits_cutouts(model, images, tmp_path):
+    """A CSV and a parquet list of paths (relative to the list, with ids) and a folder of FITS
+    cutouts: rows in list order with the list's ids; a FITS image is read like its PNG."""
+    import numpy as np
+    from astropy.io import fits
+    from PIL import Image
+
+    from galaxy_llava.generate import describe_paths
+
+    files = sorted(images.rglob("*.png")) + sorted(images.rglob("*.jpg"))
+    chosen = files[:3]
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for k, f in enumerate(chosen):
+        shutil.copy(f, lists / f"g{k}{f.suffix}")
+    pd.DataFrame({"path": [f"g{k}{f.suffix}" for k, f in enumerate(chosen)][::-1],
+                  "id": ["c", "b", "a"]}).to_csv(lists / "list.csv", index=False)
+    pd.DataFrame({"file_loc": [f"g{k}{f.suffix}" for k, f in enumerate(chosen)]}).to_parquet(
+        lists / "list.parquet")
+    cutouts = tmp_path / "cutouts"
+    cutouts.mkdir()
+    grey = np.asarray(Image.open(chosen[0]).convert("L"), dtype=np.float32)
+    fits.PrimaryHDU(grey[::-1]).writeto(cutouts / "one.fits.gz")  # FITS rows run bottom-up
+    out = tmp_path / "cat"
+    assert run("--model", model, "--images", lists / "list.csv", lists / "list.parquet",
+               cutouts, "--out", out, *FAST) == 0
+    rows = read(out)
+    expected = [str(lists / f"g{k}{f.suffix}") for k, f in enumerate(chosen)]
+    assert rows["image"].tolist() == expected[::-1] + expected + [str(cutouts / "one.fits.gz")]
+    assert rows["id"].tolist() == ["c", "b", "a", "g0", "g1", "g2", "one"]
+    described = describe_paths(model, expected[::-1] + expected + [cutouts / "one.fits.gz"],
+                               batch_size=2, num_beams=2, max_new_tokens=8)
+    assert rows["caption"].tolist() == [d["text"] for d in described]
+
+
 def test_a_lost_part_is_rewritten_and_leftovers_removed(model, images, reference, tmp_path):
     out = tmp_path / "cat"
     shutil.copytree(reference, out)
@@ -189,6 +262,7 @@ def test_other_settings_into_the_same_out_are_refused(model, images, reference, 
     (["--images", "{images}", "--shard", "3/2"], "--shard 3/2"),
     (["--images", "{images}", "--part-size", "0"], "--part-size must be >= 1"),
     (["--images", "{images}", "--shard", "x"], "--shard must be I/N"),
+    (["--images", "{images}/notes.txt"], "not a folder, an image or a .csv/.parquet list"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, images, tmp_path, capsys,
                                                          args, message):

@@ -1,13 +1,14 @@
-"""config: galaxy-llava's own settings, without torch."""
+"""config: galaxy-llava's own settings, without torch, and the configs shipped in the package."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from galaxy_llava.config import FinetuneArguments, read_yaml
+from galaxy_llava.config import FinetuneArguments, find_config, read_yaml, shipped_configs
 from galaxy_llava.errors import UserError
 
 
@@ -35,3 +36,35 @@ def test_read_yaml(tmp_path):
     assert read_yaml(f) == {"learning_rate": 1e-4, "method": "lora"}
     with pytest.raises(UserError, match="not found"):
         read_yaml(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_are_the_package_yaml_files():
+    import galaxy_llava
+
+    folder = Path(galaxy_llava.__file__).parent / "configs"
+    shipped = shipped_configs()
+    assert sorted(shipped) == sorted(p.stem for p in folder.glob("*.yaml"))
+    assert {"lora", "full", "demo-lora", "demo-full"} <= set(shipped)
+    for path in shipped.values():
+        assert path.parent == folder and read_yaml(path)["method"] in ("full", "lora")
+
+
+def test_find_config_by_name_or_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the clone's root: names still work
+    assert find_config("demo-lora") == shipped_configs()["demo-lora"]
+    assert find_config("demo-lora.yaml") == shipped_configs()["demo-lora"]
+    own = tmp_path / "mine.yaml"
+    own.write_text("method: full\n")
+    assert find_config(str(own)) == own and find_config("mine.yaml") == Path("mine.yaml")
+    (tmp_path / "lora").write_text("method: full\n")  # a file of that name wins over the shipped
+    assert find_config("lora") == Path("lora")
+
+
+@pytest.mark.parametrize("value", ["demo-qlora", "configs/lora.yaml", "nope.yaml"])
+def test_unknown_config_is_one_line_listing_the_shipped(value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        find_config(value)
+    message = str(e.value)
+    assert "\n" not in message and repr(value) in message
+    assert message.endswith("shipped config: " + ", ".join(sorted(shipped_configs())))

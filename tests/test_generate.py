@@ -149,7 +149,7 @@ def test_expand_image_paths(image_folder, tmp_path):
     assert [p.name for p in expand_image_paths([image_folder])] == ["a_white.JPG", "b_black.png"]
     with pytest.raises(UserError, match="does not exist"):
         expand_image_paths([tmp_path / "missing.png"])
-    with pytest.raises(UserError, match="no .jpg"):
+    with pytest.raises(UserError, match="no images"):
         expand_image_paths([tmp_path])
 
 

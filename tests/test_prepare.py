@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -208,6 +209,51 @@ def test_tree_rules(source, tmp_path):
                for r in recs)
     assert all(c.endswith("_fraction") for c in recs[0]["fractions"])
     assert set(recs[0]["fractions"]) >= {col("disk-edge-on", "yes")}
+
+
+def test_tree_rules_summaries_count_the_true_types(source, tmp_path, capsys):
+    """Under the tree rules a galaxy selected as "spiral" (smooth fraction <= 0.6) may be an
+    edge-on disk or an artifact, and one selected as elliptical may lack the votes to be one:
+    the counts and the printed summary say the types the captions say."""
+    out = tmp_path / "out"
+    stats = run(source[0], out, rules="tree", min_votes=3)
+    recs = read_jsonl(out)
+    types = Counter(r["morphology"]["type"] for r in recs)
+    assert set(types) - {"elliptical", "spiral"}, "the fixture should draw other types"
+    assert {t: n for t, n in stats["classes"].items() if n} == types
+    assert list(stats["classes"]) == ["elliptical", "spiral", "edge-on disk", "artifact"]
+    for split in ("train", "val", "test"):
+        want = Counter(r["morphology"]["type"] for r in recs if r["split"] == split)
+        got = stats["splits"][split]
+        assert {t: n for t, n in got.items() if n and t != "total"} == want
+        assert got["total"] == sum(want.values())
+    assert stats["selection"] == {"elliptical": 10, "spiral": 10}  # what the balance is about
+    assert json.loads((out / "stats.json").read_text())["classes"] == stats["classes"]
+    printed = capsys.readouterr().out
+    assert "records: 20  " + "  ".join(f"{t}: {n}" for t, n in stats["classes"].items()) \
+        in printed
+    assert "balanced selection: 10 with smooth fraction > 0.6, 10 without" in printed
+
+
+def test_reference_summaries_keep_two_types(prepared):
+    _, stats = prepared
+    assert stats["classes"] == stats["selection"] == {"elliptical": 10, "spiral": 10}
+
+
+def test_same_dataset_from_another_copy_of_the_catalogue_writes_the_same_bytes(
+        prepared, source, tmp_path):
+    """The stats and the dataset card describe the manifest the first run recorded, so the same
+    catalogue read from elsewhere, in another format, changes no byte."""
+    import shutil
+
+    out = tmp_path / "data"
+    shutil.copytree(prepared[0], out)
+    before = snapshot(out)
+    df = source[1]
+    stats = run(write_csv(df, images_for(df), tmp_path / "csv"), out)
+    assert stats["images_written"] == 0
+    assert snapshot(out) == before  # README.md and stats.json included, mtimes too
+    assert "a parquet catalogue" in (out / "README.md").read_text()
 
 
 def test_non_square_images_are_padded_not_stretched(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.records import IMAGE_SUFFIXES, load_image, load_records
+from galaxy_llava.imagefiles import IMAGE_SUFFIXES
+from galaxy_llava.records import load_image, load_records
 
 SHORTEST = "This is an image of a spiral galaxy."
 LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "

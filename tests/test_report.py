@@ -1,5 +1,7 @@
-"""The HTML report: self-contained, all sections present, mistakes marked, bad EVAL folders named,
-and (slow) a real headless-Chromium render that is not blank."""
+"""The HTML report: self-contained, all sections present (calibration, settings), mistakes
+marked, bad EVAL folders named, parent folders of EVAL folders, the training snapshot preferred
+to the run folder, and (slow) a real headless-Chromium render that is not blank. The charts and
+the grid of galaxies have their own files (test_report_charts.py, test_report_galaxies.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import pytest
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.evaluate import prediction_rows, write_eval
-from galaxy_llava.metrics import compute_metrics, labels_of, read_answer
+from galaxy_llava.calibration import calibration, majority_probabilities
+from galaxy_llava.metrics import compute_metrics, labels_of, read_answer, score_captions
 from galaxy_llava.morphology import Morphology
-from galaxy_llava.report import build_report, load_eval, marked_answer
+from galaxy_llava.report import build_report, confusion_tables, eval_folders, load_eval
 from galaxy_llava.rules import rule_set
 
 
@@ -57,6 +60,8 @@ def _make_evals(root: Path, n: int = 10) -> list[Path]:
     loss += [{"step": s, "epoch": s / 10, "loss": 3.2 / (1 + s / 6), "split": "val"}
              for s in (10, 20, 30)]
     (run / "loss_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in loss) + '{"cut')
+    (run / "config.yaml").write_text("method: lora\nlora_r: 12\nlearning_rate: 0.000321\n"
+                                     "seed: 1234\n")
 
     # The VLM gets most right, some attributes wrong, one empty and one ungrammatical answer.
     texts = [t.caption() for t in truths]
@@ -75,6 +80,18 @@ def _make_evals(root: Path, n: int = 10) -> list[Path]:
     ):
         metrics = compute_metrics(truths, preds, ok if extra.pop("parse", False) else None,
                                   txts if kind == "vlm" else None)
+        probs = [majority_probabilities(truths[:5])] * n  # some probabilities to calibrate
+        if kind == "vlm":  # the grammar's best caption: the truth but for galaxy 0's type
+            best = [t.caption() for t in truths]
+            best[0] = Morphology("spiral" if truths[0].type == "elliptical" else "elliptical"
+                                 ).caption()
+            metrics["grammar"] = {**compute_metrics(truths, [read_answer(b)[0] for b in best],
+                                                    [True] * n, best),
+                                  "calibration": calibration(truths, probs)}
+            extra.update(prompt="USER: <image>\nDescribe this galaxy.\nASSISTANT:",
+                         generation={"num_beams": 3, "max_new_tokens": 40}, rules="reference")
+        elif kind == "probe":
+            metrics["calibration"] = calibration(truths, probs)
         folder = root / "eval" / name
         write_eval(folder, prediction_rows(records, preds, txts, ok), metrics, kind=kind,
                    model="m", split="test", data=str(root), **extra)
@@ -90,10 +107,19 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert "http://" not in page and "https://" not in page
     for name in ("lora", "probe", "majority"):
         assert f">{name}<" in page or f">{name} " in page
-    for section in ("All metrics", "Accuracy per attribute", "Confusion matrices", "Training",
-                    "Galaxies"):
+    for section in ("All metrics", "Accuracy per attribute", "Calibration", "Confusion matrices",
+                    "Settings", "Training", "Galaxies"):
         assert section in page
-    assert page.count("data:image/png;base64,") >= 1 + 3 + 1  # bars, 3 confusions, losses
+    assert page.count("data:image/png;base64,") == 3  # bars, reliability, losses
+    # confusion tables of 4 predictors (lora, lora (grammar), probe, majority), 7 attributes
+    assert page.count('<div class="cm">') == 4 * 7
+    assert ">lora (grammar)<" in page and 'alt="reliability diagrams"' in page
+    for header in ("accuracy [95% CI]", "macro-F1", "Brier", "ECE", "AUROC", "vote MSE"):
+        assert header in page
+    # settings: prompt, decoding, rules, seed, learning rate, LoRA rank
+    for shown in ("Describe this galaxy.", "beam search (3 beams)", "reference", ">1234<",
+                  ">0.000321<", ">12<"):
+        assert shown in page, shown
     assert page.count("data:image/jpeg;base64,") == 10  # one thumbnail per galaxy
     assert "95 s" in page and "12.5" in page  # wall time and speed of the run
     assert "1,234,567" in page and "0.533" in page  # trainable params, last val loss (3.2/6)
@@ -101,28 +127,44 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert not list((tmp_path / "r").glob(".*tmp"))  # atomic write left no temp folder
 
 
-def test_marked_answer_flags_wrong_and_missing_phrases():
-    truth = Morphology("spiral", bar=True, arms="2").to_dict()
-    text = "This is an image of a spiral galaxy, with three arms, purple."
-    marked = marked_answer(text, truth)
-    assert '<span class="ok">This is an image of a spiral galaxy</span>' in marked
-    assert '<span class="bad">with three arms</span>' in marked
-    assert '<span class="bad">purple</span>' in marked
-    assert '<span class="miss">with a central bar</span>' in marked
-    assert '<span class="miss">with two arms</span>' in marked
-    perfect = marked_answer(Morphology.from_dict(truth).caption(), truth)
-    assert "bad" not in perfect and "miss" not in perfect
-    assert "empty" in marked_answer("", truth)
+def test_a_parent_folder_stands_for_its_eval_folders(tmp_path):
+    evals = _make_evals(tmp_path)
+    assert eval_folders([tmp_path / "eval"]) == evals  # VLMs, then the probe, then majority
+    assert eval_folders([evals[1]]) == [evals[1]]
+    page = build_report([tmp_path / "eval"], tmp_path / "report.html").read_text()
+    for name in ("lora", "probe", "majority"):
+        assert f">{name} " in page or f">{name}<" in page
+    with pytest.raises(UserError, match="did not finish"):
+        build_report([tmp_path / "images"], tmp_path / "other.html")  # no EVAL folder in it
 
 
-def test_marked_answer_reads_phrases_as_the_metrics_do():
-    """An answer that does not open with a type clause is no caption: the metrics count every
-    attribute wrong, so the report marks none of its phrases right."""
-    truth = Morphology("spiral", bar=True)
-    text = "With a central bar, This is an image of a spiral galaxy."
-    assert set(read_answer(text)[0].values()) == {"unknown"}
-    marked = marked_answer(text, truth.to_dict())
-    assert 'class="ok"' not in marked and '<span class="miss">with a central bar</span>' in marked
+def test_the_report_shows_the_training_recorded_at_evaluation_time(tmp_path):
+    evals = _make_evals(tmp_path)
+    run = tmp_path / "runs" / "lora"
+    # the run is resumed after the evaluation: more epochs, another seed, longer
+    (run / "train_metrics.json").write_text(json.dumps(
+        {"method": "lora", "epochs": 9, "steps": 90, "wall_seconds": 600.0}))
+    (run / "config.yaml").write_text("method: lora\nlora_r: 12\nseed: 99\n")
+    page = build_report(evals, tmp_path / "report.html").read_text()
+    assert "95 s" in page and ">1234<" in page  # the snapshot's wall time and seed
+    assert "10.0 min" not in page and ">99<" not in page
+    # an EVAL folder from before the snapshot reads the run folder as it is now, and says so
+    metrics = json.loads((evals[0] / "metrics.json").read_text())
+    del metrics["training"]
+    (evals[0] / "metrics.json").write_text(json.dumps(metrics))
+    page = build_report(evals, tmp_path / "report2.html").read_text()
+    assert "10.0 min" in page and ">99<" in page and "as it is now" in page
+
+
+def test_confusion_tables_count_truth_against_prediction():
+    truths = [Morphology("spiral"), Morphology("spiral"), Morphology("elliptical")]
+    text = confusion_tables(score_captions(truths, [t.caption() for t in truths[1:]] + [""]))
+    table = text[text.index("<b>type</b>"):text.index("<b>shape</b>")]
+    # rows (truth) and columns (prediction): elliptical, spiral, unknown. The elliptical got
+    # no answer (unknown); one spiral was called elliptical, the other spiral.
+    counts = [int(c) for c in re.findall(r">(\d+)</td>", table)]
+    assert counts == [0, 0, 1, 1, 1, 0, 0, 0, 0]
+    assert "acc 33%, n=3" in table
 
 
 def test_unfinished_eval_folder_is_named(tmp_path):

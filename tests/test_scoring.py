@@ -11,7 +11,8 @@ from PIL import Image
 
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, parse_caption
 from galaxy_llava.rules import rule_set
-from galaxy_llava.scoring import caption_log_probs, grammar_scores, posterior_summary
+from galaxy_llava.scoring import (batch_log_probs, caption_log_probs, grammar_scores,
+                                 posterior_summary)
 from galaxy_llava.toy.tiny import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,3 +97,17 @@ def test_describe_scores_through_the_cli(tiny_model_dir, prepared_dir, capsys):
         assert parse_caption(r["scores"]["best"]).parsed_ok
         assert sum(r["scores"]["marginals"]["type"].values()) == pytest.approx(1.0)
         assert set(r["scores"]["marginals"]["shape"]) <= {"none", "round", "in-between", "cigar"}
+
+
+def test_images_scored_together_equal_images_scored_alone(family_model):
+    """The batched prefix + (images x candidates) continuation gives each image's own scores."""
+    model, processor = family_model
+    captions = [m.caption() for m in rule_set("reference").reachable()[::9]]
+    images = [_image(0), _image(1), _image(2)]
+    together = batch_log_probs(model, processor, images, captions)
+    for image, row in zip(images, together):
+        assert row == pytest.approx(caption_log_probs(model, processor, image, captions),
+                                    abs=1e-4)
+    batched = grammar_scores(model, processor, images, batch_size=2)
+    alone = [grammar_scores(model, processor, [im])[0] for im in images]
+    assert [s.best for s in batched] == [s.best for s in alone]

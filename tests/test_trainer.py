@@ -126,6 +126,7 @@ def test_training_lowers_loss_keeps_the_encoder_and_writes_a_loadable_run(
     for key in ("wall_seconds", "samples_per_second", "final_train_loss", "val_losses",
                 "device", "precision", "method", "effective_batch_size"):
         assert saved[key] is not None, key
+    assert "collapse_warning" in saved  # the validation answers were checked (None or a line)
     assert [c.name for c in run.glob("checkpoint-*")] == [f"checkpoint-{metrics['steps']}"]
     assert not (run / ("adapter" if method == "full" else "model")).exists()
 
@@ -146,6 +147,26 @@ def test_training_lowers_loss_keeps_the_encoder_and_writes_a_loadable_run(
     assert not torch.equal(state[proj], base[proj])  # the projector trained in both methods
     lm = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(state[lm], base[lm])
+
+
+def test_collapse_check_warns_when_every_answer_is_alike(tiny_model_dir, prepared_dir, teach):
+    """A model taught one caption for every galaxy answers them alike: one line says so;
+    answers as varied as the truth give none."""
+    from galaxy_llava.evaluate import load_split
+    from galaxy_llava.metrics import collapse_warning
+    from galaxy_llava.models.loading import load_model
+    from galaxy_llava.records import load_image
+    from galaxy_llava.training.trainer import collapse_check
+
+    val = load_split(prepared_dir, "val")
+    assert len({r["text"] for r in val}) > 2  # the check needs a truth with variety
+    model, processor = load_model(str(tiny_model_dir))
+    model = teach(model, processor, [(load_image(r["image"]), val[0]["text"]) for r in val])
+    from galaxy_llava.models.registry import family_for
+
+    line = collapse_check(model, processor, val, family_for(model).default_prompt(processor))
+    assert line and "\n" not in line and "collapse to 1 distinct caption" in line
+    assert collapse_warning([r["text"] for r in val], [r["text"] for r in val]) is None
 
 
 def test_resume_ends_with_the_same_weights(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):

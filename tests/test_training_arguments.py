@@ -3,16 +3,13 @@ defaults, precedence, and what config.yaml records."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from galaxy_llava.config import METHOD_DEFAULTS
+from galaxy_llava.config import METHOD_DEFAULTS, shipped_configs
 from galaxy_llava.errors import UserError
 from galaxy_llava.training.arguments import (build_parser, parse_cli, parse_settings,
                                              settings_to_save)
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--data", "D", "--output_dir", "OUT"]
 
 
@@ -25,7 +22,7 @@ def test_help_lists_the_training_arguments_names(capsys):
                  "--output_dir", "--report_to", "--push_to_hub", "--fsdp", "--deepspeed",
                  "--gradient_checkpointing", "--torch_compile", "--eval_strategy",
                  "--resume_from_checkpoint", "--method", "--lora_r", "--feature_cache",
-                 "--config"):
+                 "--config", "--threads", "--verbose", "demo-lora"):
         assert name in text, name
 
 
@@ -85,19 +82,41 @@ def test_bad_settings_are_user_errors(settings, needle):
         parse_settings({"data": "D", "output_dir": "OUT", **settings})
 
 
-def test_shipped_configs_parse():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        ft, args = parse_cli([*BASE, "--config", str(path)])
-        assert ft.method in ("full", "lora"), path
+def test_shipped_configs_parse_by_name_and_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # from any folder, not only the clone's root
+    for name, path in shipped_configs().items():
+        ft, args = parse_cli([*BASE, "--config", name])
+        ft_path, args_path = parse_cli([*BASE, "--config", str(path)])
+        assert ft.method in ("full", "lora"), name
+        assert ft == ft_path and args.to_dict() == args_path.to_dict(), name
+    ft, args = parse_cli([*BASE, "--config", "demo-lora"])
+    assert (ft.lora_r, args.learning_rate, args.num_train_epochs) == (16, 3e-3, 12)
+
+
+def test_unknown_config_name_lists_the_shipped():
+    with pytest.raises(UserError, match=r"'demo-qlora' not found: .* shipped config: demo-full, "
+                                        r"demo-lora, full, lora$"):
+        parse_cli([*BASE, "--config", "demo-qlora"])
+
+
+def test_global_cli_flags_are_not_settings(tmp_path):
+    """--threads and --verbose belong to the process, not to a run: no YAML key sets them;
+    TrainingArguments' own --debug stays a setting."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: lora\nthreads: 2\n")
+    with pytest.raises(UserError, match="unknown setting 'threads'"):
+        parse_cli([*BASE, "--config", str(cfg)])
+    cfg.write_text("method: lora\ndebug: underflow_overflow\n")
+    assert parse_cli([*BASE, "--config", str(cfg)])[1].debug
 
 
 def test_demo_configs_mirror_the_demo_settings():
-    """configs/demo-*.yaml are the CLI spelling of the demo's runs: they must not drift."""
+    """The shipped demo-*.yaml are the CLI spelling of the demo's runs: they must not drift."""
     from galaxy_llava.config import read_yaml
     from galaxy_llava.toy.demo import DEMO_TRAIN
 
     for method, settings in DEMO_TRAIN.items():
-        cfg = read_yaml(ROOT / "configs" / f"demo-{method}.yaml")
+        cfg = read_yaml(shipped_configs()[f"demo-{method}"])
         assert cfg["method"] == method
         for key, value in settings.items():
             assert cfg[key] == value, (method, key)

@@ -7,12 +7,14 @@ each attribute's predicted value and marginal probabilities, and the entropy.
 
 Inputs, in a fixed order:
 
-* ``--images DIR ...``: each folder searched recursively for ``.jpg``/``.jpeg``/``.png`` files
-  (hidden files and folders skipped), sorted by their path inside the folder; a folder that is
-  a prepared dataset (``galaxy-llava prepare``: it holds ``manifest.json`` or ``dataset.jsonl``)
-  contributes only its ``images/`` folder, so its ``preview.png`` is never catalogued. The id
-  is the file's stem; files reached through a link that leaves the folder need
-  ``--allow-outside-paths``.
+* ``--images DIR|LIST|FILE ...``: each folder searched recursively for images (``.jpg``,
+  ``.jpeg``, ``.png`` and FITS cutouts ``.fits``/``.fits.gz``, stretched to RGB; hidden entries
+  skipped), sorted by their path inside the folder; a prepared dataset contributes only its
+  ``images/`` folder, so its ``preview.png`` is never catalogued
+  (:func:`galaxy_llava.imagefiles.find_images`). A ``.csv``/``.parquet`` path list (column
+  ``path``, ``file_loc`` or ``image``; optional ``id``/``id_str``) gives its rows, relative paths
+  resolved against the list's folder. The id is the list's id, else the file name without its
+  suffix. A list's paths that leave its folder need ``--allow-outside-paths``.
 * ``--source CATALOGUE``: a GZ2-schema catalogue (:func:`galaxy_llava.catalog.load_catalog`:
   parquet shards, ``save_to_disk`` folder, CSV with ``file_loc``, Hub id); only ``id_str`` and
   the vote columns are held in memory, images are read a batch at a time and decoded one by one.
@@ -115,45 +117,36 @@ def _digest(items: Sequence) -> str:
     return h.hexdigest()[:16]
 
 
-def image_files(folder: str | os.PathLike, allow_outside: bool = False) -> list[Path]:
-    """The image files under ``folder`` (recursive, hidden entries skipped, sorted by their path
-    inside it); a prepared dataset contributes only its ``images/`` folder."""
-    from galaxy_llava.checks import inside
-    from galaxy_llava.records import IMAGE_SUFFIXES
+def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = False) -> Inputs:
+    """The images of ``--images`` entries, in order: a folder's images
+    (:func:`galaxy_llava.imagefiles.find_images`), a CSV/parquet path list's
+    (:func:`galaxy_llava.imagefiles.read_path_list`), or one image file. The id is the path
+    list's id column, else the file name without its suffix."""
+    from galaxy_llava.imagefiles import (LIST_SUFFIXES, find_images, image_stem, is_image_name,
+                                         read_path_list)
 
-    root = Path(folder)
-    if not root.is_dir():
-        raise UserError(f"--images {folder}: {'not a folder' if root.exists() else 'not found'}")
-    if (root / "dataset.jsonl").is_file() or (
-            (root / MANIFEST).is_file() and _read_manifest(root).get("command") != COMMAND):
-        root = root / "images"  # a prepared dataset: its images, not its preview
-        if not root.is_dir():
-            raise UserError(f"--images {folder}: a prepared dataset without an images/ folder")
-    found = []
-    for path, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            f = Path(path) / name
-            if not allow_outside and not inside(f, root):
-                raise UserError(f"--images {folder}: {f} leads outside the folder; pass "
-                                "--allow-outside-paths to read it")
-            if f.is_file():
-                found.append(f)
-    if not found:
-        raise UserError(f"--images {folder}: no .jpg/.jpeg/.png images in it")
-    return sorted(found, key=lambda f: f.relative_to(root).parts)
-
-
-def folder_inputs(folders: Sequence[str | os.PathLike], allow_outside: bool = False) -> Inputs:
-    """The images of ``folders``, in order (see :func:`image_files`)."""
-    files = [f for d in folders for f in image_files(d, allow_outside)]
-    paths = [os.path.abspath(f) for f in files]
-    sizes = [f.stat().st_size for f in files]
-    identity = {"images": [os.path.abspath(d) for d in folders], "n": len(files),
-                "files": _digest(list(zip(paths, sizes)))}
-    return Inputs([f.stem for f in files], paths, identity)
+    paths: list[str] = []
+    ids: list[str] = []
+    for entry in images:
+        p = Path(entry)
+        if p.is_dir():
+            found = [os.path.abspath(f) for f in find_images(p)]
+            paths += found
+            ids += [image_stem(f) for f in found]
+        elif p.is_file() and p.name.lower().endswith(LIST_SUFFIXES):
+            listed = read_path_list(p, allow_outside)
+            paths += listed.paths
+            ids += listed.ids
+        elif p.is_file() and is_image_name(p.name):
+            paths.append(os.path.abspath(p))
+            ids.append(image_stem(p))
+        else:
+            raise UserError(f"--images {entry}: not a folder, an image or a .csv/.parquet list "
+                            "of paths" if p.exists() else f"--images {entry}: not found")
+    sizes = [os.stat(f).st_size if os.path.exists(f) else -1 for f in paths]
+    identity = {"images": [os.path.abspath(d) for d in images], "n": len(paths),
+                "files": _digest(list(zip(paths, sizes, ids)))}
+    return Inputs(ids, paths, identity)
 
 
 def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Inputs:
@@ -311,9 +304,9 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     if is_local(str(model)) and run_kind(Path(model).expanduser()) is None:
         raise UserError(f"--model {model}: not a galaxy-llava run or model folder"
                         if Path(model).expanduser().exists() else f"--model {model} not found")
-    for d in images or []:  # a missing folder is named before anything is listed
-        if not Path(d).is_dir():
-            raise UserError(f"--images {d}: {'not a folder' if Path(d).exists() else 'not found'}")
+    for d in images or []:  # a missing input is named before anything is listed
+        if not Path(d).exists():
+            raise UserError(f"--images {d}: not found")
     inputs = (folder_inputs(images, allow_outside_paths) if images is not None
               else source_inputs(source, rules, allow_outside_paths))
     model_id = abs_if_local(str(model))

@@ -5,6 +5,11 @@ Errors a user can fix (:class:`galaxy_llava.errors.UserError`, a full disk, a fo
 be written) print as one line, exit code 2; anything unexpected prints one line too, exit code 1,
 and ``galaxy-llava --debug COMMAND ...`` shows its traceback. Outputs follow the contract of
 :mod:`galaxy_llava.outputs` (``--overwrite`` replaces another output of the same kind).
+
+Global flags (``--debug``, ``--verbose``, ``--threads N``) work before or after the command
+(``train``'s ``--debug`` before it: after it, it is TrainingArguments' own); they set up the
+process (torch's CPU threads, transformers' progress bars and logging) before any command
+imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
+from galaxy_llava import __version__
+from galaxy_llava.config import DEFAULT_THREADS, GLOBAL_FLAGS
 from galaxy_llava.errors import UserError
 from galaxy_llava.rules import RULE_SETS
 from galaxy_llava.toy.tiny import FAMILIES, PRESETS
@@ -53,9 +61,23 @@ def _cmd_tiny_model(args: argparse.Namespace) -> None:
     with outputs.staged_folder(args.out) as folder:  # nothing half-made, even if killed
         build_tiny_model(folder, preset=args.preset, seed=args.seed,
                          pretrain_steps=args.pretrain_steps, family=args.family)
-    out = args.out
-    stage = f", pretrained {args.pretrain_steps} steps on generic scenes" if args.pretrain_steps else ""
-    print(f"wrote a random-initialised {args.preset} {args.family} model{stage} to {out}")
+    print(_tiny_model_summary(args))
+
+
+def _tiny_model_summary(args: argparse.Namespace) -> str:
+    """What ``tiny-model`` wrote, in one line: untrained, or pretrained with its loss."""
+    what = f"a {args.preset} {args.family} model"
+    if not args.pretrain_steps:
+        return f"wrote {what} with random weights (untrained) to {args.out}"
+    from galaxy_llava.models.folders import read_marker
+    from galaxy_llava.toy.pretrain import LOSS_FILE
+
+    loss = read_marker(args.out).get("pretrain_loss") or {}
+    how = (f", loss {loss['start']:.3f} -> {loss['final']:.3f} (first step -> mean of the last "
+           f"{loss['final_is_mean_of_last']}; every step in {args.out / LOSS_FILE})"
+           if loss else "")
+    return (f"wrote {what} to {args.out}: pretrained from random weights for "
+            f"{args.pretrain_steps} steps on generic scenes{how}")
 
 
 def _cmd_train(argv: list[str]) -> None:
@@ -108,7 +130,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
-    from galaxy_llava.evaluate import probe_cli
+    from galaxy_llava.probe import probe_cli
 
     probe_cli(args)
 
@@ -124,6 +146,12 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     out = build_report(args.evals, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from galaxy_llava.serve import serve_cli
+
+    serve_cli(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -144,49 +172,68 @@ def _outside(s: argparse.ArgumentParser) -> None:
                         "whose file_loc paths are absolute needs it)")
 
 
+DESCRIPTION = ("Teach vision-language models (LLaVA, Qwen2-VL, SmolVLM) to describe Galaxy Zoo 2 "
+               "galaxies: build a caption dataset, fine-tune (full, LoRA or QLoRA), describe "
+               "images, evaluate against the volunteers' votes, and catalogue whole surveys.")
+EPILOG = ("Try `galaxy-llava demo` first: the whole pipeline offline on synthetic galaxies "
+          "(minutes on a CPU). `galaxy-llava COMMAND --help` lists a command's flags.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    p = argparse.ArgumentParser(prog="galaxy-llava", description=__doc__.splitlines()[0])
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of an unexpected error (before the command: "
-                        "galaxy-llava --debug train ...)")
-    sub = p.add_subparsers(dest="command", required=True)
+    """The argument parser of every subcommand (``train``'s flags: its own parser)."""
+    p = argparse.ArgumentParser(prog="galaxy-llava", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"galaxy-llava {__version__}",
+                   help="print the version and exit")
+    for flag, kwargs in GLOBAL_FLAGS.items():
+        p.add_argument(flag, **kwargs)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("synth", help="render synthetic galaxies in the GZ2 catalogue schema")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--n", type=int, default=300)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=424)
+    s.add_argument("--out", type=Path, required=True,
+                   help="folder to write: data/*.parquet (the Hub's layout) and synth.json")
+    s.add_argument("--n", type=int, default=300, help="galaxies to render")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same galaxies)")
+    s.add_argument("--image-size", type=int, default=424,
+                   help="image side in pixels (GZ2's SDSS cutouts: 424)")
     _overwrite(s)
     s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("prepare", help="build a balanced caption dataset (JSONL + images)")
     s.add_argument("--source", required=True,
                    help="Hub id (mwalmsley/gz2), parquet file/folder, save_to_disk folder or CSV")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--n-per-class", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--image-size", type=int, default=336)
+    s.add_argument("--out", type=Path, required=True,
+                   help="the dataset folder to write (captions, images, statistics)")
+    s.add_argument("--n-per-class", type=int, default=1000,
+                   help="galaxies per class (elliptical, spiral), at most")
+    s.add_argument("--seed", type=int, default=42, help="seed of the selection and the splits")
+    s.add_argument("--image-size", type=int, default=336,
+                   help="side of the saved images in pixels (TinyLLaVA's CLIP: 336)")
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
                    help="caption rule set")
     s.add_argument("--min-votes", type=int, default=5, help="tree rules: votes a fraction needs")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--test-fraction", type=float, default=0.1)
+    s.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the galaxies held out for validation")
+    s.add_argument("--test-fraction", type=float, default=0.1,
+                   help="share of the galaxies held out for testing")
     s.add_argument("--hub-config", default=None,
                    help="dataset config (default, tiny); in a local copy of a dataset "
                         "repository, its folder (default: data/) or its README's configs")
-    s.add_argument("--hub-split", default="train")
+    s.add_argument("--hub-split", default="train", help="split of the source dataset to read")
     s.add_argument("--workers", type=int, default=None, help="image workers (default: CPUs)")
     _overwrite(s)
     _outside(s)
     s.set_defaults(func=_cmd_prepare)
 
-    s = sub.add_parser("tiny-model", help="write a small random-initialised LLaVA (HF format)")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--preset", default="tiny", choices=PRESETS)
+    s = sub.add_parser("tiny-model", help="write a small model with random weights in the "
+                       "Hugging Face layout, for tests and the demo (--pretrain-steps N: first "
+                       "taught to caption generic scenes)")
+    s.add_argument("--out", type=Path, required=True, help="model folder to write")
+    s.add_argument("--preset", default="tiny", choices=PRESETS,
+                   help="size: tiny (0.7 M parameters, 64 px), mini (TinyLLaVA's costly shapes "
+                        "on 2 layers, 18.5 M), tinyllava (TinyLLaVA's shapes, 1.4 B)")
     s.add_argument("--family", default="llava", choices=FAMILIES,
                    help="model family (qwen2_vl and idefics3: tiny preset only)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the weights and the pretraining")
     s.add_argument("--pretrain-steps", type=int, default=0,
                    help="first caption generic scenes for N steps so the model can see and speak")
     _overwrite(s)
@@ -198,17 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "`galaxy-llava train --help` lists every TrainingArguments flag")
 
     s = sub.add_parser("export", help="merge a LoRA run into a plain LLaVA checkpoint")
-    s.add_argument("--run", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--run", type=Path, required=True,
+                   help="RUN folder (galaxy-llava train's --output_dir)")
+    s.add_argument("--out", type=Path, required=True, help="folder for the plain checkpoint")
     _overwrite(s)
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("describe", help="describe galaxy images")
     s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
     s.add_argument("paths", nargs="+", type=Path, help="images or folders of images")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--num-beams", type=int, default=3)
-    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
+    s.add_argument("--max-new-tokens", type=int, default=40,
+                   help="longest answer, in tokens")
     s.add_argument("--prompt", default=None, help="override the model's stored prompt")
     s.add_argument("--json", action="store_true", help="JSONL output")
     s.add_argument("--scores", action="store_true",
@@ -219,23 +268,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_describe)
 
     s = sub.add_parser("evaluate", help="describe a split and score the answers")
-    s.add_argument("--model", required=True)
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--split", default="test")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--num-beams", type=int, default=3)
-    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
+    s.add_argument("--data", type=Path, required=True,
+                   help="prepared dataset folder (galaxy-llava prepare)")
+    s.add_argument("--split", default="test", help="the split described and scored")
+    s.add_argument("--out", type=Path, required=True, help="EVAL folder to write")
+    s.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
+    s.add_argument("--max-new-tokens", type=int, default=40,
+                   help="longest answer, in tokens")
     s.add_argument("--limit", type=int, default=None, help="score only the first N galaxies")
+    s.add_argument("--no-scores", action="store_true",
+                   help="beam search only: skip the grammar's scores (the most probable "
+                        "caption, attribute probabilities and their calibration)")
+    s.add_argument("--rules", default=None, choices=list(RULE_SETS),
+                   help="the caption grammar scored (default: the one the dataset was "
+                        "prepared with)")
     _overwrite(s)
     _outside(s)
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("probe", help="linear probe on frozen vision features (baseline)")
-    s.add_argument("--model", required=True)
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--split", default="test")
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--model", required=True,
+                   help="run folder, model folder or Hub id (its vision encoder is used)")
+    s.add_argument("--data", type=Path, required=True,
+                   help="prepared dataset folder (galaxy-llava prepare)")
+    s.add_argument("--split", default="test",
+                   help="the split scored (the probe is fitted on train)")
+    s.add_argument("--out", type=Path, required=True, help="EVAL folder to write")
     _overwrite(s)
     _outside(s)
     s.set_defaults(func=_cmd_probe)
@@ -245,15 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
     s.add_argument("--out", type=Path, required=True, help="folder of part-XXXXX.parquet files")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", help="folders searched recursively for images (a "
-                     "prepared dataset: its images/ only)")
+    src.add_argument("--images", nargs="+", help="folders searched recursively for .jpg/.png/"
+                     ".fits(.gz) images (a prepared dataset: its images/ only), .csv/.parquet "
+                     "lists of paths (column path, file_loc or image; optional id), or images")
     src.add_argument("--source", help="GZ2-schema catalogue: parquet file/folder, save_to_disk "
                      "folder, CSV with file_loc, or Hub id")
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
                    help="the caption grammar scored")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--num-beams", type=int, default=3)
-    s.add_argument("--max-new-tokens", type=int, default=40)
+    s.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
+    s.add_argument("--max-new-tokens", type=int, default=40,
+                   help="longest answer, in tokens")
     s.add_argument("--no-scores", action="store_true",
                    help="beam-search captions only (no grammar scores)")
     s.add_argument("--shard", default=None, metavar="I/N",
@@ -266,21 +328,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_catalogue)
 
     s = sub.add_parser("report", help="one self-contained HTML report of evaluations")
-    s.add_argument("evals", nargs="+", type=Path)
-    s.add_argument("--out", type=Path, default=Path("report.html"))
+    s.add_argument("evals", nargs="+", type=Path,
+                   help="EVAL folders, or folders holding EVAL folders (such as demo-out/eval)")
+    s.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write")
     _overwrite(s)
     s.set_defaults(func=_cmd_report)
 
+    s = sub.add_parser("serve", help="a web app (Gradio) to describe galaxies by hand: one "
+                       "image with its attribute probabilities, or a batch as CSV")
+    s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: this machine only; anything else exposes "
+                        "the app, which has no authentication)")
+    s.add_argument("--port", type=int, default=7860, help="port to listen on")
+    s.add_argument("--examples", type=Path, default=None,
+                   help="folder of example galaxies to offer (default: the run's training "
+                        "data, when recorded and still there)")
+    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
+    s.add_argument("--max-new-tokens", type=int, default=40,
+                   help="longest answer, in tokens")
+    s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
+                   help="the caption grammar whose probabilities are shown")
+    s.set_defaults(func=_cmd_serve)
+
     s = sub.add_parser("demo", help="the whole pipeline offline on synthetic galaxies")
-    s.add_argument("--out", type=Path, default=Path("demo-out"))
+    s.add_argument("--out", type=Path, default=Path("demo-out"),
+                   help="folder for everything the demo makes")
     s.add_argument("--n", type=int, default=600, help="synthetic galaxies to render")
     s.add_argument("--family", default="llava", choices=FAMILIES, help="the tiny model's family")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of every step")
     s.set_defaults(func=_cmd_demo)
-    for name, s in sub.choices.items():  # --debug after the command too (train: before it)
+    for name, s in sub.choices.items():  # main() takes them anywhere; listed in each --help
         if name != "train":
-            s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                           help="show the traceback of an unexpected error")
+            for flag, kwargs in GLOBAL_FLAGS.items():
+                s.add_argument(flag, **{**kwargs, "default": argparse.SUPPRESS})
     return p
 
 
@@ -288,19 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `galaxy-llava` console script (and of ``python -m galaxy_llava``).
 
     Exit codes: 0 done, 2 a problem the user can fix (one line), 1 an unexpected error (one line;
-    ``--debug`` before the command re-raises it with its traceback), 130 interrupted."""
+    ``--debug`` re-raises it with its traceback), 130 interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = False
-    while argv[:1] == ["--debug"]:
-        debug, argv = True, argv[1:]
-    out = None
+    options, argv = _global_options(argv)
+    debug, out = options.debug, None
     if argv[:1] == ["train"]:  # its flags are TrainingArguments': parsed by its own parser
         command, run = "train", lambda: _cmd_train(argv[1:])
     else:
         args = build_parser().parse_args(argv)
-        debug, out = debug or args.debug, getattr(args, "out", None)
+        out = getattr(args, "out", None)
         command, run = args.command, lambda: args.func(args)
     try:
+        use_threads(options.threads)
+        quiet_libraries(options.verbose)
         run()
     except KeyboardInterrupt:
         print(f"galaxy-llava {command}: interrupted", file=sys.stderr)
@@ -315,6 +396,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"galaxy-llava {command}: {message}", file=sys.stderr)
         return code
     return 0
+
+
+def _global_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """``--debug``, ``--verbose`` and ``--threads N`` wherever they stand, and the rest of
+    ``argv``: taken out here so that they work the same for ``train``, whose parser is not ours
+    (after ``train``, ``--debug`` is TrainingArguments' own and stays)."""
+    start = 0  # the command's position: after the global flags before it
+    while start < len(argv) and argv[start].startswith("-"):
+        start += 2 if argv[start] == "--threads" else 1
+
+    def parse(args: list[str], skip: tuple[str, ...] = ()):
+        parser = argparse.ArgumentParser(prog="galaxy-llava", add_help=False, allow_abbrev=False)
+        for flag, kwargs in GLOBAL_FLAGS.items():
+            if flag not in skip:
+                parser.add_argument(flag, **{**kwargs, "default": None})
+        return parser.parse_known_args(args)
+
+    before, head = parse(argv[:start])
+    after, tail = parse(argv[start:], ("--debug",) if argv[start:start + 1] == ["train"] else ())
+    options = argparse.Namespace(**{
+        key: value if value is not None else getattr(after, key, None)
+        for key, value in vars(before).items()})
+    options.debug, options.verbose = bool(options.debug), bool(options.verbose)
+    return options, head + tail
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU threads: ``threads`` (``--threads``; 0 leaves torch's own choice), else
+    an ``OMP_NUM_THREADS`` the user set, else :data:`~galaxy_llava.config.DEFAULT_THREADS`
+    (measured: BENCHMARKS.md). Done through ``OMP_NUM_THREADS`` before torch is imported, so the
+    thread pool starts at that size (torch takes at most one per core that way) and processes
+    started from here inherit it; on torch itself too when it is already imported (``main``
+    called from Python)."""
+    from galaxy_llava.checks import number
+
+    number("--threads", threads, 0, integer=True, optional=True)
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    threads = DEFAULT_THREADS if threads is None else threads
+    if threads == 0:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Without ``--verbose``, transformers logs errors only and draws none of its own progress
+    bars (the "Loading weights" bar of every model load, "Writing model shards" of every save):
+    noise around each command's output. galaxy-llava's own bars (pretraining, description, the
+    Trainer's) are plain tqdm and stay, and so do the Hub's download bars (a multi-GB download
+    deserves one). ``--verbose`` restores the library's defaults."""
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 # OS errors a user can fix: space, permissions, a read-only disk, a file size limit.

@@ -4,7 +4,9 @@
 Hugging Face names (``--learning_rate``, ``--num_train_epochs``, ``--per_device_train_batch_size``,
 ...), as flags or as keys of a YAML config; the parser that joins them is in
 :mod:`galaxy_llava.training.arguments`. Precedence: defaults < method defaults < the run's saved
-``config.yaml`` (on resume) < ``--config`` YAML < command-line flags.
+``config.yaml`` (on resume) < ``--config`` YAML < command-line flags. ``--config`` takes a YAML
+file's path or the name of a config shipped in the package (``galaxy_llava/configs/``: ``lora``,
+``full``, ``demo-lora``, ``demo-full``), so an installed package finds them from any folder.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,11 @@ from galaxy_llava.errors import UserError
 DEFAULT_MODEL = "bczhou/tiny-llava-v1-hf"
 DEFAULT_PROMPT = "USER: <image>\nDescribe this galaxy.\nASSISTANT:"
 METHODS = ("full", "lora", "qlora")
+# torch's CPU threads when neither --threads nor OMP_NUM_THREADS says otherwise. Measured with
+# benchmarks/threads.py (BENCHMARKS.md, "CPU threads"): on the shared 2-core machine one thread
+# beat torch's default (one per core) on every workload, whole commands timed: pretraining the
+# tiny model 5.8x, LoRA training 2.3x (tiny) and 1.4x (mini preset).
+DEFAULT_THREADS = 1
 
 # The reference recipe per method (domain.md): full lr 1e-5 batch 1; LoRA lr 5e-5 batch 8.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -44,6 +52,20 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "ddp_find_unused_parameters": False,  # every trainable parameter is used at every step
     "activation_checkpointing_kwargs": {"use_reentrant": False},  # frozen inputs still get grads
     "seed": 42,
+}
+
+
+# The CLI's global flags (any command, before or after it; galaxy_llava.cli applies them):
+# flag -> argparse keywords.
+GLOBAL_FLAGS: dict[str, dict[str, Any]] = {
+    "--threads": {"type": int, "default": None, "metavar": "N", "help": (
+        f"CPU threads for torch (default: {DEFAULT_THREADS}, measured fastest for these models "
+        "on a shared CPU, see BENCHMARKS.md; 0: torch's own choice, one per core; without "
+        "--threads an OMP_NUM_THREADS setting is kept)")},
+    "--verbose": {"action": "store_true", "help": (
+        "show the libraries' own progress bars and warnings (transformers' 'Loading weights' "
+        "bar of every model load); galaxy-llava's own progress bars show either way")},
+    "--debug": {"action": "store_true", "help": "show the traceback of an unexpected error"},
 }
 
 
@@ -104,6 +126,30 @@ class FinetuneArguments:
         if self.data is None:
             raise UserError("no data given: pass --data FOLDER (a prepared dataset)")
         return self
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The YAML configs that ship inside the package, by name (the file name without .yaml)."""
+    folder = resources.files("galaxy_llava") / "configs"
+    return {f.name[:-len(".yaml")]: Path(str(f))
+            for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")}
+
+
+def find_config(name_or_path: str | os.PathLike) -> Path:
+    """A ``--config`` value as a file: an existing file as given (it wins over a shipped name),
+    else the shipped config of that name (``demo-lora`` or ``demo-lora.yaml``); otherwise a
+    one-line UserError that lists the shipped names, so an installed package needs no clone."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name[:-len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    names = ", ".join(sorted(shipped))
+    what = "config file" if path.parent != Path(".") or path.suffix else "config"
+    raise UserError(f"{what} {str(name_or_path)!r} not found: give a YAML file or the name of a "
+                    f"shipped config: {names}")
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

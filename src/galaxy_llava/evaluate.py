@@ -2,22 +2,32 @@
 
 Three kinds of predictor share one metric function (:func:`galaxy_llava.metrics.compute_metrics`)
 and one ``metrics.json`` layout: the fine-tuned VLM (``evaluate``), a linear probe on frozen vision
-features (``probe``) and a per-attribute majority class (``majority_baseline``). An EVAL folder
-holds ``predictions.jsonl`` and ``metrics.json`` (ending in ``"complete": true``, and recording
-its ``inputs``). It is written whole or not at all (built beside it, then swapped in): a run that
-fails leaves the previous results as they were. Another evaluation's folder needs ``overwrite``.
+features (:mod:`galaxy_llava.probe`, built on this module's EVAL folders) and a per-attribute
+majority class (``majority_baseline``). Each also gives probabilities (the VLM: its posterior over
+the rule set's captions, summed per attribute; the probe: ``predict_proba``; the majority:
+training-set frequencies), scored by :func:`galaxy_llava.calibration.calibration`. The VLM's
+grammar-argmax captions get their own metrics under ``grammar``. An EVAL folder holds
+``predictions.jsonl`` and ``metrics.json`` (ending in ``"complete": true``, recording its
+``inputs`` and a snapshot of the training run's settings, so a report shows what was evaluated
+even after the run folder changes). It is written whole or not at all (built beside it, then
+swapped in): a run that fails leaves the previous results as they were. Another evaluation's
+folder needs ``overwrite``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from galaxy_llava import outputs
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json, write_jsonl
-from galaxy_llava.metrics import (APPLIES, DEFAULT_LABEL, UNKNOWN, compute_metrics, format_table,
-                                  judge, labels_of, majority_labels, morphology_of, read_answer)
+from galaxy_llava.calibration import calibration, grammar_probabilities, majority_probabilities
+from galaxy_llava.metrics import (UNKNOWN, collapse_warning, compute_metrics, format_table, judge,
+                                  labels_of, majority_labels, morphology_of, read_answer)
 from galaxy_llava.morphology import ATTRIBUTES, Morphology
 
 # ------------------------------------------------------------------ EVAL folders
@@ -58,11 +68,85 @@ def run_folder(model: str | Path) -> str | None:
     return None
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when absent or unreadable (a snapshot is best effort)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def training_snapshot(run: str | Path) -> dict | None:
+    """What a run folder says of its training, read now: ``settings`` (method, learning rate,
+    epochs, batch size, LoRA rank and alpha, seed, from ``config.yaml`` and
+    ``train_metrics.json``), ``train_metrics`` and the ``loss`` log. Stored in ``metrics.json``
+    so a later resume (more epochs, other weights) cannot change what a report says was
+    evaluated. None when the folder holds none of these."""
+    from galaxy_llava.config import read_yaml
+
+    run = Path(run)
+    if not run.is_dir():
+        return None
+    tm = _read_json(run / "train_metrics.json")
+    tm = tm if isinstance(tm, dict) else None
+    try:
+        config = read_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    except (UserError, OSError, ValueError):
+        config = {}
+    loss = []
+    try:
+        lines = (run / "loss_log.jsonl").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by an interrupted run
+        if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)):
+            loss.append({k: rec.get(k) for k in ("step", "epoch", "loss", "split")})
+    if tm is None and not config and not loss:
+        return None
+    known = {**(tm or {}), **config}
+
+    def first(*keys: str) -> Any:
+        return next((known[k] for k in keys if known.get(k) is not None), None)
+
+    method = first("method")
+    settings = {"method": method, "learning_rate": first("learning_rate", "lr"),
+                "epochs": first("num_train_epochs", "epochs"), "max_steps": first("max_steps"),
+                "batch_size": first("per_device_train_batch_size", "batch_size"),
+                "lora_r": first("lora_r") if method in ("lora", "qlora") else None,
+                "lora_alpha": first("lora_alpha") if method in ("lora", "qlora") else None,
+                "seed": first("seed")}
+    if settings["seed"] is None and config:  # config.yaml leaves out the library's defaults
+        settings["seed"] = _training_default("seed")
+    return {"settings": settings, "train_metrics": tm, "loss": loss}
+
+
+def _training_default(name: str) -> Any:
+    """A TrainingArguments field's library default (what a run left out of config.yaml ran with)."""
+    from transformers import TrainingArguments
+
+    return next((f.default for f in dataclasses.fields(TrainingArguments) if f.name == name), None)
+
+
+def dataset_rules(data: str | Path) -> str | None:
+    """The caption rule set a prepared dataset was made with (its ``manifest.json``), or None."""
+    folder = Path(data)
+    folder = folder.parent if folder.name == "dataset.jsonl" else folder
+    manifest = _read_json(folder / "manifest.json")
+    rules = manifest.get("rules") if isinstance(manifest, dict) else None
+    return rules if isinstance(rules, str) else None
+
+
 def prediction_rows(records: Sequence[dict], preds: Sequence[dict[str, str]],
-                    texts: Sequence[str], parsed_ok: Sequence[bool | None]) -> list[dict]:
-    """The lines of ``predictions.jsonl``: truth, answer, parsed attributes and per-attribute ok."""
+                    texts: Sequence[str], parsed_ok: Sequence[bool | None],
+                    probabilities: Sequence[dict] | None = None) -> list[dict]:
+    """The lines of ``predictions.jsonl``: truth, answer, parsed attributes and per-attribute ok;
+    with ``probabilities``, each galaxy's ``{attribute: {label: p}}`` too."""
     rows = []
-    for r, p, text, ok in zip(records, preds, texts, parsed_ok):
+    for i, (r, p, text, ok) in enumerate(zip(records, preds, texts, parsed_ok)):
         truth = truth_of(r)
         parsed = {a: None if p[a] == UNKNOWN else v for a, v in morphology_of(p).to_dict().items()}
         flags = judge(truth, p)
@@ -72,6 +156,8 @@ def prediction_rows(records: Sequence[dict], preds: Sequence[dict[str, str]],
             "ok": flags, "parsed_ok": ok,
             "exact": bool(ok is not False and all(p[a] == labels_of(truth)[a] for a in ATTRIBUTES)),
         })
+        if probabilities is not None:
+            rows[-1]["probabilities"] = probabilities[i]
     return rows
 
 
@@ -79,8 +165,12 @@ def write_eval(out: str | Path, rows: list[dict], metrics: dict, name: str | Non
                **info: Any) -> dict:
     """Write the EVAL folder whole: ``predictions.jsonl`` and ``metrics.json`` (info fields
     first, ``complete`` last), built beside ``out`` and swapped in (other files there are kept).
-    Callers check ``out`` first with :func:`claim_eval`."""
+    Callers check ``out`` first with :func:`claim_eval`. With a ``run`` folder among ``info``
+    and no ``training``, the run's training is snapshotted now (:func:`training_snapshot`;
+    ``evaluate`` and ``probe`` take theirs before the weights load)."""
     out = Path(out)
+    if info.get("run") and "training" not in info:
+        info["training"] = training_snapshot(info["run"])
     full = {"name": name or out.name, **info, **metrics, "complete": True}
     with outputs.staged_folder(out, keep=True) as stage:
         write_jsonl(stage / "predictions.jsonl", rows)
@@ -107,24 +197,29 @@ def claim_eval(out: str | Path, inputs: dict, overwrite: bool = False) -> None:
 def majority_baseline(data: str | Path, split: str = "test", out: str | Path = "eval-majority",
                       limit: int | None = None, name: str | None = None,
                       overwrite: bool = False) -> dict:
-    """Predict each attribute's most common training value for every galaxy of ``split``;
-    writes an EVAL folder like :func:`evaluate` (kind "majority")."""
+    """Predict each attribute's most common training value for every galaxy of ``split``, with
+    the training-set frequencies as its probabilities; writes an EVAL folder like
+    :func:`evaluate` (kind "majority")."""
     inputs = eval_inputs("majority", None, data, split, limit=limit)
     claim_eval(out, inputs, overwrite)
     records = load_split(data, split, limit)
-    train = load_split(data, "train")
-    labels = majority_labels(truth_of(r) for r in train)
+    train = [truth_of(r) for r in load_split(data, "train")]
+    labels = majority_labels(train)
     caption = morphology_of(labels).caption()
     preds = [dict(labels) for _ in records]
-    metrics = compute_metrics([truth_of(r) for r in records], preds)
-    rows = prediction_rows(records, preds, [caption] * len(records), [None] * len(records))
+    probs = [majority_probabilities(train)] * len(records)
+    truths = [truth_of(r) for r in records]
+    metrics = compute_metrics(truths, preds)
+    metrics["calibration"] = calibration(truths, probs, [r.get("fractions") for r in records])
+    rows = prediction_rows(records, preds, [caption] * len(records), [None] * len(records), probs)
     return write_eval(out, rows, metrics, name, kind="majority", model=None, split=split, run=None,
-                      data=str(data), majority=labels, inputs=inputs)
+                      data=str(data), rules=dataset_rules(data), majority=labels, inputs=inputs)
 
 
-def _with_majority(metrics: dict, data: str | Path, records: Sequence[dict]) -> list[dict]:
+def with_majority(metrics: dict, data: str | Path, records: Sequence[dict]) -> list[dict]:
     """``metrics`` plus, for context, the majority baseline on the same galaxies (when the
-    dataset has a train split)."""
+    dataset has a train split): the rows of the table ``evaluate`` and ``probe`` print, so the
+    floor a predictor must beat is in sight."""
     try:
         train = load_split(data, "train")
     except UserError:
@@ -147,131 +242,90 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
              out: str | Path = "eval", batch_size: int = 16, num_beams: int = 3,
              max_new_tokens: int = 40, limit: int | None = None,
              name: str | None = None, overwrite: bool = False,
-             allow_outside_paths: bool = False) -> dict:
+             allow_outside_paths: bool = False, scores: bool = True,
+             rules: str | None = None) -> dict:
     """Describe every galaxy of ``split`` with ``model`` (a run folder, model folder or Hub id)
-    using its own prompt, score the answers and write ``out/predictions.jsonl`` and
-    ``out/metrics.json``; returns the metrics.
+    using its own prompt and beam search, score the answers and write ``out/predictions.jsonl``
+    and ``out/metrics.json``; returns the metrics.
 
-    Settings, ``out``, the data and the model's files are checked before the model loads."""
+    With ``scores`` (the default) every galaxy's posterior over the captions of ``rules`` (by
+    default the rule set the dataset was prepared with) is computed too: its most probable
+    caption is scored under ``grammar`` and its per-attribute probabilities are calibrated
+    against the truth and the vote fractions. Prints one warning line when the answers collapse
+    to one or two captions. Settings, ``out``, the data and the model's files are checked before
+    the model loads."""
     from galaxy_llava.checks import check_generation
+    from galaxy_llava.rules import rule_set
 
+    rules = rules or dataset_rules(data) or "reference"
+    rule_set(rules)  # an unknown name is one line, before any work
     generation = {"batch_size": batch_size, "num_beams": num_beams,
                   "max_new_tokens": max_new_tokens, "limit": limit}
-    inputs = eval_inputs("vlm", model, data, split, **generation)
+    inputs = eval_inputs("vlm", model, data, split, **generation, scores=bool(scores),
+                         rules=rules if scores else None)
     check_generation(model, batch_size, num_beams, max_new_tokens)
     records = load_split(data, split, limit, allow_outside_paths)
     claim_eval(out, inputs, overwrite)
     from galaxy_llava.generate import describe_images
     from galaxy_llava.models.loading import load_for_inference
 
+    run = run_folder(model)
+    training = training_snapshot(run) if run else None  # as the weights about to load were
     net, processor, prompt = load_for_inference(str(model))
     source = _prompt_source(model)  # load_for_inference warned when it is the default
+    paths = [r["image"] for r in records]
     texts = [t or "" for t in describe_images(
-        net, processor, [r["image"] for r in records], prompt, batch_size=batch_size,
+        net, processor, paths, prompt, batch_size=batch_size,
         num_beams=num_beams, max_new_tokens=max_new_tokens)]
     answers = [read_answer(t) for t in texts]
     truths = [truth_of(r) for r in records]
+    truth_texts = [r.get("text") or t.caption() for r, t in zip(records, truths)]
     metrics = compute_metrics(truths, [a[0] for a in answers], [a[1] for a in answers], texts,
-                              [r.get("text") or t.caption() for r, t in zip(records, truths)])
+                              truth_texts)
+    metrics["collapse_warning"] = collapse_warning(texts, truth_texts)
     rows = prediction_rows(records, [a[0] for a in answers], texts, [a[1] for a in answers])
+    if scores:
+        metrics["grammar"] = _grammar(net, processor, prompt, rules, records, truths,
+                                      truth_texts, rows, batch_size)
     full = write_eval(out, rows, metrics, name, kind="vlm", model=str(model), split=split,
-                      run=run_folder(model), data=str(data), prompt=prompt,
-                      prompt_source=source, generation=generation, inputs=inputs)
-    print(format_table(_with_majority(full, data, records)))
+                      run=run, data=str(data), prompt=prompt, prompt_source=source,
+                      generation=generation, rules=rules if scores else dataset_rules(data),
+                      training=training, inputs=inputs)
+    print(format_table(with_majority(full, data, records)))
+    warning = metrics["collapse_warning"] or (metrics.get("grammar") or {}).get(
+        "collapse_warning")
+    if warning:
+        print(warning, file=sys.stderr)
     return full
 
 
-# ------------------------------------------------------------------ linear probe
-
-def pooled_features(net: Any, processor: Any, paths: Sequence[str], batch_size: int = 16,
-                    desc: str = "features"):
-    """Mean over image tokens of the frozen vision tower's selected layer (the projector's input,
-    via the family's ``vision_features``), one ``(n, d)`` float32 row per image."""
-    import numpy as np
-    import torch
+def _grammar(net: Any, processor: Any, prompt: str, rules: str, records: Sequence[dict],
+             truths: Sequence[Morphology], truth_texts: Sequence[str], rows: list[dict],
+             batch_size: int) -> dict:
+    """Score every galaxy over the grammar (:func:`galaxy_llava.scoring.grammar_scores`, the
+    prompt and image run once per galaxy); add each row's ``grammar`` (best caption, entropy,
+    exact, per-attribute ok) and ``probabilities``; return the grammar-argmax metrics with their
+    ``calibration`` and ``collapse_warning``."""
     from tqdm.auto import tqdm
 
-    from galaxy_llava.models.registry import family_for
-    from galaxy_llava.records import load_image
+    from galaxy_llava.scoring import grammar_scores
 
-    param = next(net.parameters())
-    family = family_for(net)
-    feats = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-            per_image = [family.image_inputs(processor, load_image(p))
-                         for p in paths[i:i + batch_size]]
-            batch = {k: torch.cat([p[k] for p in per_image]).to(param.device)
-                     for k in per_image[0]}
-            batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
-            rows = family.split_features(family.vision_features(net, batch), batch)
-            # One pooled vector per image: the mean over all its feature tokens.
-            feats += [r.float().reshape(-1, r.shape[-1]).mean(dim=0).cpu().numpy() for r in rows]
-    return np.stack(feats).astype("float32")
-
-
-def _fit_predict(x_train, y_train: list[str], x_test, fallback: str) -> list[str]:
-    """Logistic regression on standardised features; a constant (or empty) label set is
-    predicted as that constant (or ``fallback``)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    classes = sorted(set(y_train))
-    if len(classes) < 2:
-        return [classes[0] if classes else fallback] * len(x_test)
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    clf.fit(x_train, y_train)
-    return [str(v) for v in clf.predict(x_test)]
-
-
-def probe(model: str | Path, data: str | Path, split: str = "test",
-          out: str | Path = "eval-probe", batch_size: int = 16, limit: int | None = None,
-          name: str | None = None, overwrite: bool = False,
-          allow_outside_paths: bool = False) -> dict:
-    """Linear-probe baseline: one logistic regression per attribute on pooled frozen vision
-    features, fitted on ``train`` where the attribute applies, scored on ``split``. The type
-    prediction decides which of shape / bar / arms is stated. Writes an EVAL folder."""
-    from galaxy_llava.checks import number, preflight_model
-
-    number("--batch-size", batch_size, 1, integer=True)
-    inputs = eval_inputs("probe", model, data, split, limit=limit)
-    preflight_model(model)
-    records = load_split(data, split, limit, allow_outside_paths)
-    train = load_split(data, "train", allow_outside=allow_outside_paths)
-    claim_eval(out, inputs, overwrite)
-    from galaxy_llava.models.loading import load_for_inference
-
-    net, processor, _ = load_for_inference(str(model))
-    x_train = pooled_features(net, processor, [r["image"] for r in train], batch_size,
-                              "features train")
-    x_test = pooled_features(net, processor, [r["image"] for r in records], batch_size,
-                             f"features {split}")
-    train_truths = [truth_of(r) for r in train]
-    columns: dict[str, list[str]] = {}
-    for a in ATTRIBUTES:
-        idx = [i for i, t in enumerate(train_truths) if APPLIES[a](t)]
-        fallback = "spiral" if a == "type" else DEFAULT_LABEL[a]
-        columns[a] = _fit_predict(x_train[idx], [labels_of(train_truths[i])[a] for i in idx],
-                                  x_test, fallback)
-    preds = []
-    for i in range(len(records)):
-        p = {a: columns[a][i] for a in ATTRIBUTES}
-        if p["type"] != "elliptical":
-            p["shape"] = "none"
-        if p["type"] != "spiral":
-            p["bar"], p["arms"] = "no", "none"
-        preds.append(p)
-    truths = [truth_of(r) for r in records]
-    metrics = compute_metrics(truths, preds)
-    rows = prediction_rows(records, preds, [morphology_of(p).caption() for p in preds],
-                           [None] * len(records))
-    full = write_eval(out, rows, metrics, name, kind="probe", model=str(model), split=split,
-                      run=run_folder(model), data=str(data),
-                      probe={"train_n": len(train), "feature_dim": int(x_train.shape[1])},
-                      inputs=inputs)
-    print(format_table(_with_majority(full, data, records)))
-    return full
+    found = []
+    paths = [r["image"] for r in records]
+    for i in tqdm(range(0, len(paths), batch_size), desc="grammar scores", unit="batch"):
+        found += grammar_scores(net, processor, paths[i:i + batch_size], rules, prompt)
+    best = [f.best for f in found]
+    labels = [read_answer(b)[0] for b in best]
+    probs = [grammar_probabilities(f.marginals) for f in found]
+    metrics = compute_metrics(truths, labels, [True] * len(best), best, truth_texts)
+    for row, f, lab, p, t in zip(rows, found, labels, probs, truths):
+        row["grammar"] = {"best": f.best, "entropy": f.entropy, "ok": judge(t, lab),
+                          "exact": all(lab[a] == labels_of(t)[a] for a in ATTRIBUTES)}
+        row["probabilities"] = p
+    return {"rules": rules, **metrics,
+            "calibration": calibration(truths, probs, [r.get("fractions") for r in records]),
+            "collapse_warning": collapse_warning(best, truth_texts,
+                                                 "most probable captions (grammar)")}
 
 
 def evaluate_cli(args: Any) -> dict:
@@ -279,14 +333,7 @@ def evaluate_cli(args: Any) -> dict:
     m = evaluate(args.model, args.data, split=args.split, out=args.out,
                  batch_size=args.batch_size, num_beams=args.num_beams,
                  max_new_tokens=args.max_new_tokens, limit=args.limit,
-                 overwrite=args.overwrite, allow_outside_paths=args.allow_outside_paths)
-    print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'metrics.json'}")
-    return m
-
-
-def probe_cli(args: Any) -> dict:
-    """Handler of ``galaxy-llava probe``."""
-    m = probe(args.model, args.data, split=args.split, out=args.out, overwrite=args.overwrite,
-              allow_outside_paths=args.allow_outside_paths)
+                 overwrite=args.overwrite, allow_outside_paths=args.allow_outside_paths,
+                 scores=not getattr(args, "no_scores", False), rules=getattr(args, "rules", None))
     print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'metrics.json'}")
     return m

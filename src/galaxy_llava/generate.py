@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.registry import family_for
-from galaxy_llava.records import IMAGE_SUFFIXES, load_image
+from galaxy_llava.records import load_image
 
 
 def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
@@ -91,16 +91,15 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
 
 
 def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded to their .jpg/.jpeg/.png files (sorted); a missing path is
-    an error."""
+    """Files as given, folders expanded to their image files the way ``catalogue`` does
+    (recursive, sorted, a prepared dataset's ``images/`` only: never its ``preview.png``); a
+    missing path is an error."""
+    from galaxy_llava.imagefiles import find_images
+
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir()
-                           if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            if not found:
-                raise UserError(f"no .jpg/.jpeg/.png images in folder {p}")
-            out += found
+            out += find_images(p, flag="folder")
         elif p.is_file():
             out.append(p)
         else:

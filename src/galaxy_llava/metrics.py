@@ -5,6 +5,10 @@ and compared per attribute, only on the galaxies where the attribute applies (se
 Empty or ungrammatical answers are counted (as wrong or unparsed), never a crash. The fine-tuned
 VLM, the linear probe and the majority baseline (:mod:`galaxy_llava.evaluate`) share
 :func:`compute_metrics` and so one ``metrics.json`` layout; :func:`format_table` compares them.
+Every accuracy carries a Wilson 95% interval. The probabilities of the predictors that give
+them are scored in :mod:`galaxy_llava.calibration`, which builds on this module's labels.
+:func:`collapse_warning` spots a model that gives (nearly) the same answer to every galaxy.
+No torch here: scipy and scikit-learn only.
 """
 
 from __future__ import annotations
@@ -91,9 +95,22 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> list[float] | None:
+    """Wilson score interval ``[low, high]`` of the proportion ``k / n`` (scipy's ``binomtest``),
+    None when ``n`` is 0. Wilson rather than the normal approximation because it stays inside
+    [0, 1] and does not shrink to a point at 0 or ``n`` right, which small splits often are."""
+    if not n:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
 def attribute_metrics(truth: Sequence[str], pred: Sequence[str], order: Sequence[str]) -> dict:
-    """Accuracy, macro-F1 (over labels seen in truth or prediction) and confusion matrix
-    (rows truth, columns prediction) of one attribute; null metrics when ``n`` is 0."""
+    """Accuracy with its Wilson 95% interval, macro-F1 (scikit-learn's, over the labels seen in
+    truth or prediction) and confusion matrix (rows truth, columns prediction) of one
+    attribute; null metrics when ``n`` is 0."""
     seen = set(truth) | set(pred)
     labels = [x for x in order if x in seen] + sorted(seen - set(order))
     index = {x: i for i, x in enumerate(labels)}
@@ -101,16 +118,18 @@ def attribute_metrics(truth: Sequence[str], pred: Sequence[str], order: Sequence
     for t, p in zip(truth, pred):
         matrix[index[t]][index[p]] += 1
     n = len(truth)
-    f1s = []
-    for i in range(len(labels)):
-        tp = matrix[i][i]
-        fp = sum(row[i] for row in matrix) - tp
-        fn = sum(matrix[i]) - tp
-        f1s.append(2 * tp / (2 * tp + fp + fn))
+    right = sum(matrix[i][i] for i in range(len(labels)))
+    macro_f1 = None
+    if n:
+        from sklearn.metrics import f1_score
+
+        macro_f1 = float(f1_score(list(truth), list(pred), labels=labels, average="macro",
+                                  zero_division=0))
     return {
         "n": n,
-        "accuracy": _ratio(sum(matrix[i][i] for i in range(len(labels))), n),
-        "macro_f1": sum(f1s) / len(f1s) if f1s else None,
+        "accuracy": _ratio(right, n),
+        "accuracy_ci": wilson_interval(right, n),
+        "macro_f1": macro_f1,
         "confusion": {"labels": labels, "matrix": matrix},
     }
 
@@ -150,6 +169,7 @@ def compute_metrics(truths: Sequence[Morphology], preds: Sequence[dict[str, str]
     return {
         "n": n,
         "exact_match": _ratio(exact, n),
+        "exact_match_ci": wilson_interval(exact, n),
         "parse_rate": _ratio(sum(map(bool, parsed_ok)), n) if parsed_ok is not None else None,
         "hallucination_rate": _ratio(hallucinated, asserted),
         "omission_rate": _ratio(omitted, true_set),
@@ -187,6 +207,24 @@ def majority_labels(train_truths: Iterable[Morphology]) -> dict[str, str]:
     return out
 
 
+def collapse_warning(predictions: Sequence[str | None], truths: Sequence[str | Morphology],
+                     what: str = "answers") -> str | None:
+    """One line when the answers collapse to one or two distinct captions while the truth has
+    more than two (a model that answers without looking, whatever its loss says), else None.
+    Answers are compared as written (stripped); truths may be captions or Morphologies;
+    ``what`` names the answers in the line."""
+    answers = [(p or "").strip() for p in predictions]
+    truth = {t.caption() if isinstance(t, Morphology) else (t or "").strip() for t in truths}
+    distinct = Counter(answers)
+    if not answers or len(distinct) > 2 or len(truth) <= 2:
+        return None
+    top, count = distinct.most_common(1)[0]
+    shown = top if len(top) <= 70 else top[:67] + "..."
+    return (f"warning: the {len(answers)} {what} collapse to {len(distinct)} distinct "
+            f"caption{'s' if len(distinct) > 1 else ''} while the truth has {len(truth)} "
+            f"(most common, {count}x: {shown!r}): the model is not telling the galaxies apart")
+
+
 # ------------------------------------------------------------------ table
 
 TABLE_COLUMNS = (("type", "type"), ("shape", "shape"), ("bar", "bar"), ("arms", "arms"),
@@ -202,12 +240,30 @@ def table_value(metrics: dict, key: str) -> float | None:
     return metrics.get(key)
 
 
+TABLE_LEGEND = ("type..arms: accuracy where the attribute applies; exact: all 7 right; parse: "
+                "answers inside the caption grammar; halluc: stated attributes the truth lacks; "
+                "omission: true attributes left out; (grammar): the most probable caption")
+
+
+def predictors(metrics_list: Sequence[dict]) -> list[tuple[str, dict]]:
+    """(name, metrics) of every predictor in these ``metrics.json`` dicts: each evaluation, and
+    after a VLM evaluation with grammar scores its ``grammar`` sub-dict as "NAME (grammar)"."""
+    out = []
+    for m in metrics_list:
+        name = str(m.get("name") or m.get("kind") or "?")
+        out.append((name, m))
+        if isinstance(m.get("grammar"), dict):
+            out.append((f"{name} (grammar)", m["grammar"]))
+    return out
+
+
 def format_table(metrics_list: Sequence[dict]) -> str:
-    """A plain-text comparison table, one row per run; rates in percent, "-" where null."""
+    """A plain-text comparison table, one row per predictor (:func:`predictors`); rates in
+    percent, "-" where null; a legend line under it says what the columns mean."""
     head = ["run", "n"] + [c for c, _ in TABLE_COLUMNS]
     rows = [head]
-    for m in metrics_list:
-        row = [str(m.get("name") or m.get("kind") or "?"), str(m.get("n", ""))]
+    for name, m in predictors(metrics_list):
+        row = [name, str(m.get("n", ""))]
         for _, key in TABLE_COLUMNS:
             v = table_value(m, key)
             row.append("-" if v is None else f"{v:.1f}" if key == "mean_length"
@@ -217,4 +273,4 @@ def format_table(metrics_list: Sequence[dict]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(lines + [TABLE_LEGEND])

@@ -8,6 +8,9 @@ Output folder::
     images/<md5(id_str)>.jpg
     stats.json      counts, caption lengths, skipped images
     preview.png     a grid of sample galaxies with their captions
+    README.md, data/{train,validation,test}-*.parquet
+                    the Hugging Face layout: ``datasets.load_dataset(out)`` gives the splits,
+                    images embedded, TRL's ``messages``/``images`` (:mod:`galaxy_llava.hub_dataset`)
 
 Every file is a pure function of the arguments and the catalogue, so a re-run writes nothing
 new: images already present are kept and the other files are only replaced when their bytes
@@ -38,7 +41,8 @@ from galaxy_llava import __version__, io as gio, outputs
 from galaxy_llava.catalog import ID_COLUMN, Catalog, ImageError, decode_image, load_catalog
 from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import col
-from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.hub_dataset import write_hub_layout
+from galaxy_llava.morphology import ATTRIBUTES, TYPES
 from galaxy_llava.rules import is_elliptical, rule_set
 
 CLASSES = ("elliptical", "spiral")
@@ -91,6 +95,9 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int 
     with outputs.staged_folder(out, keep=status == "same") as stage:
         if not (stage / "manifest.json").exists():  # a re-run keeps the first run's
             gio.write_json(stage / "manifest.json", {**manifest, "version": __version__})
+        # The stats and the card describe the manifest on disk: the same dataset reached
+        # another way (a copy of the catalogue elsewhere, another format) is the same bytes.
+        recorded = json.loads((stage / "manifest.json").read_text())
         records = _records(catalog.votes, sel, rules, min_votes)
         failed, written, reused = _write_images(catalog, sel["row"].tolist(), records,
                                                 stage / "images", image_size, workers)
@@ -102,8 +109,9 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int 
         changed = _write_if_changed(
             stage / "dataset.jsonl",
             "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept).encode())
-        stats = _stats(records, sel, failed, excluded, n_per_class, manifest)
+        stats = _stats(records, sel, failed, excluded, n_per_class, recorded)
         _write_if_changed(stage / "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
+        write_hub_layout(stage, kept, recorded, _write_if_changed)
         if changed or not (stage / "preview.png").exists():  # same records: save ~2 s
             gio.write_bytes(stage / "preview.png", render_preview(stage, kept))
     _print_summary(stats, out, written, reused)
@@ -362,9 +370,23 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def _types(rules: str, records: list[dict]) -> list[str]:
+    """The galaxy types a dataset's counts list, in caption-grammar order: every type the rule
+    set can produce (0 when none was drawn, so the counts keep one layout per rule set), then
+    any other type a record has."""
+    known = {m.type for m in rule_set(rules).reachable()}
+    seen = {r["morphology"]["type"] for r in records}
+    return [t for t in TYPES if t in known | seen] + sorted(seen - set(TYPES))
+
+
 def _stats(records: list[dict], sel: pd.DataFrame, failed: dict[int, str], excluded: dict,
            n_requested: int, manifest: dict) -> dict:
-    """Counts, caption lengths, skipped images; ``records``: all selected, in ``sel`` order."""
+    """Counts, caption lengths, skipped images; ``records``: all selected, in ``sel`` order.
+
+    ``classes`` and ``splits`` count the galaxies by type as their captions say it (under the
+    tree rules edge-on disks and artifacts too); ``selection`` counts them by the balanced
+    selection class (smooth fraction > 0.6 or not), which ``available``, ``n_per_class`` and
+    the capped note are about."""
     n = sel.attrs["n_per_class"]
     available = sel.attrs["available"]
     note = None
@@ -372,14 +394,17 @@ def _stats(records: list[dict], sel: pd.DataFrame, failed: dict[int, str], exclu
         short = min(CLASSES, key=lambda c: available[c])
         note = (f"asked for {n_requested} per class but the catalogue has only "
                 f"{available[short]} {short} galaxies: took {n} of each")
-    split_counts = {s: {c: 0 for c in CLASSES} for s in SPLITS}
+    types = _types(manifest["rules"], records)
+    split_counts = {s: {t: 0 for t in types} for s in SPLITS}
+    selection = {c: 0 for c in CLASSES}
     kept, skipped = [], []
     for row, c, r in zip(sel["row"], sel["class"], records):
         if row in failed:
             skipped.append({"id_str": r["id_str"], "reason": failed[row]})
         else:
             kept.append(r)
-            split_counts[r["split"]][c] += 1
+            split_counts[r["split"]][r["morphology"]["type"]] += 1
+            selection[c] += 1
     by_type: dict[str, list[dict]] = {}
     for r in kept:
         by_type.setdefault(r["morphology"]["type"], []).append(r["morphology"])
@@ -391,8 +416,9 @@ def _stats(records: list[dict], sel: pd.DataFrame, failed: dict[int, str], exclu
     ordered = sorted(kept, key=lambda r: len(r["text"]))  # stable: ties keep record order
     return {
         "n_records": len(kept),
-        "classes": {c: sum(v[c] for v in split_counts.values()) for c in CLASSES},
+        "classes": {t: sum(v[t] for v in split_counts.values()) for t in types},
         "splits": {s: {**v, "total": sum(v.values())} for s, v in split_counts.items()},
+        "selection": selection,
         "available": available,
         "n_per_class_requested": n_requested,
         "n_per_class": n,
@@ -407,14 +433,18 @@ def _stats(records: list[dict], sel: pd.DataFrame, failed: dict[int, str], exclu
                      "longest": ordered[-1]["text"], "distinct": len({r["text"] for r in kept})},
         "skipped_images": skipped,
         "excluded_rows": excluded,
-        "manifest": {k: v for k, v in manifest.items() if k != "format"},
+        "manifest": {k: v for k, v in manifest.items() if k not in ("format", "version")},
     }
 
 
 def _print_summary(stats: dict, out: Path, written: int, reused: int) -> None:
     print(f"\n=== {out} ===")
     print(f"records: {stats['n_records']}  " + "  ".join(
-        f"{c}: {n}" for c, n in stats["classes"].items()))
+        f"{t}: {n}" for t, n in stats["classes"].items()))
+    chosen = stats["selection"]
+    if chosen != stats["classes"]:  # the types are not the selection classes (tree rules)
+        print(f"  balanced selection: {chosen['elliptical']} with smooth fraction > 0.6, "
+              f"{chosen['spiral']} without")
     for s, v in stats["splits"].items():
         print(f"  {s:5s}: " + "  ".join(f"{k}={n}" for k, n in v.items()))
     if stats["capped_note"]:

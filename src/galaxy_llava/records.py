@@ -16,14 +16,17 @@ from PIL import Image, UnidentifiedImageError
 
 from galaxy_llava.checks import contained
 from galaxy_llava.errors import UserError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from galaxy_llava.imagefiles import is_fits, read_fits_rgb
 
 
 def load_image(path: str | os.PathLike, decode: bool = True) -> Image.Image | None:
     """Open an image as RGB; a missing, non-image or decompression-bomb file is a UserError.
 
-    With ``decode=False`` only the header is read (a cheap check that the file is an image)."""
+    With ``decode=False`` only the header is read (a cheap check that the file is an image).
+    FITS cutouts (``.fits``, ``.fits.gz``) are stretched to RGB
+    (:func:`galaxy_llava.imagefiles.read_fits_rgb`)."""
+    if is_fits(path):
+        return read_fits_rgb(path, decode=decode)
     try:
         with Image.open(path) as im:
             # PIL only refuses above twice MAX_IMAGE_PIXELS; refuse above it, like the catalogue.

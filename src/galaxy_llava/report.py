@@ -2,18 +2,22 @@
 
 Everything is embedded: plots and galaxy thumbnails as base64 PNG/JPEG, CSS inline, no external
 URL, so the file can be mailed or opened offline. Sections: headline numbers, a comparison table,
-per-attribute accuracy bars, confusion matrices (CSS tabs, no JavaScript), training curves and
-speed of each run (when its run folder is known), and a grid of galaxies with truth and every
-run's answer, wrong phrases in red and missed ones struck through. Only images inside the EVAL
-folders given, or inside the prepared dataset their metrics name, are embedded: a
-``predictions.jsonl`` pointing elsewhere on disk gets a placeholder, not the file's bytes.
+per-attribute accuracy bars with Wilson 95% intervals, calibration (numbers and reliability
+diagrams of every predictor with probabilities), confusion matrices (CSS tabs, no JavaScript),
+the settings of each evaluation, training curves and speed of each run, and a grid of galaxies
+with truth and every run's answer, wrong phrases in red and missed ones struck through.
+
+A VLM evaluation with grammar scores is two predictors: beam search ("NAME") and the grammar's
+most probable caption ("NAME (grammar)"). Training details come from the snapshot the EVAL
+folder took at evaluation time (``metrics.json`` ``training``), so resuming the run later does
+not change the report; folders from before the snapshot fall back to reading the run folder.
+The charts are :mod:`galaxy_llava.report_charts`'s; the grid of galaxies (which embeds only
+images inside the EVAL folders or their prepared dataset) is :mod:`galaxy_llava.report_galaxies`'s.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import sys
 from datetime import datetime
@@ -21,14 +25,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from galaxy_llava import outputs
-from galaxy_llava.checks import inside
 from galaxy_llava.errors import UserError
-from galaxy_llava.metrics import TABLE_COLUMNS, table_value
-from galaxy_llava.morphology import ATTRIBUTES, Morphology, caption_phrases
+from galaxy_llava.metrics import TABLE_COLUMNS, predictors, table_value
+from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.report_charts import (PALETTE, accuracy_figure, loss_figure, png_uri,
+                                        reliability_figure)
+from galaxy_llava.report_galaxies import galaxy_grid
 
-PALETTE = ("#3b6fb6", "#e07b39", "#3a9a5b", "#c2414b", "#7d5ba6", "#8c6d4f", "#d16aa8", "#6b7b8c")
 LOWER_IS_BETTER = {"hallucination_rate", "omission_rate"}
-GRID_GALAXIES = 24
+KIND_ORDER = ("vlm", "probe", "majority")
 
 
 # ------------------------------------------------------------------ input
@@ -43,8 +48,9 @@ def load_eval(folder: str | Path) -> dict:
         raise UserError(f"EVAL folder {folder} does not exist")
     mfile = folder / "metrics.json"
     if not mfile.is_file():
-        raise UserError(f"EVAL folder {folder} has no metrics.json: its evaluation did not finish "
-                        f"(rerun galaxy-llava evaluate/probe with --out {folder})")
+        raise UserError(f"EVAL folder {folder} has no metrics.json (nor EVAL folders inside): "
+                        f"its evaluation did not finish (rerun galaxy-llava evaluate/probe with "
+                        f"--out {folder})")
     try:
         metrics = json.loads(mfile.read_text())
     except json.JSONDecodeError as e:
@@ -63,158 +69,42 @@ def load_eval(folder: str | Path) -> dict:
     return {"folder": folder, "metrics": metrics, "rows": rows}
 
 
-def _read_run(run: str | None) -> dict:
-    """train_metrics.json and loss_log.jsonl of a run folder; empty when absent or unreadable."""
-    out: dict[str, Any] = {"train_metrics": None, "loss": []}
-    if not run or not Path(run).is_dir():
-        return out
-    try:
-        out["train_metrics"] = json.loads((Path(run) / "train_metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
-    try:
-        for line in (Path(run) / "loss_log.jsonl").read_text().splitlines():
+def eval_folders(paths: Sequence[str | Path]) -> list[Path]:
+    """The EVAL folders to report on: each path that is one (it has ``metrics.json``, or is
+    that file) as given; a folder that is not one but holds EVAL folders (``demo-out/eval``)
+    stands for those, VLMs first, then probes and majority baselines, each in the order they
+    were evaluated. Anything else is kept, for :func:`load_eval` to name."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        kids = [] if (p / "metrics.json").is_file() or not p.is_dir() else \
+            [k for k in p.iterdir() if (k / "metrics.json").is_file()]
+        if not kids:
+            out.append(p)
+            continue
+
+        def order(k: Path) -> tuple:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run
-            if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)):
-                out["loss"].append(rec)
-    except OSError:
-        pass
+                kind = json.loads((k / "metrics.json").read_text()).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+            return rank, (k / "metrics.json").stat().st_mtime, k.name
+
+        out += sorted(kids, key=order)
     return out
 
 
-# ------------------------------------------------------------------ plots
+def training_of(metrics: dict) -> tuple[dict | None, bool]:
+    """(the training snapshot of an evaluation, whether it was read live): the one
+    ``metrics.json`` recorded at evaluation time, or for a folder from before snapshots the
+    run folder as it is now."""
+    if "training" in metrics:
+        return metrics["training"] if isinstance(metrics["training"], dict) else None, False
+    if metrics.get("run"):
+        from galaxy_llava.evaluate import training_snapshot
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _figure(w: float, h: float):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h))
-    fig.patch.set_facecolor("white")
-    return fig
-
-
-def accuracy_chart(evals: Sequence[dict]) -> str:
-    """Grouped bars: accuracy of each attribute (and exact match) per run, as a data URI."""
-    groups = list(ATTRIBUTES) + ["exact match"]
-    fig = _figure(12, 3.8)
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(evals), 1)
-    for k, ev in enumerate(evals):
-        m = ev["metrics"]
-        vals = [table_value(m, a) for a in ATTRIBUTES] + [m.get("exact_match")]
-        xs = [i + (k - (len(evals) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [v or 0 for v in vals], width * 0.92, label=ev["name"],
-               color=PALETTE[k % len(PALETTE)])
-        for x, v in zip(xs, vals):
-            if v is None:
-                ax.text(x, 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
-    ax.set_xticks(range(len(groups)), [g.replace("_", " ") for g in groups])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(ncol=min(len(evals), 6), frameon=False, loc="upper center",
-              bbox_to_anchor=(0.5, 1.16))
-    return _png(fig)
-
-
-def confusion_chart(metrics: dict) -> str:
-    """One heatmap per attribute (rows truth, columns prediction; colour = row share)."""
-    fig = _figure(15, 2.9)
-    axes = fig.subplots(1, len(ATTRIBUTES))
-    for ax, a in zip(axes, ATTRIBUTES):
-        att = (metrics.get("attributes") or {}).get(a) or {}
-        conf = att.get("confusion") or {}
-        labels, matrix = conf.get("labels") or [], conf.get("matrix") or []
-        acc = att.get("accuracy")
-        ax.set_title(f"{a.replace('_', ' ')}\n" + (f"acc {acc:.0%}, n={att.get('n')}"
-                                                   if acc is not None else "n/a"), fontsize=9)
-        if not labels:
-            ax.axis("off")
-            continue
-        shares = [[c / max(sum(row), 1) for c in row] for row in matrix]
-        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        for i, row in enumerate(matrix):
-            for j, c in enumerate(row):
-                ax.text(j, i, str(c), ha="center", va="center", fontsize=8,
-                        color="white" if shares[i][j] > 0.6 else "#222")
-        short = [lab[:12] for lab in labels]
-        ax.set_xticks(range(len(labels)), short, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(labels)), short, fontsize=7)
-        ax.set_xlabel("predicted", fontsize=7)
-    axes[0].set_ylabel("truth", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def loss_chart(runs: Sequence[tuple[str, list[dict], str]]) -> str:
-    """Training (solid) and validation (dashed, dots) loss against step for each run."""
-    fig = _figure(12, 3.0)
-    ax = fig.add_subplot()
-    for name, loss, colour in runs:
-        for split, style in (("train", "-"), ("val", "--")):
-            pts = sorted((r.get("step", i), r["loss"]) for i, r in enumerate(loss)
-                         if r.get("split", "train") == split)
-            if pts:
-                ax.plot(*zip(*pts), style, color=colour, marker="o" if split == "val" else None,
-                        ms=4, lw=1.6 if split == "train" else 1.4, label=f"{name} {split}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(frameon=False, fontsize=8, ncol=2)
-    return _png(fig)
-
-
-def image_roots(ev: dict) -> list[Path]:
-    """The folders whose images a report may embed for one evaluation: its EVAL folder and the
-    prepared dataset (a folder with ``dataset.jsonl``) its metrics name."""
-    roots = [Path(ev["folder"]).resolve()]
-    data = ev["metrics"].get("data")
-    if isinstance(data, str) and data:
-        d = Path(data).expanduser()
-        d = d.parent if d.name == "dataset.jsonl" else d
-        if (d / "dataset.jsonl").is_file():
-            roots.append(d.resolve())
-    return roots
-
-
-def _image_path(path: Any, data: Any) -> Path | None:
-    """A prediction row's image path, relative ones against the dataset folder."""
-    if not isinstance(path, str) or not path:
-        return None
-    p = Path(path)
-    if not p.is_absolute() and isinstance(data, str) and data:
-        p = (Path(data) if Path(data).is_dir() else Path(data).parent) / p
-    return p
-
-
-def _thumbnail(p: Path | None, size: int = 132) -> str | None:
-    """A JPEG data URI of one galaxy image, or None when it cannot be read."""
-    from PIL import Image
-
-    if p is None:
-        return None
-    try:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            if im.width < size:  # small training images: upscale so they are visible
-                im = im.resize((size, size), Image.NEAREST)
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=85)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        return training_snapshot(metrics["run"]), True
+    return None, False
 
 
 # ------------------------------------------------------------------ HTML pieces
@@ -227,69 +117,136 @@ def _fmt(v: Any, key: str = "") -> str:
     return f"{100 * v:.1f}%"
 
 
-def marked_answer(text: str | None, truth: dict | None) -> str:
-    """HTML of an answer with each phrase marked right (plain), wrong or outside the grammar
-    (red), and the truth's phrases it left out (struck through, grey)."""
-    text = text or ""
-    if len(text) > 240:  # runaway generations would swamp the grid
-        text = text[:240] + "…"
-    if truth is None:
-        return html.escape(text) or '<span class="na">(empty)</span>'
-    t = Morphology.from_dict(truth)
-    # Read as metrics reads it (morphology.caption_phrases): a phrase is right only where the
-    # grammar reads it and the truth agrees.
-    phrases, rest = caption_phrases(text)
-    if len(phrases) == 1 and not phrases[0].text:  # nothing before the full stop
-        phrases = []
-    parts, said = [], {}
-    for p in phrases:
-        ok = p.attribute is not None and getattr(t, p.attribute) == p.value
-        if p.attribute is not None:
-            said[p.attribute] = p.value
-        parts.append(f'<span class="{"ok" if ok else "bad"}">{html.escape(p.text)}</span>')
-    missing = [p.text for p in t.phrases()[1:]
-               if p.attribute not in said or said[p.attribute] != p.value]
-    out = ", ".join(parts) or '<span class="bad">(empty answer)</span>'
-    if rest.strip():
-        out += f'. <span class="extra">{html.escape(rest.strip()[:120])}</span>'
-    if missing:
-        out += " " + " ".join(f'<span class="miss">{html.escape(p)}</span>' for p in missing)
-    return out
-
-
-def _summary_table(evals: Sequence[dict]) -> str:
+def _summary_table(views: Sequence[dict]) -> str:
     cols = [("n", "n")] + list(TABLE_COLUMNS)
     best: dict[str, float] = {}
     for _, key in TABLE_COLUMNS:
-        vals = [table_value(e["metrics"], key) for e in evals]
-        vals = [v for v in vals if v is not None]
+        vals = [table_value(v["metrics"], key) for v in views]
+        vals = [x for x in vals if x is not None]
         if len(set(vals)) > 1 and key != "mean_length":  # a tie everywhere marks nothing
             best[key] = min(vals) if key in LOWER_IS_BETTER else max(vals)
     head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
     body = []
-    for k, e in enumerate(evals):
-        m = e["metrics"]
+    for v in views:
+        m, top = v["metrics"], v["eval"]["metrics"]
         cells = []
         for _, key in cols:
-            v = m.get("n") if key == "n" else table_value(m, key)
-            win = v is not None and best.get(key) == v
-            cells.append(f'<td class="{"best" if win else ""}">{_fmt(v, key)}</td>')
-        dot = f'<span class="dot" style="background:{PALETTE[k % len(PALETTE)]}"></span>'
-        kind = str(m.get("kind") or "")
-        tip = html.escape(f"model: {m.get('model')}; prompt: {m.get('prompt_source', 'n/a')}; "
-                          f"folder: {e['folder']}", quote=True)
-        body.append(f'<tr><th class="run" title="{tip}">{dot}{html.escape(e["name"])} '
-                    f'<span class="kind">{html.escape(kind if kind != e["name"] else "")}'
-                    f'</span></th>'
-                    + "".join(cells) + "</tr>")
-    truth_len = next((e["metrics"].get("truth_mean_length") for e in evals
-                      if e["metrics"].get("truth_mean_length")), None)
+            x = m.get("n") if key == "n" else table_value(m, key)
+            win = x is not None and best.get(key) == x
+            cells.append(f'<td class="{"best" if win else ""}">{_fmt(x, key)}</td>')
+        kind = str(top.get("kind") or "")
+        tip = html.escape(f"model: {top.get('model')}; prompt: {top.get('prompt_source', 'n/a')}; "
+                          f"folder: {v['eval']['folder']}", quote=True)
+        body.append(f'<tr><th class="run" title="{tip}">{_dot(v)}{html.escape(v["name"])} '
+                    f'<span class="kind">{html.escape(kind if kind != v["name"] else "")}'
+                    f'</span></th>' + "".join(cells) + "</tr>")
+    truth_len = next((v["metrics"].get("truth_mean_length") for v in views
+                      if v["metrics"].get("truth_mean_length")), None)
     note = (f'<p class="note">Accuracy of each attribute is over the galaxies where it applies '
             f'(shape: ellipticals; bar, arms: spirals). Best value per column in green. '
-            f'Halluc = share of stated attributes the truth lacks; omission = share of true '
-            f'attributes left out. Mean length in words (truth: {_fmt(truth_len, "mean_length")}).'
-            f'</p>')
+            f'Exact = all seven attributes right; parse = share of answers wholly inside the '
+            f'caption grammar; halluc = share of stated attributes the truth lacks; omission = '
+            f'share of true attributes left out. "(grammar)": the most probable caption of the '
+            f'grammar instead of beam search. Mean length in words (truth: '
+            f'{_fmt(truth_len, "mean_length")}).</p>')
     return f'<table class="summary"><tr><th>run</th>{head}</tr>{"".join(body)}</table>{note}'
+
+
+def _dot(view: dict) -> str:
+    return f'<span class="dot" style="background:{view["colour"]}"></span>'
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return '<span class="na">n/a</span>' if v is None else f"{v:.{digits}f}"
+
+
+MAIN_ATTRIBUTES = ("type", "shape", "bar", "arms")
+
+
+def _calibration_section(views: Sequence[dict]) -> str:
+    """Per predictor and attribute: accuracy with its Wilson interval, macro-F1 and (for
+    predictors with probabilities) Brier, ECE, AUROC and the vote-fraction MSE; then the
+    reliability diagrams."""
+    def rows(attributes: Sequence[str]) -> str:
+        out = []
+        for a in attributes:
+            for v in views:
+                att = (v["metrics"].get("attributes") or {}).get(a) or {}
+                cal = (v["metrics"].get("calibration") or {}).get(a) or {}
+                ci = att.get("accuracy_ci")
+                acc = _fmt(att.get("accuracy")) + (
+                    f' <span class="ci">[{100 * ci[0]:.0f}–{100 * ci[1]:.0f}%]</span>'
+                    if ci else "")
+                out.append(f"<tr><th class='run'>{_dot(v)}{html.escape(v['name'])}</th>"
+                           f"<td class='left'>{a.replace('_', ' ')}</td><td>{att.get('n', '')}</td>"
+                           f"<td>{acc}</td><td>{_num(att.get('macro_f1'))}</td>"
+                           f"<td>{_num(cal.get('brier'))}</td><td>{_num(cal.get('ece'))}</td>"
+                           f"<td>{_num(cal.get('auroc'))}</td>"
+                           f"<td>{_num(cal.get('vote_mse'), 4)}</td></tr>")
+        return "".join(out)
+
+    head = ("<tr><th>predictor</th><th class='left'>attribute</th><th>n</th>"
+            "<th>accuracy [95% CI]</th>"
+            "<th>macro-F1</th><th>Brier</th><th>ECE</th><th>AUROC</th><th>vote MSE</th></tr>")
+    rest = [a for a in ATTRIBUTES if a not in MAIN_ATTRIBUTES]
+    table = (f'<table class="summary">{head}{rows(MAIN_ATTRIBUTES)}</table>'
+             f'<details><summary>the other attributes</summary><table class="summary">{head}'
+             f'{rows(rest)}</table></details>')
+    calibrated = [v for v in views if v["metrics"].get("calibration")]
+    chart = (f'<img class="plot" src="{png_uri(reliability_figure(calibrated))}" '
+             f'alt="reliability diagrams">' if calibrated else
+             '<p class="note">No evaluation here has probabilities (evaluate ran with '
+             '--no-scores), so there are no reliability diagrams.</p>')
+    note = ('<p class="note">Accuracy with its Wilson 95% interval. Probabilities: the VLM\'s '
+            'posterior over the grammar\'s captions summed per attribute ("(grammar)" rows), '
+            'the probe\'s logistic regressions, the majority\'s training-set frequencies. '
+            'Brier: mean over galaxies of the summed squared error of the label probabilities '
+            '(0 best, 2 worst). ECE: top-label expected calibration error over ten equal-width '
+            'confidence bins (0 = the confidence is the accuracy). AUROC: one-vs-rest, '
+            'macro-averaged over the true labels (n/a with one label). Vote MSE: squared error '
+            'of the probability of each GZ2-answered label (elliptical ~ smooth, bar ~ bar yes, '
+            '...) against the volunteers\' vote fraction, as Zoobot measures it.</p>')
+    return table + chart + note
+
+
+def _code(text: Any) -> str:
+    return f"<code>{html.escape(str(text))}</code>"
+
+
+def _settings_section(evals: Sequence[dict]) -> str:
+    """What each evaluation ran with: model, rules, prompt, decoding and the training settings
+    (the snapshot taken at evaluation time)."""
+    keys = ("kind", "model", "rules", "prompt", "decoding", "method", "learning rate",
+            "epochs", "LoRA rank", "seed")
+    rows, live = [], []
+    for e in evals:
+        m = e["metrics"]
+        snap, was_live = training_of(m)
+        if was_live:
+            live.append(e["name"])
+        t = (snap or {}).get("settings") or {}
+        gen = m.get("generation") or {}
+        beams = gen.get("num_beams")
+        decoding = (f"beam search ({beams} beam{'s' if beams != 1 else ''}), at most "
+                    f"{gen.get('max_new_tokens')} new tokens" if gen else None)
+        if gen and m.get("grammar"):
+            decoding += "; grammar scores"
+        lr = t.get("learning_rate")
+        vals = (m.get("kind"), m.get("model"), m.get("rules"), m.get("prompt"), decoding,
+                t.get("method"), f"{lr:.3g}" if isinstance(lr, (int, float)) else lr,
+                t.get("epochs") if t.get("epochs") is not None else t.get("max_steps"),
+                t.get("lora_r"), t.get("seed"))
+        cells = "".join(f"<td class='left'>{_code(x) if k == 'prompt' and x else _fmt(x)}</td>"
+                        for k, x in zip(keys, vals))
+        rows.append(f"<tr><th class='run'>{html.escape(e['name'])}</th>{cells}</tr>")
+    head = "".join(f"<th class='left'>{k}</th>" for k in keys)
+    note = ("Training settings as recorded when each evaluation ran (the run folder may have "
+            "changed since).")
+    if live:
+        note += (" Read from the run folder as it is now, for evaluations made before that "
+                 f"record existed: {html.escape(', '.join(live))}.")
+    return (f'<table class="summary"><tr><th>evaluation</th>{head}</tr>{"".join(rows)}</table>'
+            f'<p class="note">{note}</p>')
 
 
 def _training_section(evals: Sequence[dict]) -> str:
@@ -301,16 +258,18 @@ def _training_section(evals: Sequence[dict]) -> str:
             ("trainable params", ("trainable_parameters", "trainable_params")),
             ("final train loss", ("final_train_loss",)), ("final val loss", ("final_val_loss",)))
     for k, e in enumerate(evals):
-        info = _read_run(e["metrics"].get("run"))
-        tm = dict(info["train_metrics"] or {})
-        vals = tm.get("val_losses") or [r for r in info["loss"] if r.get("split") == "val"]
+        snap, _ = training_of(e["metrics"])
+        snap = snap or {}
+        loss = [r for r in snap.get("loss") or [] if isinstance(r, dict)
+                and isinstance(r.get("loss"), (int, float))]
+        tm = dict(snap.get("train_metrics") or {})
+        vals = tm.get("val_losses") or [r for r in loss if r.get("split") == "val"]
         if vals and isinstance(vals[-1], dict):
             tm.setdefault("final_val_loss", vals[-1].get("loss"))
-        if not tm and not info["loss"]:
+        if not tm and not loss:
             continue
-        colour = PALETTE[k % len(PALETTE)]
-        if info["loss"]:
-            runs.append((e["name"], info["loss"], colour))
+        if loss:
+            runs.append((e["name"], loss, e["colour"]))
         cells = []
         for label, cands in keys:
             v = next((tm[c] for c in cands if tm.get(c) is not None), None)
@@ -326,58 +285,51 @@ def _training_section(evals: Sequence[dict]) -> str:
         return ('<p class="note">No training runs among these evaluations (or their run folders '
                 'are gone), so there are no loss curves.</p>')
     head = "".join(f"<th>{label}</th>" for label, _ in keys)
-    chart = f'<img class="plot" src="{loss_chart(runs)}" alt="loss curves">' if runs else ""
+    chart = (f'<img class="plot" src="{png_uri(loss_figure(runs))}" alt="loss curves">'
+             if runs else "")
     return f'{chart}<table class="summary"><tr><th>run</th>{head}</tr>{"".join(rows)}</table>'
 
 
-def _galaxy_grid(evals: Sequence[dict], limit: int = GRID_GALAXIES) -> tuple[str, int]:
-    """The grid's HTML and how many images were left out for lying outside the folders."""
-    by_id = [{r.get("id_str"): r for r in e["rows"] if isinstance(r, dict)} for e in evals]
-    first = next((e for e in evals if e["rows"]), None)
-    if first is None:
-        return '<p class="note">No predictions.jsonl found.</p>', 0
-    roots, outside = image_roots(first), 0
-    cards = []
-    for row in [r for r in first["rows"] if isinstance(r, dict)][:limit]:
-        gid = row.get("id_str")
-        path = _image_path(row.get("image"), first["metrics"].get("data"))
-        if path is not None and not any(inside(path, root) for root in roots):
-            outside += 1
-            img = '<div class="noimg">image outside the EVAL and data folders: not embedded</div>'
-        else:
-            src = _thumbnail(path)
-            img = (f'<img src="{src}" alt="galaxy {html.escape(str(gid))}">' if src
-                   else '<div class="noimg">image missing</div>')
-        lines = [f'<div class="truth"><b>truth</b> {html.escape(row.get("truth") or "")}</div>']
-        for k, (e, index) in enumerate(zip(evals, by_id)):
-            r = index.get(gid)
-            if r is None:
-                continue
-            mark = "✓" if r.get("exact") else "✗"
-            lines.append(f'<div class="pred"><span class="tag" style="background:'
-                         f'{PALETTE[k % len(PALETTE)]}">{html.escape(e["name"])}</span>'
-                         f'<span class="mark {"yes" if r.get("exact") else "no"}">{mark}</span> '
-                         f'{marked_answer(r.get("prediction"), r.get("truth_attributes"))}</div>')
-        cards.append(f'<div class="card">{img}<div class="txt"><div class="gid">'
-                     f'{html.escape(str(gid))}</div>{"".join(lines)}</div></div>')
-    return (f'<p class="note">The first {len(cards)} galaxies of the split. ✓ = every attribute '
-            f'right. <span class="bad">Red</span>: a wrong or ungrammatical phrase; '
-            f'<span class="miss">struck through</span>: a true attribute the answer left out.</p>'
-            f'<div class="grid">{"".join(cards)}</div>'), outside
+def confusion_tables(metrics: dict) -> str:
+    """One small HTML table per attribute (rows truth, columns prediction, the counts shaded by
+    their share of the row): text at the page's size, and no image to render."""
+    out = []
+    for a in ATTRIBUTES:
+        att = (metrics.get("attributes") or {}).get(a) or {}
+        conf = att.get("confusion") or {}
+        labels, matrix = conf.get("labels") or [], conf.get("matrix") or []
+        acc = att.get("accuracy")
+        title = (f"<b>{a.replace('_', ' ')}</b> " + (f"acc {acc:.0%}, n={att.get('n')}"
+                                                      if acc is not None else "n/a"))
+        if not labels:
+            out.append(f'<div class="cm">{title}</div>')
+            continue
+        head = "".join(f"<th>{html.escape(lab)}</th>" for lab in labels)
+        rows = []
+        for lab, row in zip(labels, matrix):
+            cells = []
+            for c in row:
+                share = c / max(sum(row), 1)
+                ink = "#fff" if share > 0.6 else "#222"
+                cells.append(f'<td style="background:rgba(36,56,110,{share:.2f});color:{ink}">'
+                             f"{c}</td>")
+            rows.append(f"<tr><th>{html.escape(lab)}</th>{''.join(cells)}</tr>")
+        out.append(f'<div class="cm">{title}<table><tr><th>truth \\ predicted</th>{head}</tr>'
+                   f'{"".join(rows)}</table></div>')
+    return f'<div class="cms">{"".join(out)}</div>'
 
 
-def _confusion_tabs(evals: Sequence[dict]) -> str:
+def _confusion_tabs(views: Sequence[dict]) -> str:
     tabs, panels = [], []
-    for k, e in enumerate(evals):
+    for k, v in enumerate(views):
         checked = " checked" if k == 0 else ""
         tabs.append(f'<input type="radio" name="cm" id="cm{k}"{checked}>'
-                    f'<label for="cm{k}">{html.escape(e["name"])}</label>')
-        panels.append(f'<div class="panel" id="p{k}"><img class="plot" '
-                      f'src="{confusion_chart(e["metrics"])}" alt="confusion {k}"></div>')
-    css = "".join(f"#cm{k}:checked ~ .panels #p{k}{{display:block}}" for k in range(len(evals)))
+                    f'<label for="cm{k}">{html.escape(v["name"])}</label>')
+        panels.append(f'<div class="panel" id="p{k}">{confusion_tables(v["metrics"])}</div>')
+    css = "".join(f"#cm{k}:checked ~ .panels #p{k}{{display:block}}" for k in range(len(views)))
     return (f'<style>{css}</style><div class="tabs">{"".join(tabs)}'
             f'<div class="panels">{"".join(panels)}</div></div>'
-            f'<p class="note">Rows: truth; columns: prediction; colour: share of the row. '
+            f'<p class="note">Rows: truth; columns: prediction; shade: share of the row. '
             f'"unknown": the answer was not a caption (it named no galaxy type), so every '
             f'attribute counts as wrong.</p>')
 
@@ -414,41 +366,70 @@ img.plot{max-width:100%;display:block;margin:0 auto}
 .truth{margin-bottom:5px} .pred{margin:3px 0}
 .tag{color:#fff;border-radius:3px;padding:0 5px;font-size:11px;margin-right:4px}
 .mark.yes{color:#17803d;font-weight:700} .mark.no{color:#c2414b;font-weight:700}
+.warn{color:#9a4b00;background:#fff4e0;border-radius:6px;padding:6px 10px;font-size:14px}
 .bad{color:#c62828;font-weight:600;background:#fdecec;border-radius:3px}
 .miss{color:#8a93a5;text-decoration:line-through} .extra{color:#a0a7b5;font-style:italic}
+.ci{color:#7a8396;font-size:12px} .summary td.left,.summary th.left{text-align:left}
+.summary code{white-space:pre-wrap;font-size:12px} details{margin-top:8px;font-size:14px}
+.cms{display:flex;flex-wrap:wrap;gap:14px 22px} .cm{font-size:13px}
+.cm table{border-collapse:collapse;margin-top:4px;font-variant-numeric:tabular-nums}
+.cm td,.cm th{border:1px solid #e4e8f0;padding:3px 8px;text-align:center;font-size:13px}
+.cm th{background:#f7f9fc;font-weight:500}
 """
+
+
+def _views(evals: Sequence[dict]) -> list[dict]:
+    """Every predictor of these evaluations (:func:`galaxy_llava.metrics.predictors`: a VLM
+    with grammar scores is two), each ``{"name", "metrics", "eval", "colour"}``; an
+    evaluation's colours are stored on it for the grid."""
+    out = []
+    for e in evals:
+        for name, m in predictors([{**e["metrics"], "name": e["name"]}]):
+            colour = PALETTE[len(out) % len(PALETTE)]
+            e["grammar_colour" if m is e["metrics"].get("grammar") else "colour"] = colour
+            out.append({"name": name, "metrics": m, "eval": e, "colour": colour})
+    return out
 
 
 def build_report(evals: Sequence[str | Path], out: str | Path = "report.html",
                  overwrite: bool = False) -> Path:
-    """Write ONE self-contained HTML file comparing the given EVAL folders; returns its path.
+    """Write ONE self-contained HTML file comparing the given EVAL folders (or the EVAL folders
+    inside a parent folder, :func:`eval_folders`); returns its path.
 
     ``out`` may be new or a report of the same EVAL folders; another report needs
     ``overwrite``, and a folder or any other file is refused."""
     if not evals:
         raise UserError("name at least one EVAL folder to report on")
-    identity = {"evals": [str(Path(e).expanduser().resolve()) for e in evals]}
+    folders = eval_folders(evals)
+    identity = {"evals": [str(Path(e).expanduser().resolve()) for e in folders]}
     outputs.claim(out, "report", overwrite=overwrite, identity=identity)
-    loaded = [load_eval(e) for e in evals]
+    loaded = [load_eval(e) for e in folders]
     seen: dict[str, int] = {}
     for e in loaded:  # two folders of the same name must stay distinguishable
         base = str(e["metrics"].get("name") or e["folder"].name)
         seen[base] = seen.get(base, 0) + 1
         e["name"] = base if seen[base] == 1 else f"{base} ({seen[base]})"
+    views = _views(loaded)
     splits = sorted({str(e["metrics"].get("split")) for e in loaded})
     kpis = "".join(
-        f'<div class="kpi" style="--c:{PALETTE[k % len(PALETTE)]}"><div class="l">'
-        f'{html.escape(e["name"])} · exact match</div><div class="v">'
-        f'{_fmt(e["metrics"].get("exact_match"))}</div><div class="l">type '
-        f'{_fmt(table_value(e["metrics"], "type"))} · n={e["metrics"].get("n")}</div></div>'
-        for k, e in enumerate(loaded))
-    grid, outside = _galaxy_grid(loaded)
+        f'<div class="kpi" style="--c:{v["colour"]}"><div class="l">'
+        f'{html.escape(v["name"])} · exact match</div><div class="v">'
+        f'{_fmt(v["metrics"].get("exact_match"))}</div><div class="l">type '
+        f'{_fmt(table_value(v["metrics"], "type"))} · n={v["metrics"].get("n")}</div></div>'
+        for v in views)
+    grid, outside = galaxy_grid(loaded)
+    warnings = "".join(f'<p class="warn">{html.escape(v["name"])}: {html.escape(w)}</p>'
+                       for v in views if (w := v["metrics"].get("collapse_warning")))
     sections = [
-        ("Headline", f'<div class="kpis">{kpis}</div>'),
-        ("All metrics", _summary_table(loaded)),
+        ("Headline", f'<div class="kpis">{kpis}</div>{warnings}'),
+        ("All metrics", _summary_table(views)),
         ("Accuracy per attribute",
-         f'<img class="plot" src="{accuracy_chart(loaded)}" alt="accuracy per attribute">'),
-        ("Confusion matrices", _confusion_tabs(loaded)),
+         f'<img class="plot" src="{png_uri(accuracy_figure(views))}" '
+         'alt="accuracy per attribute">'
+         '<p class="note">Error bars: Wilson 95% confidence intervals.</p>'),
+        ("Calibration", _calibration_section(views)),
+        ("Confusion matrices", _confusion_tabs(views)),
+        ("Settings", _settings_section(loaded)),
         ("Training", _training_section(loaded)),
         ("Galaxies: truth and answers", grid),
     ]

@@ -77,37 +77,51 @@ def caption_log_probs(model, processor, image, captions: list[str], prompt: str 
                       ) -> list[float]:
     """log p(caption + end token | prompt, image) for each caption: the prefix (prompt and
     image) runs once; the candidates continue its key/value cache together."""
+    return batch_log_probs(model, processor, [image], captions, prompt)[0]
+
+
+@torch.no_grad()
+def batch_log_probs(model, processor, images: list, captions: list[str],
+                    prompt: str | None = None) -> list[list[float]]:
+    """:func:`caption_log_probs` for several images at once: their prefixes run as one batch
+    and every image's candidates continue its cache in one forward (``len(images) *
+    len(captions)`` rows), which is what keeps a GPU busy. Images whose prefixes differ in length
+    (tiled processors), and families that cannot continue a cache, are scored one by one."""
     from galaxy_llava.models.registry import family_for
     from galaxy_llava.training.batches import PromptIds
 
     family = family_for(model)
     tok = processor.tokenizer
     param = next(model.parameters())
-    inputs = family.image_inputs(processor, image)
-    prefix = torch.tensor([PromptIds(processor, family, prompt or family.default_prompt(
-        processor))(inputs)])
-    inputs = {k: v.to(param.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
-    inputs.update({k: v.to(param.device) for k, v in family.token_inputs(prefix, processor).items()})
+    prompt_ids = PromptIds(processor, family, prompt or family.default_prompt(processor))
+    per_image = [family.image_inputs(processor, im) for im in images]
+    prefixes = [prompt_ids(x) for x in per_image]
     ids, mask = _candidate_batch(family, tok, captions)
     ids, mask = ids.to(param.device), mask.to(param.device)
+    if len(images) > 1 and (not family.prefix_cache_scoring or len(set(map(len, prefixes))) > 1):
+        return [batch_log_probs(model, processor, [im], captions, prompt)[0] for im in images]
+    prefix = torch.tensor(prefixes, device=param.device)
+    inputs = {k: torch.cat([x[k] for x in per_image]).to(param.device) for k in per_image[0]}
+    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    inputs.update({k: v.to(param.device) for k, v in family.token_inputs(prefix, processor).items()})
     if not family.prefix_cache_scoring:
-        return _log_probs_uncached(model, prefix.to(param.device), inputs, ids, mask)
-    out = model(input_ids=prefix.to(param.device), attention_mask=torch.ones_like(prefix).to(
-        param.device), use_cache=True, **inputs)
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        return [_log_probs_uncached(model, prefix, inputs, ids, mask)]
+    n_images, n_cand = len(images), len(captions)
+    out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **inputs)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)            # (images, vocab)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    cache.batch_repeat_interleave(len(captions))
-    full_mask = torch.cat([torch.ones((len(captions), prefix.shape[1]), dtype=torch.long,
+    cache.batch_repeat_interleave(n_cand)  # row i * n_cand + j: image i, candidate j
+    ids, mask = ids.repeat(n_images, 1), mask.repeat(n_images, 1)
+    full_mask = torch.cat([torch.ones((len(ids), prefix.shape[1]), dtype=torch.long,
                                       device=param.device), mask], dim=1)
     cont = model(input_ids=ids, attention_mask=full_mask, cache=cache, use_cache=False)
     logp = torch.log_softmax(cont.logits.float(), dim=-1)
     # Token t of a candidate is predicted by the prefix's last position (t = 0) or by the
     # candidate's own position t - 1.
-    scores = first[ids[:, 0]]
+    scores = first.repeat_interleave(n_cand, dim=0).gather(1, ids[:, :1]).squeeze(1)
     follow = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     scores = scores + (follow * mask[:, 1:]).sum(dim=1)
-    return scores.tolist()
+    return scores.view(n_images, n_cand).tolist()
 
 
 def _log_probs_uncached(model, prefix, inputs, ids, mask) -> list[float]:
@@ -127,16 +141,19 @@ def _log_probs_uncached(model, prefix, inputs, ids, mask) -> list[float]:
 
 
 def grammar_scores(model, processor, images, rules: str = "reference",
-                   prompt: str | None = None) -> list[GrammarScores]:
-    """The posterior over ``rules``' captions for each image (PIL images or paths)."""
+                   prompt: str | None = None, batch_size: int = 8) -> list[GrammarScores]:
+    """The posterior over ``rules``' captions for each image (PIL images or paths), scoring
+    ``batch_size`` images per forward (:func:`batch_log_probs`)."""
     from galaxy_llava.records import load_image
     from galaxy_llava.rules import rule_set
 
     candidates = rule_set(rules).reachable()
     captions = [m.caption() for m in candidates]
+    images = list(images)
     out = []
-    for image in images:
-        image = image if hasattr(image, "convert") else load_image(image)
-        out.append(posterior_summary(candidates, caption_log_probs(model, processor, image,
-                                                                   captions, prompt)))
+    for i in range(0, len(images), max(1, batch_size)):
+        batch = [im if hasattr(im, "convert") else load_image(im)
+                 for im in images[i:i + batch_size]]
+        out += [posterior_summary(candidates, lp)
+                for lp in batch_log_probs(model, processor, batch, captions, prompt)]
     return out

@@ -10,11 +10,14 @@ and evaluation never name a family's modules. A new family is one new module and
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from typing import Any
 
 from galaxy_llava.errors import UserError
 
+# Stands for the question while a family's prompt format is rendered, to find where it goes.
+_QUESTION_SLOT = "\x00galaxy-llava-question\x00"
 
 
 class ModelFamily:
@@ -31,6 +34,35 @@ class ModelFamily:
         placeholder and the question, ending where the answer starts."""
         raise NotImplementedError
 
+    def chat_template(self, processor, prompt: str) -> tuple[str, str]:
+        """``(template, question)``: a chat template under which one user turn holding an image
+        and ``question`` renders exactly as ``prompt`` (plain ``apply_chat_template`` then gives
+        the training prompt), and that question. A prompt in the family's own format keeps the
+        processor's template where it has one (system turns and all) and gets the question that
+        fills it; any other prompt's question is everything after its image placeholder."""
+        image = self.image_placeholder
+        if prompt.count(image) != 1:
+            raise UserError(f"the prompt must contain {image} exactly once: {prompt!r}")
+        try:
+            before, after = self.default_prompt(processor, _QUESTION_SLOT).split(_QUESTION_SLOT)
+        except (UserError, ValueError):  # no chat template to read the format from
+            before, after = "", ""
+        fits = (image in before and prompt.startswith(before) and prompt.endswith(after)
+                and len(prompt) >= len(before) + len(after))
+        if fits:
+            question = prompt[len(before):len(prompt) - len(after)]
+            existing = getattr(processor, "chat_template", None)
+            with contextlib.suppress(Exception):  # a template that cannot render this turn
+                if existing and chat_prompt(processor, question, self.name) == prompt:
+                    return existing, question
+            head, mid = before.split(image, 1)
+            tail = after
+        else:
+            head, question = prompt.split(image, 1)
+            mid = tail = ""
+        end = "".join(processor.tokenizer.convert_ids_to_tokens(self.end_ids(processor.tokenizer)))
+        return prompt_template(head, image, mid, tail, self.answer_separator, end), question
+
     def fix_processor(self, processor, config) -> None:
         """Make ``processor`` expand images to exactly the tokens the model expects."""
 
@@ -41,6 +73,8 @@ class ModelFamily:
         return {k: v for k, v in out.items() if k in self.image_input_names}
 
     image_input_names: tuple[str, ...] = ("pixel_values",)
+    image_placeholder: str = "<image>"  # what the prompt holds where the image goes
+    answer_separator: str = " "  # written between the prompt and the answer ("ASSISTANT: This")
 
     def num_image_tokens(self, processor, image_inputs: dict) -> int:
         """How many image tokens the prompt holds for one image with these inputs."""
@@ -160,6 +194,37 @@ def chat_prompt(processor, question: str, family_name: str) -> str:
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prompt_template(head: str, image: str, mid: str, tail: str, answer_prefix: str,
+                    end: str) -> str:
+    """A Jinja chat template writing a user turn as ``head + image (per image) + mid + text +
+    tail`` and an assistant turn as ``answer_prefix + text + end`` (inside ``generation`` tags,
+    for assistant-only losses); a system turn is an error (none was trained). The fixed pieces
+    are JSON string literals, which Jinja reads back unchanged whatever they hold."""
+    def lit(text: str) -> str:
+        return "{{ " + json.dumps(text) + " }}"
+
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}"
+        "{%- set text = message['content'] -%}{%- set images = 0 -%}"
+        "{%- else -%}"
+        "{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join('') -%}"
+        "{%- set images = message['content'] | selectattr('type', 'equalto', 'image')"
+        " | list | length -%}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        + lit(head) + "{{ " + json.dumps(image) + " * images }}" + lit(mid) + "{{ text }}"
+        + lit(tail) +
+        "{%- elif message['role'] == 'assistant' -%}"
+        + lit(answer_prefix) + "{% generation %}{{ text }}" + lit(end) + "{% endgeneration %}"
+        "{%- else -%}"
+        "{{ raise_exception('this model was trained on user and assistant turns only, not '"
+        " + message['role']) }}"
+        "{%- endif -%}"
+        "{%- endfor -%}")
 
 
 def unwrap(model) -> Any:

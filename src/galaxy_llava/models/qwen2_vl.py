@@ -47,6 +47,8 @@ class Qwen2VLFamily(ModelFamily):
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
     image_input_names = ("pixel_values", "image_grid_thw")
+    image_placeholder = IMAGE_TOKEN
+    answer_separator = ""  # the prompt ends with "assistant\n": the answer starts a new line
     # Multimodal rotary positions of continuations depend on per-row deltas: score uncached.
     prefix_cache_scoring = False
 

@@ -13,6 +13,9 @@ exactly as on a real checkpoint: vision tower frozen.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -25,6 +28,10 @@ ELONGATION = {"round": 1.0, "oval": 0.6, "long": 0.3}
 DOT_COUNTS = {"two": 2, "three": 3, "many": 6}
 PRETRAIN_QUESTION = "What do you see?"
 PRETRAIN_PROMPT = "USER: <image>\nWhat do you see?\nASSISTANT:"  # the LLaVA spelling
+LOSS_FILE = "pretrain_loss.json"  # beside the model: every step's loss
+# Each step draws new scenes, so one step's loss is noisy: the bar and the "final" loss show the
+# mean of the last FINAL_WINDOW steps.
+FINAL_WINDOW = 10
 
 # Plain English prose for a text-only language-modelling objective: a real base model's language
 # model knows common words (galaxy, spiral, bulge, ...) before it is fine-tuned, so its embeddings
@@ -157,7 +164,8 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / (steps * 0.05 + 1)) * max(0.0, 1 - s / steps))
     losses = []
-    for _ in tqdm(range(steps), desc="pretrain (generic scenes)", disable=not progress):
+    bar = tqdm(range(steps), desc="pretrain (generic scenes)", disable=not progress)
+    for _ in bar:
         scenes = [generic_scene(rng, size) for _ in range(batch_size)]
         items = []
         for img, caption in scenes:
@@ -179,5 +187,30 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
         opt.step()
         sched.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-FINAL_WINDOW:]):.3f}", refresh=False)
     model.eval()
     return losses
+
+
+def loss_summary(losses: list[float]) -> dict:
+    """The pretraining loss at the start (the first step) and at the end (the mean of the last
+    :data:`FINAL_WINDOW` steps), so a user sees whether the stage learned anything."""
+    final = losses[-FINAL_WINDOW:]
+    return {"steps": len(losses), "start": float(losses[0]), "final": float(np.mean(final)),
+            "final_is_mean_of_last": len(final)}
+
+
+def save_losses(folder: str | os.PathLike, losses: list[float]) -> dict:
+    """Record a pretraining's loss with the model it made: every step in ``folder/``
+    :data:`LOSS_FILE`, the :func:`loss_summary` in ``galaxy_llava.json`` (key
+    ``pretrain_loss``); both written atomically. Returns the summary."""
+    from galaxy_llava.io import write_json
+    from galaxy_llava.models.folders import write_marker
+
+    summary = loss_summary(losses)
+    write_json(Path(folder) / LOSS_FILE, {
+        **summary, "loss": [float(x) for x in losses],
+        "definition": "per step: caption cross-entropy on generic scenes + language-model "
+                      "cross-entropy on generic prose (galaxy_llava.toy.pretrain)"})
+    write_marker(folder, pretrain_loss=summary)
+    return summary

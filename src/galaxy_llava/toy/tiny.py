@@ -199,7 +199,8 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
     family (tiny only). ``device`` is where the weights are initialised (default CPU; a GPU makes
     the ``tinyllava`` build take seconds); the saved folder is the same either way.
     ``pretrain_steps`` > 0 first trains it to caption generic scenes (see
-    :mod:`galaxy_llava.toy.pretrain`) so it can see and speak, as a real base model can."""
+    :mod:`galaxy_llava.toy.pretrain`) so it can see and speak, as a real base model can; its loss
+    is saved beside the weights (``pretrain_loss.json``, summary in ``galaxy_llava.json``)."""
     import torch
 
     from galaxy_llava.models.registry import family_for
@@ -213,7 +214,7 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
     if pretrain_steps:
         from galaxy_llava.toy.pretrain import pretrain_tiny
 
-        pretrain_tiny(model, processor, steps=pretrain_steps, seed=seed)
+        losses = pretrain_tiny(model, processor, steps=pretrain_steps, seed=seed)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
@@ -222,4 +223,8 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
             (tmp / "tokenizer.model").write_bytes(_train_sentencepiece(_preset(preset)["spm_vocab"]))
         write_marker(tmp, prompt=family_for(model).default_prompt(processor), kind="model",
                      preset=preset, family=family, seed=seed, pretrain_steps=pretrain_steps)
+        if pretrain_steps:  # its loss, with the model it made
+            from galaxy_llava.toy.pretrain import save_losses
+
+            save_losses(tmp, losses)
     return out

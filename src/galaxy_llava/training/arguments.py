@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from galaxy_llava.config import (METHOD_DEFAULTS, TRAINING_DEFAULTS, FinetuneArguments,
-                                 read_yaml)
+from galaxy_llava.config import (GLOBAL_FLAGS, METHOD_DEFAULTS, TRAINING_DEFAULTS,
+                                 FinetuneArguments, find_config, read_yaml, shipped_configs)
 from galaxy_llava.errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -28,13 +28,24 @@ def build_parser():
 
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments), prog="galaxy-llava train",
                               description=DESCRIPTION)
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="YAML (or JSON) file of settings by the names above")
+    parser.add_argument("--config", default=None, metavar="YAML|NAME",
+                        help="YAML (or JSON) file of settings by the names above, or the name "
+                             "of a config shipped with galaxy-llava: "
+                             f"{', '.join(shipped_configs())}")
+    # The CLI's global flags, taken out before this parser runs (galaxy_llava.cli); listed here
+    # so that `galaxy-llava train --help` shows them. TrainingArguments has a --debug of its own:
+    # galaxy-llava's goes before the command (galaxy-llava --debug train ...).
+    for flag, kwargs in GLOBAL_FLAGS.items():
+        if flag != "--debug":
+            parser.add_argument(flag, **kwargs)
     return parser
 
 
+_NOT_SETTINGS = {"help", "config", "threads", "verbose"}
+
+
 def _destinations(parser) -> set[str]:
-    return {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    return {a.dest for a in parser._actions if a.dest not in _NOT_SETTINGS}
 
 
 def _check_keys(keys, parser, source: str) -> None:
@@ -56,6 +67,7 @@ def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None
     """Defaults below what the user states: ours, the method's, the saved run's (on resume),
     then the YAML file's. ``explicit`` (flags or keyword arguments) are only peeked at for the
     method and output folder."""
+    config = find_config(config) if config else None
     from_yaml = read_yaml(config) if config else {}
     _check_keys(from_yaml, parser, str(config))
     out_dir = explicit.get("output_dir") or from_yaml.get("output_dir")

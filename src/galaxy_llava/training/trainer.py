@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from galaxy_llava.training import run_folder
 from galaxy_llava.training.batches import IGNORE_INDEX, CaptionDataset, Collator
 
 
+# Validation galaxies described after training to catch a collapsed model (seconds on a CPU).
+COLLAPSE_CHECK = 64
 HUB_ERRORS = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError",
               "ConnectionError", "HfHubHTTPError")
 
@@ -300,6 +303,11 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         "val_losses": [{"epoch": e["epoch"], "step": e["step"], "loss": e["loss"]}
                        for e in log if e["split"] == "val"],
     }
+    if main and val_recs and not metrics["sharded_parameters"]:
+        metrics["collapse_warning"] = collapse_check(
+            trainer.accelerator.unwrap_model(trainer.model), processor, val_recs, ft.prompt)
+        if metrics["collapse_warning"]:
+            print(metrics["collapse_warning"], file=sys.stderr, flush=True)
     if main:
         run_folder.write_loss_log(run, log)
         run_folder.plot_losses(log, run / "loss_curve.png")
@@ -310,10 +318,32 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     return metrics
 
 
+def collapse_check(model, processor, val_recs: list[dict], prompt: str,
+                   limit: int = COLLAPSE_CHECK) -> str | None:
+    """Describe up to ``limit`` validation galaxies as ``describe`` would and return
+    :func:`galaxy_llava.metrics.collapse_warning`'s line (or None): a falling validation loss
+    does not show a model that answers every image alike."""
+    from galaxy_llava.generate import describe_images
+    from galaxy_llava.metrics import collapse_warning
+
+    chosen = val_recs[:limit]
+    was_training = model.training
+    model.eval()
+    try:
+        texts = describe_images(model, processor, [r["image"] for r in chosen], prompt,
+                                progress=False)
+    finally:
+        model.train(was_training)
+    return collapse_warning(texts, [r.get("text") for r in chosen],
+                            what="validation answers after training")
+
+
 def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArguments,
                 main: bool) -> None:
     """``RUN/adapter/`` (LoRA) or ``RUN/model/`` (full), written whole or not at all: every
-    process takes part in ``save_model`` (FSDP gathers the shards), the main one renames."""
+    process takes part in ``save_model`` (FSDP gathers the shards), the main one completes the
+    folder (chat template, ``describe``'s generation config, a model card with these training
+    settings) and renames it."""
     from peft import PeftModel
 
     from galaxy_llava.models.runs import install_weights
@@ -326,5 +356,12 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(partial))
     if main:
-        install_weights(run, partial, processor, ft.prompt, ft.model_name_or_path, kind)
+        from galaxy_llava.modelcard import training_settings
+
+        val = trainer.eval_dataset
+        training = training_settings(ft, trainer.args, steps=trainer.state.global_step,
+                                     train_samples=len(trainer.train_dataset),
+                                     val_samples=len(val) if val is not None else 0)
+        install_weights(run, partial, processor, ft.prompt, ft.model_name_or_path, kind,
+                        model=trainer.accelerator.unwrap_model(trainer.model), training=training)
     trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,334 @@
+"""Model cards (``README.md``) for the folders galaxy-llava saves weights in: a run's ``model/``
+or ``adapter/`` and an exported checkpoint.
+
+A card carries the Hub metadata (``base_model`` as a Hub id, never a local path;
+``library_name``; ``pipeline_tag: image-text-to-text``; tags; the source dataset), the prompt and
+the question that writes it through the chat template, the decoding stored in
+``generation_config.json``, the training settings, the evaluation table once there is one, and a
+usage snippet in plain transformers / peft. It is rendered from what the folder itself holds
+(``galaxy_llava.json``: prompt, question, family, base model, ``training``, ``evaluations``), so
+:func:`update_card` can add an evaluation later and an export renders its own from the run's.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from galaxy_llava import __version__
+from galaxy_llava.errors import UserError
+from galaxy_llava.io import write_text
+from galaxy_llava.models.folders import is_local, read_marker, run_kind, write_marker
+from galaxy_llava.morphology import ATTRIBUTES
+
+CARD = "README.md"
+TAGS = ("galaxy-llava", "galaxy-zoo", "astronomy", "galaxy-morphology", "image-captioning")
+# A local copy in the Hugging Face cache keeps its Hub id in the folder name.
+_CACHED = re.compile(r"(?:^|/)(models|datasets)--([^/]+?)--([^/]+)(?:/|$)")
+# The training table: (settings key, label), in this order, rows without a value left out.
+TRAINING_ROWS = (
+    ("method", "method"), ("learning_rate", "learning rate"), ("num_train_epochs", "epochs"),
+    ("max_steps", "max steps"), ("steps", "optimizer steps"),
+    ("per_device_train_batch_size", "batch size per device"),
+    ("gradient_accumulation_steps", "gradient accumulation steps"), ("world_size", "processes"),
+    ("optim", "optimizer"), ("lr_scheduler_type", "learning-rate schedule"),
+    ("warmup_steps", "warm-up steps"), ("weight_decay", "weight decay"),
+    ("precision", "precision"), ("lora_r", "LoRA rank r"), ("lora_alpha", "LoRA alpha"),
+    ("lora_dropout", "LoRA dropout"), ("lora_projector", "projector under LoRA"),
+    ("seed", "seed"), ("train_samples", "training galaxies"),
+    ("val_samples", "validation galaxies"))
+# The evaluation table's rows: per-attribute accuracies, then the caption-level rates.
+EVAL_ROWS = tuple((a, f"{a.replace('_', ' ')} accuracy") for a in ATTRIBUTES) + (
+    ("exact_match", "exact match (all 7 attributes)"), ("parse_rate", "parse rate"),
+    ("hallucination_rate", "hallucination rate"), ("omission_rate", "omission rate"),
+    ("mean_length", "mean length (words)"))
+
+
+def hub_id(name: str | os.PathLike | None, kind: str = "models") -> str | None:
+    """``name`` as a Hub id: a Hub id as it is; a local copy in the Hugging Face cache
+    (``.../models--org--name/snapshots/...``) by its cache name; any other path None (a card
+    must not publish a path of this machine)."""
+    if not name:
+        return None
+    name = str(name)
+    cached = _CACHED.search(Path(name).expanduser().as_posix())
+    if cached and cached.group(1) == kind:
+        return f"{cached.group(2)}/{cached.group(3)}"
+    return None if is_local(name) else name
+
+
+def data_summary(data: str | os.PathLike | None) -> dict:
+    """What a card says of a prepared dataset (from its ``manifest.json``): folder name, rule
+    set, galaxies per class, image size and the source catalogue's Hub id when it has one."""
+    if not data:
+        return {}
+    folder = Path(data)
+    folder = folder.parent if folder.suffix == ".jsonl" else folder
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    source = manifest.get("source")
+    if manifest.get("source_kind") != "hub":
+        source = hub_id(source, "datasets")
+    return {"name": folder.name, "rules": manifest.get("rules"),
+            "n_per_class": manifest.get("n_per_class"), "image_size": manifest.get("image_size"),
+            "source": source, "hub_config": manifest.get("hub_config")}
+
+
+def training_settings(finetune, args, **extra: Any) -> dict:
+    """The training settings a card shows, from ``FinetuneArguments`` and ``TrainingArguments``
+    (plus ``extra``: steps, sample counts); stored in the weights folder's marker."""
+    def plain(value):
+        return getattr(value, "value", value)  # the Trainer's enums (optimizer, schedule)
+
+    method = finetune.method
+    settings = {
+        "method": method, "learning_rate": args.learning_rate,
+        "num_train_epochs": args.num_train_epochs,
+        "max_steps": args.max_steps if (args.max_steps or 0) > 0 else None,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "world_size": args.world_size, "optim": plain(args.optim),
+        "lr_scheduler_type": plain(args.lr_scheduler_type),
+        "warmup_steps": args.warmup_steps or None, "weight_decay": args.weight_decay or None,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": args.seed, **extra, "data": data_summary(finetune.data)}
+    if method in ("lora", "qlora"):
+        settings.update(lora_r=finetune.lora_r, lora_alpha=finetune.lora_alpha,
+                        lora_dropout=finetune.lora_dropout, lora_projector=finetune.lora_projector)
+    return settings
+
+
+def evaluation_summary(metrics: dict | str | os.PathLike) -> dict:
+    """The card's column for one evaluation: an EVAL folder, its ``metrics.json`` or the dict
+    ``evaluate`` returns (name, split, data, n, and every :data:`EVAL_ROWS` value; a VLM
+    evaluation's grammar-argmax captions as ``grammar``)."""
+    if not isinstance(metrics, dict):
+        path = Path(metrics)
+        path = path / "metrics.json" if path.is_dir() else path
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{path} is not an evaluation's metrics.json") from None
+        if not isinstance(metrics, dict) or not metrics.get("complete"):
+            raise UserError(f"{path} is not a finished evaluation (no \"complete\": true)")
+
+    def values(m: dict) -> dict:
+        attributes = m.get("attributes") or {}
+        return {key: (attributes.get(key) or {}).get("accuracy") if key in ATTRIBUTES
+                else m.get(key) for key, _ in EVAL_ROWS}
+
+    data = metrics.get("data")
+    summary = {"name": metrics.get("name") or metrics.get("kind") or "evaluation",
+               "split": metrics.get("split"), "data": Path(data).name if data else None,
+               "n": metrics.get("n"), "values": values(metrics)}
+    if isinstance(metrics.get("grammar"), dict):
+        summary["grammar"] = values(metrics["grammar"])
+    return summary
+
+
+def usage_snippet(kind: str, question: str, base: str | None = None,
+                  model: str = "path/to/this/folder", image: str = "galaxy.jpg") -> str:
+    """Python that describes one image with this folder in plain transformers (``kind``
+    "model") or peft ("adapter"), decoding exactly as ``galaxy-llava describe``: the chat
+    template writes the training prompt, ``generation_config.json`` holds the beam search."""
+    lines = ["from PIL import Image"]
+    if kind == "adapter":
+        lines += ["from peft import PeftModel",
+                  "from transformers import AutoModelForImageTextToText, AutoProcessor, "
+                  "GenerationConfig", "",
+                  f"BASE = {json.dumps(base or 'path/to/the/base/model')}  # the base model",
+                  f"ADAPTER = {json.dumps(model)}  # this folder, or its Hub id",
+                  "base = AutoModelForImageTextToText.from_pretrained(BASE)",
+                  "# galaxy-llava describe's decoding (peft does not read it from the adapter)",
+                  "base.generation_config = GenerationConfig.from_pretrained(ADAPTER)",
+                  "model = PeftModel.from_pretrained(base, ADAPTER).merge_and_unload()",
+                  "processor = AutoProcessor.from_pretrained(ADAPTER)"]
+    else:
+        lines += ["from transformers import AutoModelForImageTextToText, AutoProcessor", "",
+                  f"MODEL = {json.dumps(model)}  # this folder, or its Hub id",
+                  "model = AutoModelForImageTextToText.from_pretrained(MODEL)",
+                  "processor = AutoProcessor.from_pretrained(MODEL)"]
+    lines += [
+        "# The chat template writes the prompt the model was trained on, token for token.",
+        "messages = [{\"role\": \"user\", \"content\": [",
+        "    {\"type\": \"image\"}, {\"type\": \"text\", \"text\": " + json.dumps(question) + "}]}]",
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        f"image = Image.open({json.dumps(image)}).convert(\"RGB\")",
+        "inputs = processor(images=image, text=prompt, return_tensors=\"pt\")",
+        "output = model.generate(**inputs)  # beam search from generation_config.json",
+        "text = processor.decode(output[0, inputs[\"input_ids\"].shape[1]:],",
+        "                        skip_special_tokens=True).strip()",
+        "print(text)"]
+    return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    if percent:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _training_section(training: dict | None) -> str:
+    if not training:
+        return ("## Training\n\nSaved without `galaxy-llava train`: no training settings were "
+                "recorded.")
+    rows = [[label, _fmt(training[key])] for key, label in TRAINING_ROWS
+            if training.get(key) is not None]
+    data = training.get("data") or {}
+    about = []
+    if data.get("name"):
+        about.append(f"the prepared dataset `{data['name']}`")
+    if data.get("source"):
+        about.append(f"from [{data['source']}](https://huggingface.co/datasets/{data['source']})"
+                     + (f" (config `{data['hub_config']}`)" if data.get("hub_config") else ""))
+    details = [f"{data['n_per_class']} galaxies per class" if data.get("n_per_class") else None,
+               f"captions under the `{data['rules']}` rules" if data.get("rules") else None,
+               f"{data['image_size']} px images" if data.get("image_size") else None]
+    details = [d for d in details if d]
+    text = "## Training\n\nFine-tuned with `galaxy-llava train` (the Hugging Face Trainer"
+    text += f") on {' '.join(about)}" if about else ")"
+    text += f" ({', '.join(details)})." if details else "."
+    text += (" The loss is taken on the caption and its end token only; the vision encoder "
+             "stays frozen.\n\n")
+    return text + _table(["setting", "value"], rows)
+
+
+def _evaluation_section(evaluations: list[dict]) -> str:
+    if not evaluations:
+        return ("## Evaluation\n\nNot evaluated yet. `galaxy-llava evaluate` scores a held-out "
+                "split; `galaxy_llava.modelcard.update_card(RUN, EVAL)` adds its table here.")
+    columns = []
+    for e in evaluations:
+        label = f"{e.get('name')} ({e.get('split')}, n={e.get('n')})"
+        columns.append((label, e.get("values") or {}))
+        if e.get("grammar"):
+            columns.append((f"{e.get('name')}, most probable caption", e["grammar"]))
+    rows = [[label] + [_fmt(values.get(key), percent=key != "mean_length")
+                       for _, values in columns] for key, label in EVAL_ROWS]
+    data = sorted({e["data"] for e in evaluations if e.get("data")})
+    return ("## Evaluation\n\nScored by `galaxy-llava evaluate`"
+            + (f" on `{'`, `'.join(data)}`" if data else "")
+            + ": each answer is parsed back into the caption's attributes and compared with the "
+            "volunteers' consensus, each attribute only where it applies (shape on ellipticals, "
+            "bar and arms on spirals). Hallucination: stated attributes the truth lacks; "
+            "omission: true attributes left out; parse rate: answers inside the caption "
+            "grammar.\n\n" + _table(["metric"] + [c for c, _ in columns], rows))
+
+
+def render_card(folder: str | os.PathLike, kind: str, name: str | None = None) -> str:
+    """The ``README.md`` text of a weights folder (``kind`` "adapter" or "model"), from its
+    ``galaxy_llava.json`` and ``generation_config.json``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    marker = read_marker(folder)
+    training = marker.get("training") or None
+    base, family = marker.get("base_model"), marker.get("family") or "vision-language"
+    base_id = hub_id(base)
+    data_id = ((training or {}).get("data") or {}).get("source")
+    method = (training or {}).get("method") or marker.get("method")
+    tags = list(TAGS) + [family] + (["lora"] if kind == "adapter" or method in ("lora", "qlora")
+                                    else []) + (["peft"] if kind == "adapter" else [])
+    card_data = ModelCardData(
+        base_model=base_id, library_name="peft" if kind == "adapter" else "transformers",
+        pipeline_tag="image-text-to-text", tags=list(dict.fromkeys(tags)),
+        datasets=[data_id] if data_id else None)
+    if base_id:
+        card_data.base_model_relation = "adapter" if kind == "adapter" else "finetune"
+    name = name or marker.get("name") or folder.name
+    base_text = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id
+                 else f"a local model folder (`{Path(base).name}`)" if base else "a base model")
+    what = "A LoRA adapter for" if kind == "adapter" else "A fine-tune of"
+    prompt, question = marker.get("prompt") or "", marker.get("question") or ""
+    generation = _read_json(folder / "generation_config.json")
+    decoding = ", ".join(f"{k} {generation[k]}" for k in ("num_beams", "max_new_tokens",
+                                                          "do_sample", "no_repeat_ngram_size",
+                                                          "repetition_penalty")
+                         if k in generation)
+    snippet = usage_snippet(kind, question, base=base_id or (f"path/to/{Path(base).name}"
+                                                             if base else None))
+    body = f"""# {name}
+
+{what} {base_text} ({family} family) that describes a galaxy image in the words of the Galaxy
+Zoo 2 volunteers' consensus: its type (elliptical or spiral), shape, bar, number of arms,
+bulge and signs of a merger, in one sentence of a fixed caption grammar. Made with
+galaxy-llava {__version__}; `galaxy-llava describe --model FOLDER IMAGES` runs it.
+
+## Prompt
+
+Ask with the question `{json.dumps(question)}` and one image. The processor's chat template turns
+that into the exact prompt the model was trained on, token for token:
+
+```text
+{prompt}
+```
+
+## Usage
+
+```python
+{snippet}
+```
+
+`generation_config.json` holds `galaxy-llava describe`'s decoding ({decoding}; it stops at the
+end-of-turn token), so a plain `model.generate(**inputs)` gives the same caption as
+`describe`, computed in the same precision (`describe` uses fp32 on a CPU, bf16 on a GPU).
+
+{_training_section(training)}
+
+{_evaluation_section(marker.get("evaluations") or [])}
+
+## Limitations
+
+The model only knows the caption grammar it was trained on, and its captions are as good as the
+volunteers' votes behind them (a question few volunteers reached rests on few votes). Galaxy
+Zoo 2 images are SDSS colour cutouts; other surveys' images may need fine-tuning anew. The
+Galaxy Zoo 2 catalogue (`mwalmsley/gz2`) is licensed cc-by-nc-sa-4.0.
+"""
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
+
+
+def write_card(folder: str | os.PathLike, kind: str, name: str | None = None) -> Path:
+    """Write (atomically) ``folder/README.md`` from :func:`render_card`; returns its path."""
+    return write_text(Path(folder) / CARD, render_card(folder, kind, name))
+
+
+def update_card(run: str | os.PathLike, metrics: dict | str | os.PathLike) -> Path:
+    """Add one evaluation (an EVAL folder, its ``metrics.json`` or ``evaluate``'s dict) to the
+    card of a RUN folder (its ``model/`` or ``adapter/``) or of an exported model folder: kept
+    in ``galaxy_llava.json`` ``evaluations`` (one per name, split and dataset, the newest) and
+    rendered as the card's evaluation table. Returns the card's path."""
+    run = Path(run)
+    kind = run_kind(run) if run.is_dir() else None
+    if kind is None:
+        raise UserError(f"{run} is not a galaxy-llava run or model folder")
+    folder = {"adapter": run / "adapter", "full": run / "model", "model": run}[kind]
+    summary = evaluation_summary(metrics)
+    same = ("name", "split", "data")
+    kept = [e for e in read_marker(folder).get("evaluations") or []
+            if isinstance(e, dict) and any(e.get(k) != summary.get(k) for k in same)]
+    write_marker(folder, evaluations=kept + [summary])
+    return write_card(folder, "adapter" if kind == "adapter" else "model")

@@ -1,0 +1,171 @@
+"""cli: help on every flag, a user-facing --help, --version, the global flags (--threads,
+--verbose, --debug) anywhere, the thread default, the libraries' loading bars, and tiny-model's
+summary line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+import torch
+
+import galaxy_llava
+from galaxy_llava.cli import (DESCRIPTION, _global_options, _tiny_model_summary, build_parser,
+                              main, use_threads)
+from galaxy_llava.config import DEFAULT_THREADS
+from galaxy_llava.errors import UserError
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+ENV.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
+
+
+def _options(parser: argparse.ArgumentParser):
+    """(parser, action) for every option and positional of ``parser`` and its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            yield parser, action
+
+
+def test_every_flag_of_every_command_has_help():
+    from galaxy_llava.training.arguments import build_parser as train_parser
+
+    seen, missing = 0, []
+    for parser in (build_parser(), train_parser()):
+        for owner, action in _options(parser):
+            seen += 1
+            text = action.help if action.help != argparse.SUPPRESS else None
+            if not (text and text.strip()):
+                missing.append(f"{owner.prog} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+    assert seen > 200  # the walk reached the subcommands and train's TrainingArguments flags
+
+
+def test_top_level_help_is_for_users(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(DESCRIPTION.split()) in text
+    assert "calls one library function" not in text  # the module docstring is for developers
+    for word in ("--version", "--threads", "--verbose", "tiny-model", "train", "demo"):
+        assert word in text, word
+
+
+def test_version_is_the_installed_packages(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"galaxy-llava {galaxy_llava.__version__}"
+    assert out == f"galaxy-llava {metadata.version('galaxy-llava')}"
+
+
+@pytest.mark.parametrize("argv, threads, verbose, debug, rest", [
+    (["synth", "--out", "S"], None, False, False, ["synth", "--out", "S"]),
+    (["--threads", "2", "--debug", "synth", "--out", "S", "--verbose"], 2, True, True,
+     ["synth", "--out", "S"]),
+    (["evaluate", "--split", "train", "--threads=3"], 3, False, False,
+     ["evaluate", "--split", "train"]),
+    # after `train`, --debug is TrainingArguments' own flag and stays for its parser
+    (["--debug", "train", "--debug", "underflow_overflow", "--threads", "1"], 1, False, True,
+     ["train", "--debug", "underflow_overflow"]),
+    (["train", "--verbose", "--output_dir", "R"], None, True, False,
+     ["train", "--output_dir", "R"]),
+])
+def test_global_flags_work_before_and_after_the_command(argv, threads, verbose, debug, rest):
+    options, remaining = _global_options(argv)
+    assert (options.threads, options.verbose, options.debug, remaining) == (
+        threads, verbose, debug, rest)
+
+
+def test_threads_flag_then_environment_then_default(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        use_threads(None)
+        assert os.environ["OMP_NUM_THREADS"] == str(DEFAULT_THREADS)
+        assert torch.get_num_threads() == DEFAULT_THREADS
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(1)
+        use_threads(None)  # the user's OMP_NUM_THREADS is kept
+        assert os.environ["OMP_NUM_THREADS"] == "3" and torch.get_num_threads() == 1
+        use_threads(2)  # the flag wins over it
+        assert os.environ["OMP_NUM_THREADS"] == "2" and torch.get_num_threads() == 2
+        with pytest.raises(UserError, match="--threads must be >= 0"):
+            use_threads(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flag, want", [([], DEFAULT_THREADS), (["--threads", "2"], 2)])
+def test_threads_reach_torch_in_a_fresh_process(flag, want, tmp_path):
+    """The CLI sets them before torch is imported: torch's pool starts at that size (torch
+    caps it at the cores, hence 2)."""
+    if (os.cpu_count() or 1) < want:
+        pytest.skip(f"{want} threads need {want} cores")
+    code = ("import sys; from galaxy_llava import cli; "
+            "cli.use_threads(cli._global_options(sys.argv[1:])[0].threads); "
+            "import torch; print(torch.get_num_threads())")
+    proc = subprocess.run([sys.executable, "-c", code, *flag], env=ENV, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == want
+
+
+def test_bad_threads_is_one_line(capsys, tmp_path):
+    assert main(["--threads", "-2", "synth", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "galaxy-llava synth: error: --threads must be >= 0 (got -2)"
+    assert not (tmp_path / "s").exists()
+
+
+def test_tiny_model_summary_says_what_was_written(tmp_path):
+    args = argparse.Namespace(preset="tiny", family="llava", out=tmp_path, pretrain_steps=0)
+    untrained = _tiny_model_summary(args)
+    assert "random weights (untrained)" in untrained and "pretrained" not in untrained
+    (tmp_path / "galaxy_llava.json").write_text(json.dumps({"pretrain_loss": {
+        "steps": 40, "start": 9.87654, "final": 2.34567, "final_is_mean_of_last": 10}}))
+    args.pretrain_steps = 40
+    line = _tiny_model_summary(args)
+    assert "pretrained from random weights for 40 steps" in line
+    assert "loss 9.877 -> 2.346" in line and "last 10" in line
+    assert "random-initialised" not in line
+
+
+@pytest.mark.slow
+def test_tiny_model_prints_and_saves_its_pretraining_loss(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["tiny-model", "--out", str(out), "--pretrain-steps", "3"]) == 0
+    captured = capsys.readouterr()
+    saved = json.loads((out / "pretrain_loss.json").read_text())
+    assert len(saved["loss"]) == 3 and saved["start"] == saved["loss"][0]
+    assert f"loss {saved['start']:.3f} -> {saved['final']:.3f}" in captured.out
+    assert "loss=" in captured.err  # the bar's postfix
+
+
+@pytest.mark.slow
+def test_library_loading_bars_only_with_verbose(tiny_model_dir, tmp_path):
+    """transformers' "Loading weights" bar is noise around every command's output."""
+    from PIL import Image
+
+    image = tmp_path / "g.png"
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(image)
+    runs = {}
+    for flags in ([], ["--verbose"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "galaxy_llava", "describe", "--model", str(tiny_model_dir),
+             str(image), "--num-beams", "1", "--max-new-tokens", "4", *flags],
+            env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(str(image))  # described either way
+        runs[bool(flags)] = proc.stderr
+    assert "Loading weights" not in runs[False]
+    assert "Loading weights" in runs[True]

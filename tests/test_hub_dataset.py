@@ -1,0 +1,123 @@
+"""hub_dataset: a prepared dataset's Hugging Face layout. ``datasets.load_dataset(FOLDER)`` gives
+the splits with decodable images, the caption, morphology, fractions and TRL's messages/images;
+galaxy-llava's own loaders ignore it."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+from PIL import Image
+
+from galaxy_llava import hub_dataset
+from galaxy_llava.hub_dataset import QUESTION, SPLITS, dataset_card, messages
+
+
+def _load(folder, cache):
+    import datasets
+
+    return datasets.load_dataset(str(folder), cache_dir=str(cache))
+
+
+def _records(folder):
+    return [json.loads(line) for line in (folder / "dataset.jsonl").read_text().splitlines()]
+
+
+def test_load_dataset_gives_the_splits_images_and_columns(prepared_dir, tmp_path):
+    ds = _load(prepared_dir, tmp_path / "cache")
+    records = _records(prepared_dir)
+    assert set(ds) == {"train", "validation", "test"}
+    for ours, theirs in SPLITS.items():
+        mine = [r for r in records if r["split"] == ours]
+        split = ds[theirs]
+        assert len(split) == len(mine) > 0
+        assert split["id_str"] == [r["id_str"] for r in mine]  # the same galaxies, same order
+        for row, rec in zip(split, mine):
+            with Image.open(prepared_dir / rec["image"]) as jpeg:
+                pixels = np.asarray(jpeg.convert("RGB"))
+            assert np.array_equal(np.asarray(row["image"].convert("RGB")), pixels)
+            assert len(row["images"]) == 1
+            assert np.array_equal(np.asarray(row["images"][0].convert("RGB")), pixels)
+            assert row["caption"] == rec["text"] and row["morphology"] == rec["morphology"]
+            assert row["fractions"] == rec["fractions"]
+            assert row["messages"] == messages(rec["text"])  # TRL's format, round-tripped
+    assert ds["train"][0]["messages"][0]["content"][1] == {"type": "text", "text": QUESTION}
+
+
+def test_our_loaders_ignore_the_hub_files(prepared_dir):
+    from galaxy_llava.generate import expand_image_paths
+    from galaxy_llava.records import load_records
+
+    assert len(load_records(prepared_dir)) == len(_records(prepared_dir))
+    found = expand_image_paths([prepared_dir])
+    assert found and all(p.parent == prepared_dir / "images" for p in found)
+    assert (prepared_dir / "README.md").is_file()
+    assert list((prepared_dir / "data").glob("*.parquet"))
+
+
+def test_the_card_names_the_splits(prepared_dir):
+    from huggingface_hub import DatasetCard
+
+    meta = DatasetCard.load(prepared_dir / "README.md").data.to_dict()
+    files = meta["configs"][0]["data_files"]
+    assert [f["split"] for f in files] == ["train", "validation", "test"]
+    assert all(f["path"] == f"data/{f['split']}-*" for f in files)
+    assert "image-text-to-text" in meta["task_categories"] and "galaxy-zoo" in meta["tags"]
+    assert "source_datasets" not in meta  # a local synthetic catalogue
+    text = (prepared_dir / "README.md").read_text()
+    assert str(prepared_dir.parent) not in text  # no path of this machine
+
+
+def test_hub_source_and_empty_split_in_the_card():
+    card = dataset_card({"train": 9, "validation": 1, "test": 0},
+                        {"source": "mwalmsley/gz2", "source_kind": "hub", "hub_config": "tiny",
+                         "rules": "tree", "n_per_class": 5})
+    assert "source_datasets:\n- mwalmsley/gz2" in card and "config `tiny`" in card
+    assert "split: test" not in card and "split: validation" in card  # no shard, no split
+    assert "| test | 0 |" in card
+
+
+def test_the_card_is_a_function_of_the_settings_only():
+    """Where the catalogue was read from on this machine, and which galaxy-llava wrote it,
+    are not in the card: the same dataset gives the same README.md bytes anywhere."""
+    settings = {"source_kind": "parquet", "rules": "reference", "n_per_class": 12, "seed": 0,
+                "image_size": 64, "val_fraction": 0.2, "test_fraction": 0.2}
+    counts = {"train": 16, "validation": 4, "test": 4}
+    here = dataset_card(counts, {**settings, "source": "/home/me/gz2", "version": "0.1"})
+    there = dataset_card(counts, {**settings, "source": "/tmp/copy/gz2", "version": "0.2"})
+    assert here == there and "/home/me" not in here
+    assert dataset_card(counts, {**settings, "seed": 1}) != here  # the settings are in it
+
+
+def test_shards_split_large_splits_and_stale_shards_go(prepared_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from galaxy_llava.prepare import _write_if_changed
+
+    folder = tmp_path / "copy"
+    shutil.copytree(prepared_dir, folder)
+    records = _records(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    one_image = (folder / records[0]["image"]).stat().st_size
+    monkeypatch.setattr(hub_dataset, "MAX_SHARD_BYTES", 5 * one_image)  # ~2 images a shard
+    written = hub_dataset.write_hub_layout(folder, records, manifest, _write_if_changed)
+    assert len([w for w in written if w.startswith("data/train-")]) > 2
+    assert sorted(p.name for p in (folder / "data").iterdir()) == sorted(
+        w.split("/")[1] for w in written)  # the single-shard files are gone
+    ds = _load(folder, tmp_path / "cache")
+    assert ds["train"]["id_str"] == [r["id_str"] for r in records if r["split"] == "train"]
+
+
+def test_shards_stay_under_the_limit():
+    parts = hub_dataset._shards([10, 10, 10, 30, 5], limit=40)
+    assert parts == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 5)]
+    assert hub_dataset._shards([], limit=40) == [slice(0, 0)]
+    assert hub_dataset._shards([100], limit=40) == [slice(0, 1)]  # one image over: its own
+
+
+def test_question_is_the_families_default():
+    from galaxy_llava.models.registry import FAMILIES
+
+    for family in FAMILIES.values():
+        assert inspect.signature(family.default_prompt).parameters["question"].default == QUESTION
