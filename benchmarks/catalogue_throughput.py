@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny", choices=["tiny", "mini", "tinyllava"])
     ap.add_argument("--n", type=int, default=32, help="images per timed pass")
     ap.add_argument("--batch-size", type=int, default=16, help="images per beam-search batch")
-    ap.add_argument("--score-batch", type=int, default=8, help="images per scoring forward")
+    ap.add_argument("--score-batch", type=int, default=8,
+                    help="images per scoring forward in 'scores' (scores_per_image: 1)")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="describe's default")
     ap.add_argument("--rules", default="reference")
     ap.add_argument("--compare", action="store_true",

@@ -76,7 +76,12 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
                                max_new_tokens=8)
     assert len(rows) == len(described) == len(list((prepared_dir / "images").iterdir()))
     assert rows["image"].tolist() == [os.path.abspath(d["image"]) for d in described]
-    assert rows["id"].tolist() == [Path(d["image"]).stem for d in described]
+    from galaxy_llava.records import load_records
+
+    # A prepared dataset's images are named by their galaxy's id_str.
+    ids = {os.path.abspath(r["image"]): r["id_str"] for r in load_records(prepared_dir)}
+    assert rows["id"].tolist() == [str(ids[os.path.abspath(d["image"])]) for d in described]
+    assert rows["id"].tolist() != [Path(d["image"]).stem for d in described]
     assert rows["caption"].tolist() == [d["text"] for d in described]
 
     net, processor, prompt = load_for_inference(model)
@@ -164,7 +169,7 @@ def test_test_split_captions_equal_evaluate_predictions(lora_run, prepared_dir, 
 
     from galaxy_llava.evaluate import evaluate
 
-    run_dir = lora_run[0]
+    run_dir = shutil.copytree(lora_run[0], tmp_path / "run")  # evaluate adds to its card
     out = tmp_path / "cat"
     assert run("--model", run_dir, "--images", prepared_dir, "--out", out, "--no-scores") == 0
     rows = read(out).set_index("image")

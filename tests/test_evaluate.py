@@ -197,6 +197,9 @@ def test_evaluate_scores_the_grammar_and_snapshots_the_run(lora_run, prepared_di
     assert metrics["training"]["settings"]["lora_r"] == 4
     assert metrics["training"]["settings"]["seed"] == 7
     assert metrics["inputs"]["rules"] == "reference" and metrics["inputs"]["scores"] is True
+    # the run's model card now shows this evaluation (what a Hub user reads)
+    card = (run / "adapter" / "README.md").read_text()
+    assert f"{100 * metrics['exact_match']:.1f}" in card and "eval" in card
 
 
 def test_prompt_source_names_where_the_prompt_came_from(tiny_model_dir, tmp_path):

@@ -120,8 +120,8 @@ def _digest(items: Sequence) -> str:
 def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = False) -> Inputs:
     """The images of ``--images`` entries, in order: a folder's images
     (:func:`galaxy_llava.imagefiles.find_images`), a CSV/parquet path list's
-    (:func:`galaxy_llava.imagefiles.read_path_list`), or one image file. The id is the path
-    list's id column, else the file name without its suffix."""
+    (:func:`galaxy_llava.imagefiles.read_path_list`), or one image file. The id is the prepared
+    dataset's ``id_str`` or the path list's id column, else the file name without its suffix."""
     from galaxy_llava.imagefiles import (LIST_SUFFIXES, find_images, image_stem, is_image_name,
                                          read_path_list)
 
@@ -131,8 +131,9 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
         p = Path(entry)
         if p.is_dir():
             found = [os.path.abspath(f) for f in find_images(p)]
+            known = _dataset_ids(p)
             paths += found
-            ids += [image_stem(f) for f in found]
+            ids += [known.get(f) or image_stem(f) for f in found]
         elif p.is_file() and p.name.lower().endswith(LIST_SUFFIXES):
             listed = read_path_list(p, allow_outside)
             paths += listed.paths
@@ -147,6 +148,19 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
     identity = {"images": [os.path.abspath(d) for d in images], "n": len(paths),
                 "files": _digest(list(zip(paths, sizes, ids)))}
     return Inputs(ids, paths, identity)
+
+
+def _dataset_ids(folder: Path) -> dict[str, str]:
+    """Absolute image path -> ``id_str`` of a prepared dataset's records (empty for any other
+    folder, or records without ids)."""
+    from galaxy_llava.imagefiles import is_prepared_dataset
+
+    if not is_prepared_dataset(folder) or not (folder / "dataset.jsonl").is_file():
+        return {}
+    from galaxy_llava.records import load_records
+
+    return {os.path.abspath(r["image"]): str(r["id_str"])
+            for r in load_records(folder, allow_outside=True) if r.get("id_str") is not None}
 
 
 def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Inputs:

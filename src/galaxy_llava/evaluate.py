@@ -238,6 +238,24 @@ def _prompt_source(model: str | Path) -> str:
     return "model" if Path(model).is_dir() and read_prompt(model) else "default"
 
 
+def _add_to_card(model: str | Path, metrics: dict) -> None:
+    """Put this evaluation in the model card of a galaxy-llava run or model folder (what a Hub
+    user reads; :func:`galaxy_llava.modelcard.update_card`). Hub ids and foreign folders are
+    left alone; a folder we cannot write to gets a one-line note, not a failure."""
+    from galaxy_llava.models.folders import is_local, run_kind
+
+    if not is_local(str(model)) or run_kind(Path(model).expanduser()) is None:
+        return
+    from galaxy_llava.modelcard import update_card
+
+    try:
+        card = update_card(Path(model).expanduser(), metrics)
+    except (OSError, UserError) as e:
+        print(f"note: the model card was not updated ({e})", file=sys.stderr)
+        return
+    print(f"added this evaluation to the model card {card}")
+
+
 def evaluate(model: str | Path, data: str | Path, split: str = "test",
              out: str | Path = "eval", batch_size: int = 16, num_beams: int = 3,
              max_new_tokens: int = 40, limit: int | None = None,
@@ -296,6 +314,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
         "collapse_warning")
     if warning:
         print(warning, file=sys.stderr)
+    _add_to_card(model, full)
     return full
 
 

@@ -53,7 +53,7 @@ def image_stem(path: str | os.PathLike) -> str:
     return Path(path).stem
 
 
-def _is_prepared_dataset(root: Path) -> bool:
+def is_prepared_dataset(root: Path) -> bool:
     """A folder written by ``galaxy-llava prepare`` (not a catalogue, whose manifest differs)."""
     if (root / "dataset.jsonl").is_file():
         return True
@@ -73,7 +73,7 @@ def find_images(folder: str | os.PathLike, flag: str = "--images") -> list[Path]
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{flag} {folder}: {'not a folder' if root.exists() else 'not found'}")
-    if _is_prepared_dataset(root):
+    if is_prepared_dataset(root):
         root = root / "images"
         if not root.is_dir():
             raise UserError(f"{flag} {folder}: a prepared dataset without an images/ folder")

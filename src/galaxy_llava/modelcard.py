@@ -219,8 +219,9 @@ def _training_section(training: dict | None) -> str:
 
 def _evaluation_section(evaluations: list[dict]) -> str:
     if not evaluations:
-        return ("## Evaluation\n\nNot evaluated yet. `galaxy-llava evaluate` scores a held-out "
-                "split; `galaxy_llava.modelcard.update_card(RUN, EVAL)` adds its table here.")
+        return ("## Evaluation\n\nNot evaluated yet. `galaxy-llava evaluate --model RUN` scores a "
+                "held-out split and adds its table here (for another EVAL folder: "
+                "`galaxy_llava.modelcard.update_card(RUN, EVAL)`).")
     columns = []
     for e in evaluations:
         label = f"{e.get('name')} ({e.get('split')}, n={e.get('n')})"

@@ -141,11 +141,17 @@ def _log_probs_uncached(model, prefix, inputs, ids, mask) -> list[float]:
 
 
 def grammar_scores(model, processor, images, rules: str = "reference",
-                   prompt: str | None = None, batch_size: int = 8) -> list[GrammarScores]:
+                   prompt: str | None = None, batch_size: int | None = None
+                   ) -> list[GrammarScores]:
     """The posterior over ``rules``' captions for each image (PIL images or paths), scoring
-    ``batch_size`` images per forward (:func:`batch_log_probs`)."""
+    ``batch_size`` images per forward (:func:`batch_log_probs`). By default 8 on a GPU, where
+    one image's candidates leave it idle, and 1 on a CPU, where batching measured slower
+    (``benchmarks/catalogue_throughput.py``: 0.78x with 8)."""
     from galaxy_llava.records import load_image
     from galaxy_llava.rules import rule_set
+
+    if batch_size is None:
+        batch_size = 8 if next(model.parameters()).device.type == "cuda" else 1
 
     candidates = rule_set(rules).reachable()
     captions = [m.caption() for m in candidates]
