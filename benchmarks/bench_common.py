@@ -256,6 +256,19 @@ def machine() -> dict:
     return info
 
 
+def add_common_args(ap, n: int = 32, batch_size: int = 16) -> None:
+    """The flags every inference benchmark shares: preset, images, batch, repeats, device, seed,
+    CPU threads and the JSON output."""
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "mini", "tinyllava"])
+    ap.add_argument("--n", type=int, default=n, help="images per timed pass")
+    ap.add_argument("--batch-size", type=int, default=batch_size, help="images per generate call")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
+    ap.add_argument("--json", type=Path, default=None)
+
+
 def set_threads(n: int | None, device: str) -> int:
     """Intra-op threads for CPU runs (default 1): the tiny preset's ops are too small to gain from
     more, and on a 2-core machine shared with other jobs extra threads spin and add noise."""

@@ -37,20 +37,13 @@ def _timed(fn, device: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "mini", "tinyllava"])
-    ap.add_argument("--n", type=int, default=32, help="images per timed pass")
-    ap.add_argument("--batch-size", type=int, default=16, help="images per beam-search batch")
+    bc.add_common_args(ap)
     ap.add_argument("--score-batch", type=int, default=8,
                     help="images per scoring forward in 'scores' (scores_per_image: 1)")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="describe's default")
     ap.add_argument("--rules", default="reference")
     ap.add_argument("--compare", action="store_true",
                     help="also time per-image and uncached scoring and print the ratio")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
-    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     import torch

@@ -61,19 +61,12 @@ def run_fast(model, processor, paths: list[str], device: str, num_beams: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "mini", "tinyllava"])
-    ap.add_argument("--n", type=int, default=32, help="images described per timed pass")
-    ap.add_argument("--batch-size", type=int, default=16)
+    bc.add_common_args(ap)
     ap.add_argument("--max-new-tokens", type=int, default=30, help="the notebook's 30")
     ap.add_argument("--compare", action="store_true",
                     help="run the notebook's loop too and print the ratio")
     ap.add_argument("--recipe", default="fast", choices=["fast", "reference"],
                     help="without --compare: which one to run")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default 1)")
-    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     import torch

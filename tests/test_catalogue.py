@@ -82,6 +82,14 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
     ids = {os.path.abspath(r["image"]): r["id_str"] for r in load_records(prepared_dir)}
     assert rows["id"].tolist() == [str(ids[os.path.abspath(d["image"])]) for d in described]
     assert rows["id"].tolist() != [Path(d["image"]).stem for d in described]
+    # The same dataset through a link, or its images/ folder alone: the same ids.
+    link = tmp_path / "link"
+    link.symlink_to(prepared_dir)
+    for folder in (link, prepared_dir / "images"):
+        other = tmp_path / f"cat-{folder.name}"
+        assert run("--model", model, "--images", folder, "--out", other, "--part-size", 4,
+                   "--no-scores", *FAST) == 0
+        assert read(other)["id"].tolist() == rows["id"].tolist()
     assert rows["caption"].tolist() == [d["text"] for d in described]
 
     net, processor, prompt = load_for_inference(model)
@@ -97,12 +105,12 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
             total = sum(row[c] for c in rows.columns if c.startswith(f"p_{a}_"))
             assert total == pytest.approx(1.0, abs=1e-9)
     # The predicted values are the best caption's.
-    from galaxy_llava.catalogue import attribute_value
+    from galaxy_llava.morphology import value_label
     from galaxy_llava.morphology import parse_caption
 
     for _, row in rows.iterrows():
         best = parse_caption(row["best_caption"])
-        assert [row[a] for a in ATTRIBUTES] == [attribute_value(best, a) for a in ATTRIBUTES]
+        assert [row[a] for a in ATTRIBUTES] == [value_label(best, a) for a in ATTRIBUTES]
 
 
 def test_output_is_a_parquet_dataset_with_provenance(reference):

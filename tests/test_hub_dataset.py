@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from galaxy_llava import hub_dataset
-from galaxy_llava.hub_dataset import QUESTION, SPLITS, dataset_card, messages
+from galaxy_llava.config import DEFAULT_QUESTION as QUESTION
+from galaxy_llava.hub_dataset import SPLITS, dataset_card, messages
 
 
 def _load(folder, cache):
@@ -107,6 +108,49 @@ def test_shards_split_large_splits_and_stale_shards_go(prepared_dir, tmp_path, m
         w.split("/")[1] for w in written)  # the single-shard files are gone
     ds = _load(folder, tmp_path / "cache")
     assert ds["train"]["id_str"] == [r["id_str"] for r in records if r["split"] == "train"]
+
+
+def test_only_one_shards_images_are_read_at_a_time(prepared_dir, tmp_path, monkeypatch):
+    """Shards are planned from file sizes; a shard's images are read just before it is written,
+    never a whole split's up front (a full GZ2 split is gigabytes)."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path / "copy"
+    shutil.copytree(prepared_dir, folder)
+    records = _records(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    image_names = {Path(r["image"]).name for r in records}
+    monkeypatch.setattr(hub_dataset, "MAX_SHARD_BYTES",
+                        5 * (folder / records[0]["image"]).stat().st_size)
+    reads, pending, shards = [], [], []  # every image read; those since the last shard written
+    real_read = Path.read_bytes
+
+    def counting_read(self):
+        if self.name in image_names:
+            reads.append(self.name)
+            pending.append(self.name)
+        return real_read(self)
+
+    def write(path, data):
+        if path.suffix == ".parquet":
+            shards.append((path.name, list(pending)))
+            pending.clear()
+        path.write_bytes(data)
+        return True
+
+    monkeypatch.setattr(Path, "read_bytes", counting_read)
+    written = hub_dataset.write_hub_layout(folder, records, manifest, write)
+    monkeypatch.undo()
+    train = [name for name, _ in shards if name.startswith("train-")]
+    assert len(train) > 2 and len(written) == len(shards)  # several shards in one split
+    assert sorted(reads) == sorted(image_names)  # each image read once
+    assert not pending  # nothing read after the last shard
+    import pyarrow.parquet as pq
+
+    for name, read in shards:  # what was read before a shard is exactly that shard's images
+        rows = pq.read_table(folder / "data" / name, columns=["image"]).to_pylist()
+        assert read == [row["image"]["path"] for row in rows]
 
 
 def test_shards_stay_under_the_limit():

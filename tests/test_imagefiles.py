@@ -42,6 +42,16 @@ def test_a_prepared_dataset_gives_only_its_images(tmp_path):
     _png(other / "x.png")
     (other / "manifest.json").write_text(json.dumps({"command": "catalogue"}))
     assert [p.name for p in find_images(other)] == ["x.png"]
+    foreign = tmp_path / "foreign"  # someone else's manifest.json: an ordinary folder
+    _png(foreign / "images" / "a.png")
+    _png(foreign / "b.png")
+    (foreign / "manifest.json").write_text(json.dumps({"name": "my survey"}))
+    assert [p.name for p in find_images(foreign)] == ["b.png", "a.png"]
+    prepared = tmp_path / "prepared"
+    _png(prepared / "images" / "g.png")
+    _png(prepared / "preview.png")
+    (prepared / "manifest.json").write_text(json.dumps({"format": "galaxy-llava-prepared/1"}))
+    assert [p.name for p in find_images(prepared)] == ["g.png"]
 
 
 def test_empty_folder_is_one_line_error_and_links_are_read_but_not_descended(tmp_path):
@@ -106,6 +116,8 @@ def test_fits_guard_and_bad_files_are_user_errors(tmp_path):
     fits.PrimaryHDU(np.zeros((5, 4, 4), np.float32)).writeto(tmp_path / "five.fits")
     with pytest.raises(UserError, match="1 or 3 planes"):
         read_fits_rgb(tmp_path / "five.fits")
+    with pytest.raises(UserError, match="1 or 3 planes"):  # from the header alone
+        read_fits_rgb(tmp_path / "five.fits", decode=False)
     (tmp_path / "junk.fits").write_text("not fits")
     with pytest.raises(UserError, match="junk.fits"):
         load_image(tmp_path / "junk.fits")

@@ -149,6 +149,18 @@ def test_data_summary_reads_the_manifest(prepared_dir, tmp_path):
     assert s["source"] is None  # a local synthetic catalogue
     assert data_summary(tmp_path) == {"name": tmp_path.name, "rules": None, "n_per_class": None,
                                       "image_size": None, "source": None, "hub_config": None}
+    assert data_summary(prepared_dir / "dataset.jsonl") == s  # the JSONL names its folder
+
+
+def test_cards_carry_the_shared_tags(model_folder):
+    from galaxy_llava.config import TAGS
+    from galaxy_llava.hub_dataset import dataset_card
+
+    write_card(model_folder, "model")
+    model_tags = _card(model_folder).data.to_dict()["tags"]
+    dataset_tags = dataset_card({"train": 1}, {}).split("\ntags:\n", 1)[1].split("\n")
+    assert model_tags[:len(TAGS)] == list(TAGS)
+    assert [t[2:] for t in dataset_tags[:len(TAGS)]] == list(TAGS)  # "- tag" lines
 
 
 def test_every_row_label_is_unique():

@@ -133,3 +133,11 @@ def test_prepared_dataset_records(request, family):
     ex = encode_example(processor, family, records[0]["image"], records[0]["text"])
     answer = ex["input_ids"][ex["labels"] != IGNORE_INDEX]
     assert processor.tokenizer.decode(answer[:-1]) == records[0]["text"]
+
+
+def test_dataset_folder_is_the_folder_of_a_jsonl_path(tmp_path):
+    from galaxy_llava.records import dataset_folder
+
+    (tmp_path / "d").mkdir()
+    assert dataset_folder(tmp_path / "d") == tmp_path / "d"
+    assert dataset_folder(tmp_path / "d" / "dataset.jsonl") == tmp_path / "d"

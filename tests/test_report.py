@@ -180,6 +180,30 @@ def test_unfinished_eval_folder_is_named(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.parametrize("bad, words", [
+    ({"truth_attributes": {"type": "blob"}}, "not a valid morphology (unknown galaxy type"),
+    ({"truth_attributes": {"colour": "red"}}, "not a valid morphology (unknown morphology keys"),
+    ({"truth_attributes": ["spiral"]}, "'truth_attributes' must be an object"),
+    ({"prediction": 3}, "'prediction' must be a string"),
+    ({"grammar": "spiral"}, "'grammar' must be an object"),
+    ({"id_str": ["J1"]}, "'id_str' must be a string or a number"),
+])
+def test_a_malformed_prediction_row_is_a_one_line_error_naming_its_line(tmp_path, capsys, bad,
+                                                                        words):
+    from galaxy_llava.cli import main
+
+    evals = _make_evals(tmp_path, n=4)
+    pfile = evals[0] / "predictions.jsonl"
+    rows = [json.loads(line) for line in pfile.read_text().splitlines()]
+    rows[2].update(bad)
+    pfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report.html"
+    assert main(["report", str(evals[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{pfile} line 3: " in err and words in err, err
+    assert not out.exists()
+
+
 def test_duplicate_names_and_missing_images_do_not_break(tmp_path):
     evals = _make_evals(tmp_path)
     shutil.rmtree(tmp_path / "images")

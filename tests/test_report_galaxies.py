@@ -3,9 +3,14 @@ as the metrics read them."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
+from galaxy_llava.errors import UserError
 from galaxy_llava.metrics import read_answer
 from galaxy_llava.morphology import Morphology
-from galaxy_llava.report_galaxies import marked_answer
+from galaxy_llava.report_galaxies import _image_path, check_row, image_roots, marked_answer
 
 
 def test_marked_answer_flags_wrong_and_missing_phrases():
@@ -30,3 +35,27 @@ def test_marked_answer_reads_phrases_as_the_metrics_do():
     assert set(read_answer(text)[0].values()) == {"unknown"}
     marked = marked_answer(text, truth.to_dict())
     assert 'class="ok"' not in marked and '<span class="miss">with a central bar</span>' in marked
+
+
+def test_a_dataset_named_by_its_jsonl_gives_the_same_folder(tmp_path):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "dataset.jsonl").write_text("")
+    ev = tmp_path / "eval"
+    for data in (tmp_path / "data", tmp_path / "data" / "dataset.jsonl"):
+        roots = image_roots({"folder": ev, "metrics": {"data": str(data)}})
+        assert roots == [ev.resolve(), (tmp_path / "data").resolve()]
+        assert _image_path("images/0.png", str(data)) == tmp_path / "data" / "images" / "0.png"
+    assert image_roots({"folder": ev, "metrics": {"data": str(tmp_path)}}) == [ev.resolve()]
+
+
+def test_check_row_takes_what_evaluate_writes_and_names_a_bad_one():
+    good = {"id_str": "J1", "truth": "x", "prediction": None, "grammar": {"best": "y"},
+            "truth_attributes": Morphology("spiral", bar=True).to_dict()}
+    check_row(json.loads(json.dumps(good)), "p line 1")
+    for bad in ({"truth_attributes": {**good["truth_attributes"], "arms": "7"}},
+                {"truth_attributes": {"type": "spiral", "size": 3}}, {"grammar": {"best": 1}}):
+        with pytest.raises(UserError, match=r"^p line 4: ") as e:
+            check_row({**good, **bad}, "p line 4")
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="must be a JSON object"):
+        check_row([1], "p line 5")

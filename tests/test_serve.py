@@ -92,6 +92,25 @@ def test_batch_table_matches_describe_and_downloads_as_csv(app, lora_run, tmp_pa
     assert np.allclose(back["p_type_spiral"], table["p_type_spiral"])
 
 
+def test_a_long_running_app_keeps_only_the_last_batch_csvs(app, tmp_path, monkeypatch):
+    """Each Batch request writes its CSV into the app's one temporary folder, and the oldest
+    beyond KEEP_CSVS go: a server that runs for weeks does not fill the disk."""
+    import galaxy_llava.serve as serve
+
+    monkeypatch.setattr(serve, "KEEP_CSVS", 2)
+    batch = _handler(app, "batch")
+    images = _images(tmp_path / "in", 3)
+    csvs = [Path(batch([str(p)])[1]) for p in images]  # one request per image
+    home = csvs[0].parent.parent
+    assert all(c.parent.parent == home for c in csvs) and len({c.parent for c in csvs}) == 3
+    assert [c.is_file() for c in csvs] == [False, True, True]  # the oldest went
+    assert sorted(p.name for p in home.iterdir()) == sorted(c.parent.name for c in csvs[1:])
+    assert csvs[-1].read_text().count(images[-1].name) == 1  # the newest is this request's
+    monkeypatch.setattr(serve, "KEEP_CSVS", 1)
+    paths = [serve._csv_path(home) for _ in range(5)]  # the folders alone, no model
+    assert list(home.iterdir()) == [paths[-1].parent]
+
+
 def test_bad_uploads_are_one_line_errors_on_the_page(app, tmp_path, monkeypatch):
     describe, batch = _handler(app, "describe"), _handler(app, "batch")
     not_image = tmp_path / "notes.png"

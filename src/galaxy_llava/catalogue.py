@@ -47,8 +47,8 @@ from typing import Any, Sequence
 
 from galaxy_llava import __version__, outputs
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import atomic_path, temp_pattern, write_json
-from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.io import atomic_path, read_json_object, temp_pattern, write_json
+from galaxy_llava.morphology import ATTRIBUTES, value_label
 
 MANIFEST = "manifest.json"
 COMMAND = "catalogue"
@@ -133,7 +133,7 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
             found = [os.path.abspath(f) for f in find_images(p)]
             known = _dataset_ids(p)
             paths += found
-            ids += [known.get(f) or image_stem(f) for f in found]
+            ids += [known.get(os.path.realpath(f)) or image_stem(f) for f in found]
         elif p.is_file() and p.name.lower().endswith(LIST_SUFFIXES):
             listed = read_path_list(p, allow_outside)
             paths += listed.paths
@@ -151,16 +151,18 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
 
 
 def _dataset_ids(folder: Path) -> dict[str, str]:
-    """Absolute image path -> ``id_str`` of a prepared dataset's records (empty for any other
-    folder, or records without ids)."""
+    """Real image path -> ``id_str`` of the prepared dataset ``folder`` is, or whose
+    ``images/`` it is (empty for any other folder, or records without ids)."""
     from galaxy_llava.imagefiles import is_prepared_dataset
 
-    if not is_prepared_dataset(folder) or not (folder / "dataset.jsonl").is_file():
-        return {}
-    from galaxy_llava.records import load_records
+    for root in (folder, folder.parent if folder.name == "images" else None):
+        if root is not None and is_prepared_dataset(root) and (root / "dataset.jsonl").is_file():
+            from galaxy_llava.records import load_records
 
-    return {os.path.abspath(r["image"]): str(r["id_str"])
-            for r in load_records(folder, allow_outside=True) if r.get("id_str") is not None}
+            return {os.path.realpath(r["image"]): str(r["id_str"])
+                    for r in load_records(root, allow_outside=True)
+                    if r.get("id_str") is not None}
+    return {}
 
 
 def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Inputs:
@@ -180,11 +182,7 @@ def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Input
 # ----------------------------------------------------------------- the output folder
 
 def _read_manifest(out: Path) -> dict:
-    try:
-        data = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(out / MANIFEST)
 
 
 def fingerprint(identity: dict) -> str:
@@ -250,19 +248,13 @@ def _columns(rules: str) -> tuple[dict, list[str]]:
             [value_column(a, v) for a in ATTRIBUTES for v in values[a]])
 
 
-def attribute_value(m, attribute: str) -> str:
-    """An attribute's value as the marginals name it (``none``, ``true``, ``2``, ...)."""
-    value = getattr(m, attribute)
-    return "none" if value is None else str(value).lower()
-
-
 def score_columns(scores, by_caption: dict) -> dict:
     """The scored columns of one row: ``best_caption``, each attribute's predicted value (that
     of the best caption), ``p_<attribute>_<value>`` and ``entropy``."""
     best = by_caption[scores.best]
     row: dict[str, Any] = {"best_caption": scores.best}
     for a in ATTRIBUTES:
-        row[a] = attribute_value(best, a)
+        row[a] = value_label(best, a)
     for a in ATTRIBUTES:
         for v, p in scores.marginals[a].items():
             row[value_column(a, v)] = p

@@ -23,7 +23,11 @@ import yaml
 from galaxy_llava.errors import UserError
 
 DEFAULT_MODEL = "bczhou/tiny-llava-v1-hf"
-DEFAULT_PROMPT = "USER: <image>\nDescribe this galaxy.\nASSISTANT:"
+# What the user turn asks: every family's default prompt and the prepared dataset's TRL messages.
+DEFAULT_QUESTION = "Describe this galaxy."
+DEFAULT_PROMPT = f"USER: <image>\n{DEFAULT_QUESTION}\nASSISTANT:"  # TinyLLaVA's (LLaVA's) format
+# Hub tags of what galaxy-llava writes: model cards and prepared datasets' cards.
+TAGS = ("galaxy-llava", "galaxy-zoo", "astronomy", "galaxy-morphology", "image-captioning")
 METHODS = ("full", "lora", "qlora")
 # torch's CPU threads when neither --threads nor OMP_NUM_THREADS says otherwise. Measured with
 # benchmarks/threads.py (BENCHMARKS.md, "CPU threads"): on the shared 2-core machine one thread

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from galaxy_llava import outputs
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import write_json, write_jsonl
+from galaxy_llava.io import read_json_object, write_json, write_jsonl
 from galaxy_llava.calibration import calibration, grammar_probabilities, majority_probabilities
 from galaxy_llava.metrics import (UNKNOWN, collapse_warning, compute_metrics, format_table, judge,
                                   labels_of, majority_labels, morphology_of, read_answer)
@@ -68,14 +68,6 @@ def run_folder(model: str | Path) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file's content, or None when absent or unreadable (a snapshot is best effort)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def training_snapshot(run: str | Path) -> dict | None:
     """What a run folder says of its training, read now: ``settings`` (method, learning rate,
     epochs, batch size, LoRA rank and alpha, seed, from ``config.yaml`` and
@@ -87,8 +79,7 @@ def training_snapshot(run: str | Path) -> dict | None:
     run = Path(run)
     if not run.is_dir():
         return None
-    tm = _read_json(run / "train_metrics.json")
-    tm = tm if isinstance(tm, dict) else None
+    tm = read_json_object(run / "train_metrics.json") or None
     try:
         config = read_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
     except (UserError, OSError, ValueError):
@@ -133,10 +124,9 @@ def _training_default(name: str) -> Any:
 
 def dataset_rules(data: str | Path) -> str | None:
     """The caption rule set a prepared dataset was made with (its ``manifest.json``), or None."""
-    folder = Path(data)
-    folder = folder.parent if folder.name == "dataset.jsonl" else folder
-    manifest = _read_json(folder / "manifest.json")
-    rules = manifest.get("rules") if isinstance(manifest, dict) else None
+    from galaxy_llava.records import dataset_folder
+
+    rules = read_json_object(dataset_folder(data) / "manifest.json").get("rules")
     return rules if isinstance(rules, str) else None
 
 
@@ -239,17 +229,24 @@ def _prompt_source(model: str | Path) -> str:
 
 
 def _add_to_card(model: str | Path, metrics: dict) -> None:
-    """Put this evaluation in the model card of a galaxy-llava run or model folder (what a Hub
-    user reads; :func:`galaxy_llava.modelcard.update_card`). Hub ids and foreign folders are
-    left alone; a folder we cannot write to gets a one-line note, not a failure."""
-    from galaxy_llava.models.folders import is_local, run_kind
+    """Put this evaluation in the model card of a folder galaxy-llava saved (a run's
+    ``adapter/`` or ``model/``, an export, a tiny model: its ``galaxy_llava.json`` says so), what
+    a Hub user reads (:func:`galaxy_llava.modelcard.update_card`). Hub ids and anyone else's
+    folders (a downloaded base model) are never written; a folder we cannot write to gets a
+    one-line note, not a failure."""
+    from galaxy_llava.models.folders import MARKER, is_local, run_kind
 
-    if not is_local(str(model)) or run_kind(Path(model).expanduser()) is None:
+    if not is_local(str(model)):
+        return
+    folder = Path(model).expanduser()
+    kind = run_kind(folder)
+    weights = {"adapter": folder / "adapter", "full": folder / "model", "model": folder}.get(kind)
+    if weights is None or not (weights / MARKER).is_file():
         return
     from galaxy_llava.modelcard import update_card
 
     try:
-        card = update_card(Path(model).expanduser(), metrics)
+        card = update_card(folder, metrics)
     except (OSError, UserError) as e:
         print(f"note: the model card was not updated ({e})", file=sys.stderr)
         return

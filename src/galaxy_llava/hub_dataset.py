@@ -17,8 +17,8 @@ for TRL), so the dataset takes about three times the size of ``images/``.
 Columns: ``image`` (an Image), ``id_str``, ``caption``, ``morphology`` (the caption's
 attributes), ``fractions`` (the GZ2 vote fractions the rule set read), and ``messages`` /
 ``images``, TRL's vision-language SFT format (a user turn holding the image and
-:data:`QUESTION`, an assistant turn holding the caption). galaxy-llava's own loaders read
-``dataset.jsonl`` only.
+:data:`galaxy_llava.config.DEFAULT_QUESTION`, an assistant turn holding the caption).
+galaxy-llava's own loaders read ``dataset.jsonl`` only.
 """
 
 from __future__ import annotations
@@ -29,18 +29,16 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+from galaxy_llava.config import DEFAULT_QUESTION, TAGS
 from galaxy_llava.morphology import Morphology
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> Hugging Face's
 DATA_DIR = "data"
 CARD = "README.md"
-# The question of the model families' default prompts (models.base): what the user turn asks.
-QUESTION = "Describe this galaxy."
 MAX_SHARD_BYTES = 256 * 2**20  # image bytes per parquet shard (the Hub suggests < 500 MB)
-TAGS = ["galaxy-zoo", "astronomy", "galaxy-morphology", "image-captioning", "galaxy-llava"]
 
 
-def messages(caption: str, question: str = QUESTION) -> list[dict]:
+def messages(caption: str, question: str = DEFAULT_QUESTION) -> list[dict]:
     """One galaxy as TRL's vision-language conversation: the user turn holds the image and the
     question, the assistant turn the caption."""
     return [{"role": "user", "content": [{"type": "image", "text": None},
@@ -94,25 +92,34 @@ def write_hub_layout(folder: Path, records: list[dict], manifest: dict,
         counts[theirs] = len(rows)
         if not rows:
             continue
-        images = [(folder / r["image"]).read_bytes() for r in rows]
-        parts = _shards([len(b) for b in images], MAX_SHARD_BYTES)
+        # Shards are planned from the files' sizes and each shard's images read only while it
+        # is written: a full GZ2 split holds gigabytes of JPEGs, one shard at most 256 MB.
+        parts = _shards([(folder / r["image"]).stat().st_size for r in rows], MAX_SHARD_BYTES)
         for k, part in enumerate(parts):
-            table = [{"image": {"bytes": data, "path": Path(r["image"]).name},
-                      "id_str": r["id_str"], "caption": r["text"], "morphology": r["morphology"],
-                      "fractions": r.get("fractions") or {}, "messages": messages(r["text"]),
-                      "images": [{"bytes": data, "path": Path(r["image"]).name}]}
-                     for r, data in zip(rows[part], images[part])]
-            buf = io.BytesIO()
-            with _quiet(datasets):  # a progress bar per shard of a few dozen rows is noise
-                datasets.Dataset.from_list(table, features=feats).to_parquet(buf)
             rel = f"{DATA_DIR}/{theirs}-{k:05d}-of-{len(parts):05d}.parquet"
-            write(folder / rel, buf.getvalue())
+            write(folder / rel, _shard_bytes(folder, rows[part], feats, datasets))
             written.append(rel)
     for stale in out.glob("*.parquet"):
         if f"{DATA_DIR}/{stale.name}" not in written:
             stale.unlink()
     write(folder / CARD, dataset_card(counts, manifest).encode())
     return written
+
+
+def _shard_bytes(folder: Path, rows: list[dict], feats, datasets) -> bytes:
+    """One parquet shard of ``rows``, their JPEGs read from ``folder`` here (and dropped on
+    return), so only one shard's images are in memory at a time."""
+    table = []
+    for r in rows:
+        data = (folder / r["image"]).read_bytes()
+        table.append({"image": {"bytes": data, "path": Path(r["image"]).name},
+                      "id_str": r["id_str"], "caption": r["text"], "morphology": r["morphology"],
+                      "fractions": r.get("fractions") or {}, "messages": messages(r["text"]),
+                      "images": [{"bytes": data, "path": Path(r["image"]).name}]})
+    buf = io.BytesIO()
+    with _quiet(datasets):  # a progress bar per shard of a few dozen rows is noise
+        datasets.Dataset.from_list(table, features=feats).to_parquet(buf)
+    return buf.getvalue()
 
 
 @contextlib.contextmanager
@@ -145,7 +152,7 @@ def dataset_card(counts: dict[str, int], manifest: dict) -> str:
     source = manifest.get("source") if manifest.get("source_kind") == "hub" else None
     data = DatasetCardData(
         pretty_name="Galaxy Zoo 2 captions", task_categories=["image-text-to-text"],
-        tags=TAGS, size_categories=[_size_category(sum(counts.values()))],
+        tags=list(TAGS), size_categories=[_size_category(sum(counts.values()))],
         source_datasets=[source] if source else None,
         configs=[{"config_name": "default",
                   "data_files": [{"split": s, "path": f"{DATA_DIR}/{s}-*"} for s in splits]}])
@@ -157,6 +164,7 @@ def dataset_card(counts: dict[str, int], manifest: dict) -> str:
     origin = (f"the Hub dataset [{source}](https://huggingface.co/datasets/{source})"
               + (f" (config `{manifest['hub_config']}`)" if manifest.get("hub_config") else "")
               if source else f"a {manifest.get('source_kind') or 'local'} catalogue")
+    question = DEFAULT_QUESTION
     body = f"""# Galaxy Zoo 2 captions
 
 Galaxy images with one-sentence captions of their Galaxy Zoo 2 morphology (type, shape, bar, arm
@@ -178,7 +186,7 @@ the splits.
 | `caption` | the caption, from the vote fractions under the rule set |
 | `morphology` | the caption's attributes: type, shape, bar, arms, prominent/boxy bulge, disturbed |
 | `fractions` | the vote fractions the rule set read (null: no volunteer reached the question) |
-| `messages`, `images` | TRL's vision-language format: {QUESTION!r} and the image, then the caption |
+| `messages`, `images` | TRL's vision-language format: {question!r} and the image, then the caption |
 
 ## Use
 

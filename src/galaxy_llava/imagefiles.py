@@ -19,12 +19,12 @@ One home for what ``describe``, ``catalogue`` and ``serve`` read as images:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.io import read_json_object
 
 RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz")
@@ -54,14 +54,13 @@ def image_stem(path: str | os.PathLike) -> str:
 
 
 def is_prepared_dataset(root: Path) -> bool:
-    """A folder written by ``galaxy-llava prepare`` (not a catalogue, whose manifest differs)."""
+    """A folder written by ``galaxy-llava prepare``: its ``dataset.jsonl``, or a manifest of
+    prepare's format (a catalogue's or anyone else's manifest does not count)."""
     if (root / "dataset.jsonl").is_file():
         return True
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("command") != "catalogue"
+    # prepare's manifest names its format; anyone else's manifest.json says nothing about images.
+    return str(read_json_object(root / "manifest.json").get("format", "")).startswith(
+        "galaxy-llava-prepared/")
 
 
 def find_images(folder: str | os.PathLike, flag: str = "--images") -> list[Path]:
@@ -141,6 +140,9 @@ def _fits_data(path: str | os.PathLike, max_pixels: int, read: bool = True):
                 continue
             key = "ZNAXIS" if "ZNAXIS" in header else "NAXIS"
             width, height = int(header[f"{key}1"]), int(header[f"{key}2"])
+            planes = int(header[f"{key}3"]) if naxis == 3 else 1
+            if planes not in (1, 3):  # refused from the header: a deep cube is never read
+                raise UserError(f"{path}: a FITS cube needs 1 or 3 planes, it has {planes}")
             if width * height > max_pixels:
                 raise UserError(f"{path} is too large to open safely ({width}x{height}; "
                                 "decompression-bomb guard)")

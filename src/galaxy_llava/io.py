@@ -111,6 +111,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file's top-level object, or {} when the file is absent, unreadable, not JSON or
+    not an object: for markers and manifests read to recognise a folder, best effort."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write pretty JSON atomically (NaN is not valid JSON: callers pass None instead)."""
     return write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

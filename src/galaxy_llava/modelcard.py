@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from galaxy_llava import __version__
+from galaxy_llava.config import TAGS
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import write_text
+from galaxy_llava.io import read_json_object, write_text
 from galaxy_llava.models.folders import is_local, read_marker, run_kind, write_marker
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.records import dataset_folder
 
 CARD = "README.md"
-TAGS = ("galaxy-llava", "galaxy-zoo", "astronomy", "galaxy-morphology", "image-captioning")
 # A local copy in the Hugging Face cache keeps its Hub id in the folder name.
 _CACHED = re.compile(r"(?:^|/)(models|datasets)--([^/]+?)--([^/]+)(?:/|$)")
 # The training table: (settings key, label), in this order, rows without a value left out.
@@ -66,13 +67,8 @@ def data_summary(data: str | os.PathLike | None) -> dict:
     set, galaxies per class, image size and the source catalogue's Hub id when it has one."""
     if not data:
         return {}
-    folder = Path(data)
-    folder = folder.parent if folder.suffix == ".jsonl" else folder
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    manifest = manifest if isinstance(manifest, dict) else {}
+    folder = dataset_folder(data)
+    manifest = read_json_object(folder / "manifest.json")
     source = manifest.get("source")
     if manifest.get("source_kind") != "hub":
         source = hub_id(source, "datasets")
@@ -169,14 +165,6 @@ def usage_snippet(kind: str, question: str, base: str | None = None,
     return "\n".join(lines)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _fmt(value: Any, percent: bool = False) -> str:
     if value is None:
         return "-"
@@ -265,7 +253,7 @@ def render_card(folder: str | os.PathLike, kind: str, name: str | None = None) -
                  else f"a local model folder (`{Path(base).name}`)" if base else "a base model")
     what = "A LoRA adapter for" if kind == "adapter" else "A fine-tune of"
     prompt, question = marker.get("prompt") or "", marker.get("question") or ""
-    generation = _read_json(folder / "generation_config.json")
+    generation = read_json_object(folder / "generation_config.json")
     decoding = ", ".join(f"{k} {generation[k]}" for k in ("num_beams", "max_new_tokens",
                                                           "do_sample", "no_repeat_ngram_size",
                                                           "repetition_penalty")

@@ -115,6 +115,13 @@ class Morphology:
 
 # ---------------------------------------------------------------- parsing
 
+def value_label(m: "Morphology", attribute: str) -> str:
+    """An attribute's value as one lower-case label (``none``, ``true``, ``2``, ``cigar``): how
+    the grammar's marginals and the catalogue's columns name it."""
+    value = getattr(m, attribute)
+    return "none" if value is None else str(value).lower()
+
+
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import atomic_path, is_temporary, recover, temp_pattern
+from galaxy_llava.io import atomic_path, is_temporary, read_json_object, recover, temp_pattern
 
 SYNTH_MARKER = "synth.json"
 REPORT_TITLE = "<title>galaxy-llava report</title>"
@@ -77,7 +77,7 @@ def kind_of(path: str | os.PathLike) -> str | None:
     if not names:
         return "empty"
     if names & {"manifest.json", "dataset.jsonl"}:
-        manifest = _read_json(p / "manifest.json") if "manifest.json" in names else {}
+        manifest = read_json_object(p / "manifest.json") if "manifest.json" in names else {}
         return "morphology" if manifest.get("command") == "catalogue" else "dataset"
     if SYNTH_MARKER in names:
         return "catalogue"
@@ -91,25 +91,17 @@ def kind_of(path: str | os.PathLike) -> str | None:
     return "folder"
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def identity_of(path: str | os.PathLike, kind: str) -> dict:
     """What an existing output of ``kind`` says it was made from ({} when it does not say)."""
     p = Path(path)
     if kind == "dataset":
-        return _read_json(p / "manifest.json")
+        return read_json_object(p / "manifest.json")
     if kind == "catalogue":
-        return _read_json(p / SYNTH_MARKER)
+        return read_json_object(p / SYNTH_MARKER)
     if kind == "model":
-        return _read_json(p / "galaxy_llava.json")
+        return read_json_object(p / "galaxy_llava.json")
     if kind == "eval":
-        return _read_json(p / "metrics.json").get("inputs") or {}
+        return read_json_object(p / "metrics.json").get("inputs") or {}
     if kind == "report":
         with open(p, "rb") as f:
             head = f.read(16384).decode("utf-8", "replace")

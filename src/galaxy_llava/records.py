@@ -116,3 +116,12 @@ def load_records(data: str | os.PathLike, split: str | None = None,
         if not Path(r["image"]).is_file():
             raise UserError(f"image {r['image']} of {path} not found")
     return records
+
+
+def dataset_folder(data: str | os.PathLike) -> Path:
+    """The folder of a prepared dataset named by its folder or by its JSONL file (what
+    :func:`load_records` takes): a ``.jsonl`` path that is not a folder means its parent.
+    Where a dataset is named, not read (a manifest beside it, a report's image roots), this
+    gives the folder the same way the loader would."""
+    path = Path(data).expanduser()
+    return path.parent if path.suffix == ".jsonl" and not path.is_dir() else path

@@ -30,7 +30,7 @@ from galaxy_llava.metrics import TABLE_COLUMNS, predictors, table_value
 from galaxy_llava.morphology import ATTRIBUTES
 from galaxy_llava.report_charts import (PALETTE, accuracy_figure, loss_figure, png_uri,
                                         reliability_figure)
-from galaxy_llava.report_galaxies import galaxy_grid
+from galaxy_llava.report_galaxies import check_row, galaxy_grid
 
 LOWER_IS_BETTER = {"hallucination_rate", "omission_rate"}
 KIND_ORDER = ("vlm", "probe", "majority")
@@ -39,8 +39,9 @@ KIND_ORDER = ("vlm", "probe", "majority")
 # ------------------------------------------------------------------ input
 
 def load_eval(folder: str | Path) -> dict:
-    """Metrics and predictions of one EVAL folder; an unfinished or foreign folder is a
-    UserError naming it."""
+    """Metrics and predictions of one EVAL folder; an unfinished or foreign folder, or a
+    ``predictions.jsonl`` row the report cannot show (``report_galaxies.check_row``), is a
+    UserError naming the folder or the file and line."""
     folder = Path(folder)
     if folder.name == "metrics.json" and folder.is_file():
         folder = folder.parent
@@ -66,6 +67,7 @@ def load_eval(folder: str | Path) -> dict:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{pfile} line {i} is not valid JSON ({e.msg})") from None
+                check_row(rows[-1], f"{pfile} line {i}")
     return {"folder": folder, "metrics": metrics, "rows": rows}
 
 

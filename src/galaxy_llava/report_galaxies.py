@@ -5,7 +5,8 @@ Answers are read exactly as the metrics read them
 (:func:`galaxy_llava.morphology.caption_phrases`), so a phrase shown right is one the metrics
 count right. Thumbnails are embedded as JPEG data URIs, and only images inside the EVAL folder or
 the prepared dataset its metrics name (:func:`image_roots`): a ``predictions.jsonl`` pointing
-elsewhere on disk gets a placeholder, not the file's bytes.
+elsewhere on disk gets a placeholder, not the file's bytes. The rows are checked as they are
+read (:func:`check_row`), so a malformed one is a one-line error, not a crash mid-report.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from galaxy_llava.checks import inside
+from galaxy_llava.errors import UserError
 from galaxy_llava.morphology import Morphology, caption_phrases
+from galaxy_llava.records import dataset_folder
 
 GRID_GALAXIES = 24
 
@@ -28,11 +31,44 @@ def image_roots(ev: dict) -> list[Path]:
     roots = [Path(ev["folder"]).resolve()]
     data = ev["metrics"].get("data")
     if isinstance(data, str) and data:
-        d = Path(data).expanduser()
-        d = d.parent if d.name == "dataset.jsonl" else d
+        d = dataset_folder(data)
         if (d / "dataset.jsonl").is_file():
             roots.append(d.resolve())
     return roots
+
+
+# The fields of a predictions.jsonl row the grid of galaxies reads, and the types they must have
+# when present (evaluate writes them so; a hand-edited or foreign file may not).
+_ROW_FIELDS = {"id_str": ((str, int), "a string or a number"), "truth": (str, "a string"),
+               "prediction": (str, "a string")}
+
+
+def check_row(row: Any, where: str) -> None:
+    """A ``predictions.jsonl`` row the report can show, else a one-line UserError naming
+    ``where`` (file and line): an object, texts as strings, ``truth_attributes`` a valid
+    :class:`~galaxy_llava.morphology.Morphology` and ``grammar`` an object."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a prediction row must be a JSON object "
+                        f"(got {type(row).__name__})")
+    for key, (kinds, what) in _ROW_FIELDS.items():
+        if row.get(key) is not None and not isinstance(row[key], kinds):
+            raise UserError(f"{where}: {key!r} must be {what} (got {type(row[key]).__name__})")
+    truth = row.get("truth_attributes")
+    if truth is not None:
+        if not isinstance(truth, dict):
+            raise UserError(f"{where}: 'truth_attributes' must be an object of morphology "
+                            f"attributes (got {type(truth).__name__})")
+        try:
+            Morphology.from_dict(truth)
+        except (TypeError, ValueError) as e:
+            detail = " ".join(str(e).split())  # one line, whatever the message
+            raise UserError(f"{where}: 'truth_attributes' is not a valid morphology "
+                            f"({detail})") from None
+    grammar = row.get("grammar")
+    if grammar is not None:
+        best = grammar.get("best") if isinstance(grammar, dict) else None
+        if not isinstance(grammar, dict) or not isinstance(best, (str, type(None))):
+            raise UserError(f"{where}: 'grammar' must be an object whose 'best' is a string")
 
 
 def _image_path(path: Any, data: Any) -> Path | None:
@@ -41,7 +77,7 @@ def _image_path(path: Any, data: Any) -> Path | None:
         return None
     p = Path(path)
     if not p.is_absolute() and isinstance(data, str) and data:
-        p = (Path(data) if Path(data).is_dir() else Path(data).parent) / p
+        p = dataset_folder(data) / p
     return p
 
 

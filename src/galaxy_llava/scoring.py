@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from galaxy_llava.morphology import ATTRIBUTES, Morphology
+from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
 
 
 @dataclass
@@ -37,11 +37,6 @@ class GrammarScores:
                 "top": [{"caption": self.captions[i], "p": self.posterior[i]} for i in order]}
 
 
-def _value(m: Morphology, attribute: str) -> str:
-    value = getattr(m, attribute)
-    return "none" if value is None else str(value).lower()
-
-
 def posterior_summary(morphologies: list[Morphology], log_probs: list[float]) -> GrammarScores:
     """Normalise ``log_probs`` over the candidates; the argmax, per-attribute marginals and the
     entropy. Pure: no model."""
@@ -51,7 +46,7 @@ def posterior_summary(morphologies: list[Morphology], log_probs: list[float]) ->
     for attribute in ATTRIBUTES:
         sums: dict[str, float] = {}
         for m, p in zip(morphologies, post.tolist()):
-            sums[_value(m, attribute)] = sums.get(_value(m, attribute), 0.0) + p
+            sums[value_label(m, attribute)] = sums.get(value_label(m, attribute), 0.0) + p
         marginals[attribute] = dict(sorted(sums.items()))
     logp = torch.log_softmax(t, dim=0)
     entropy = float(-(post * logp).sum())
@@ -140,21 +135,26 @@ def _log_probs_uncached(model, prefix, inputs, ids, mask) -> list[float]:
     return (picked * mask).sum(dim=1).tolist()
 
 
+GPU_SCORE_ROWS = 256  # candidate rows per scoring forward on a GPU (memory, see grammar_scores)
+
+
 def grammar_scores(model, processor, images, rules: str = "reference",
                    prompt: str | None = None, batch_size: int | None = None
                    ) -> list[GrammarScores]:
     """The posterior over ``rules``' captions for each image (PIL images or paths), scoring
-    ``batch_size`` images per forward (:func:`batch_log_probs`). By default 8 on a GPU, where
-    one image's candidates leave it idle, and 1 on a CPU, where batching measured slower
-    (``benchmarks/catalogue_throughput.py``: 0.78x with 8)."""
+    ``batch_size`` images per forward (:func:`batch_log_probs`). By default 1 on a CPU, where
+    batching measured slower (``benchmarks/catalogue_throughput.py``: 0.78x with 8), and on a
+    GPU as many images as keep ``GPU_SCORE_ROWS`` candidate rows (2 for the 96 ``reference``
+    captions): each row holds a copy of the prefix's key/value cache and its logits over the
+    vocabulary, about 2.5 GB an image at TinyLLaVA's shapes (estimated, not measured)."""
     from galaxy_llava.records import load_image
     from galaxy_llava.rules import rule_set
 
-    if batch_size is None:
-        batch_size = 8 if next(model.parameters()).device.type == "cuda" else 1
-
     candidates = rule_set(rules).reachable()
     captions = [m.caption() for m in candidates]
+    if batch_size is None:
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        batch_size = max(1, GPU_SCORE_ROWS // len(captions)) if on_gpu else 1
     images = list(images)
     out = []
     for i in range(0, len(images), max(1, batch_size)):

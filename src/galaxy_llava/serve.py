@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ MAX_FILE_SIZE = "25mb"   # per uploaded file; a galaxy cutout is tens of kB
 MAX_BATCH = 64           # images per batch request: one request must not hold the model for long
 MAX_EXAMPLES = 8         # example galaxies offered under the image
 _CSV_NAME = "galaxy-llava-descriptions.csv"
+# Batch CSVs kept per app: gradio copies a returned file into its own cache (which it empties
+# hourly), so older ones are only disk that a long-running server would otherwise fill.
+KEEP_CSVS = 4
 
 
 def _gradio():
@@ -146,9 +150,22 @@ def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.Pa
     rows = [{"file": Path(r["image"]).name, "description": r["text"],
              **score_columns(r["scores"], by_caption)} for r in served.describe(paths)]
     table = pd.DataFrame(rows)
-    csv = Path(tempfile.mkdtemp(dir=out_dir)) / _CSV_NAME  # one folder per request
+    csv = _csv_path(out_dir)
     write_text(csv, table.to_csv(index=False))
     return table, str(csv)
+
+
+def _csv_path(out_dir: str | os.PathLike) -> Path:
+    """Where one Batch request writes its CSV: a new folder under ``out_dir`` (so the download
+    keeps its plain name while requests never share a file), the folders of all but the newest
+    :data:`KEEP_CSVS` requests removed."""
+    out = Path(out_dir)
+    # Names sort by creation: a monotonic clock (never set back) in front of mkdtemp's suffix.
+    folder = Path(tempfile.mkdtemp(prefix=f"{time.monotonic_ns():020d}-", dir=out))
+    older = sorted(p for p in out.iterdir() if p.is_dir() and p != folder)
+    for old in older[:max(0, len(older) - (KEEP_CSVS - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder / _CSV_NAME
 
 
 def example_images(run: str | os.PathLike, examples: str | os.PathLike | None = None,

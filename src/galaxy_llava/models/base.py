@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from galaxy_llava.config import DEFAULT_QUESTION
 from galaxy_llava.errors import UserError
 
 # Stands for the question while a family's prompt format is rendered, to find where it goes.
@@ -29,7 +30,7 @@ class ModelFamily:
     prefix_cache_scoring: bool = True  # candidates may continue one prefix's key/value cache
 
     # --- prompt, answer and image inputs
-    def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
+    def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:
         """The training prompt when none is given: the family's chat format with one image
         placeholder and the question, ending where the answer starts."""
         raise NotImplementedError

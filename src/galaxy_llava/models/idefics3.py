@@ -25,6 +25,7 @@ import contextlib
 import math
 import types
 
+from galaxy_llava.config import DEFAULT_QUESTION
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.base import ModelFamily, capture_input, chat_prompt, unwrap
 
@@ -106,7 +107,7 @@ class Idefics3Family(ModelFamily):
     image_input_names = ("pixel_values", "pixel_attention_mask")
 
     # --- prompt, answer and image inputs
-    def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
+    def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:
         return chat_prompt(processor, question, "Idefics3/SmolVLM")
 
     def load_processor(self, source: str, trust_remote_code: bool = False):

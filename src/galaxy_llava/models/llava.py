@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import types
 
+from galaxy_llava.config import DEFAULT_QUESTION
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.base import ModelFamily, capture_input, unwrap
 
@@ -43,7 +44,7 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     model_types = ("llava",)
 
-    def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
+    def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:
         return f"USER: <image>\n{question}\nASSISTANT:"  # TinyLLaVA's format (config.DEFAULT_PROMPT)
 
     def image_token_count(self, config) -> int:

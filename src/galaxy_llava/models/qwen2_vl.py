@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import types
 
+from galaxy_llava.config import DEFAULT_QUESTION
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.base import ModelFamily, capture_input, chat_prompt, unwrap
 from galaxy_llava.models.llava import LANGUAGE_TARGETS
@@ -52,7 +53,7 @@ class Qwen2VLFamily(ModelFamily):
     # Multimodal rotary positions of continuations depend on per-row deltas: score uncached.
     prefix_cache_scoring = False
 
-    def default_prompt(self, processor, question: str = "Describe this galaxy.") -> str:
+    def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:
         return chat_prompt(processor, question, "Qwen2-VL")
 
     def load_processor(self, source: str, trust_remote_code: bool = False):

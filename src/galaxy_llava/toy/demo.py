@@ -16,6 +16,7 @@ from pathlib import Path
 # but small beside what every image shares (unstandardised, the same probe: 44%), so it takes
 # the connector many steps to pick up. LoRA stays at 12: longer runs (30 epochs at lr 1e-3 to
 # 3e-3, rank 16 or 64) lost the grammar (parse rate 83-89%) without learning the shape.
+# Measured with benchmarks/demo_settings.py (its docstring has the command).
 DEMO_TRAIN = {
     "lora": {"num_train_epochs": 12, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
              "lora_r": 16, "lora_alpha": 32},
