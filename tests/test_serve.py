@@ -165,9 +165,16 @@ def test_cli_warns_before_binding_beyond_loopback(lora_run, capsys, monkeypatch)
     launched = []
 
     class App:  # stands in for the gradio app: nothing is loaded or served
-        def block_thread(self):
-            launched.append("served")
+        def close(self):
+            launched.append("closed")
 
+        def remove_temporaries(self):
+            launched.append("removed")
+
+    def ctrl_c(seconds):  # the serving loop's first wait is interrupted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve.time, "sleep", ctrl_c)
     monkeypatch.setattr(serve, "build_app", lambda model, examples, **k: App())
     monkeypatch.setattr(serve, "launch",
                         lambda app, host, port, block: launched.append((host, port, block)))
@@ -177,7 +184,8 @@ def test_cli_warns_before_binding_beyond_loopback(lora_run, capsys, monkeypatch)
     assert len(err) == 1 and "exposes the app" in err[0]
     assert cli_main(["serve", "--model", run]) == 0
     assert capsys.readouterr().err.strip() == ""
-    assert launched == [("0.0.0.0", 8001, False), "served", ("127.0.0.1", 7860, False), "served"]
+    assert launched == [("0.0.0.0", 8001, False), "closed", "removed",
+                        ("127.0.0.1", 7860, False), "closed", "removed"]
 
 
 def test_examples_come_from_the_folder_or_the_recorded_training_data(tmp_path, lora_run):

@@ -260,8 +260,23 @@ def build_app(model: ServedModel | str | os.PathLike, examples: list | None = No
             csv = gr.File(label="Download CSV", elem_id="batch-csv", interactive=False)
             run_batch.click(on_batch, inputs=[files], outputs=[table, csv], api_name="batch")
     app.served = served  # for callers and tests: the one loaded model
-    weakref.finalize(app, shutil.rmtree, csv_dir, True)  # at exit, or when the app is dropped
+    # At exit, when the app is dropped, or when stop() calls it.
+    app.remove_temporaries = weakref.finalize(app, shutil.rmtree, csv_dir, True)
     return app
+
+
+def stop(app, timeout: float = 15.0) -> None:
+    """Close the server and remove the app's temporaries. Gradio's close can wait on open
+    connections (seen in CI: still running a minute after Ctrl-C), so it gets ``timeout``
+    seconds in a helper thread; then the process leaves even if a library thread lingers."""
+    closer = threading.Thread(target=app.close, daemon=True)
+    closer.start()
+    closer.join(timeout)
+    app.remove_temporaries()
+    if closer.is_alive():
+        print("the server did not close in time; leaving", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
@@ -296,4 +311,11 @@ def serve_cli(args) -> None:
     launch(app, args.host, args.port, block=False)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.model} on http://{host}:{args.port} (Ctrl-C stops)", flush=True)
-    app.block_thread()  # until Ctrl-C, which closes the server
+    try:
+        while True:  # until Ctrl-C
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(app)
+    print("stopped", flush=True)
