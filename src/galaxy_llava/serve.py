@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -311,11 +312,20 @@ def serve_cli(args) -> None:
     launch(app, args.host, args.port, block=False)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.model} on http://{host}:{args.port} (Ctrl-C stops)", flush=True)
+    # Ctrl-C and SIGTERM (a service manager, `kill`) both stop it, even when the process was
+    # started with SIGINT ignored (a background job of a non-interactive shell: seen in CI).
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:  # until Ctrl-C
+        while True:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop(app)
     print("stopped", flush=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
