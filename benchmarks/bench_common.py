@@ -269,6 +269,31 @@ def add_common_args(ap, n: int = 32, batch_size: int = 16) -> None:
     ap.add_argument("--json", type=Path, default=None)
 
 
+def image_paths(preset: str, n: int, seed: int = 0) -> tuple[list[str], int]:
+    """``n`` synthetic galaxy images at ``preset``'s image size (built once, cached), and that
+    size: what the inference benchmarks describe and score."""
+    from galaxy_llava.toy.tiny import preset_shapes
+
+    size = preset_shapes(preset)["image_size"]
+    data = make_training_data(CACHE / f"data-{preset}-{n}", n, size, seed)
+    lines = (data / "gz2_llava.jsonl").read_text().splitlines()
+    return [json.loads(line)["image"] for line in lines], size
+
+
+def machine_line(m: dict) -> str:
+    """The ``machine:`` line every benchmark prints first (gpu.sh's summary starts there)."""
+    return (f"machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}, "
+            f"torch {m['torch']}, {m['date']}")
+
+
+def write_results(path: Path | None, m: dict, args, summary: dict) -> None:
+    """The run's numbers as JSON (machine, arguments, results), when ``--json`` asks."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"machine": m, "args": vars(args) | {"json": str(path)},
+                                    **summary}, indent=2, default=str) + "\n")
+
+
 def set_threads(n: int | None, device: str) -> int:
     """Intra-op threads for CPU runs (default 1): the tiny preset's ops are too small to gain from
     more, and on a 2-core machine shared with other jobs extra threads spin and add noise."""

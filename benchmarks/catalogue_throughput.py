@@ -18,7 +18,6 @@ With ``--compare`` it ends with ``speedup: X.XXx`` (batched cached scoring over 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -55,13 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from galaxy_llava.records import load_image
     from galaxy_llava.rules import rule_set
     from galaxy_llava.scoring import grammar_scores
-    from galaxy_llava.toy.tiny import build_model_in_memory, preset_shapes
+    from galaxy_llava.toy.tiny import build_model_in_memory
 
     device = bc.pick_device(args.device)
     torch.manual_seed(args.seed)
-    size = preset_shapes(args.preset)["image_size"]
-    data = bc.make_training_data(bc.CACHE / f"data-{args.preset}-{args.n}", args.n, size, args.seed)
-    paths = [json.loads(l)["image"] for l in (data / "gz2_llava.jsonl").read_text().splitlines()]
+    paths, size = bc.image_paths(args.preset, args.n, args.seed)
     images = [load_image(p) for p in paths][:args.n]
     dtype = resolve_dtype(None, torch.device(device))
     model, processor = build_model_in_memory(args.preset, seed=args.seed, device=device,
@@ -104,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(len(images) / _timed(fn, device))
             peak[name] = max(peak.get(name, 0), mem.peak)
     m = bc.machine()
-    print(f"machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}, "
-          f"torch {m['torch']}, {m['date']}")
+    print(bc.machine_line(m))
     print(f"preset {args.preset}, {len(images)} images of {size} px, device {device}, dtype "
           f"{str(dtype).replace('torch.', '')}, {n_candidates} candidate captions "
           f"({args.rules}), beam batch {args.batch_size}, score batch {args.score_batch}, "
@@ -128,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         per_image = bc.median([a / b for a, b in zip(runs["scores"], runs["scores_per_image"])])
         print(f"batched / one image per forward: median {per_image:.2f}")
         summary["speedup"], summary["speedup_batching"] = ratio, per_image
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": m, "args": vars(args) | {"json": str(args.json)},
-                                         **summary}, indent=2, default=str) + "\n")
+    bc.write_results(args.json, m, args, summary)
     if ratio is not None:
         print(bc.speedup_line(ratio))
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -72,13 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from galaxy_llava.models.loading import resolve_dtype
-    from galaxy_llava.toy.tiny import build_model_in_memory, preset_shapes
+    from galaxy_llava.toy.tiny import build_model_in_memory
 
     device = bc.pick_device(args.device)
     torch.manual_seed(args.seed)
-    size = preset_shapes(args.preset)["image_size"]
-    data = bc.make_training_data(bc.CACHE / f"data-{args.preset}-{args.n}", args.n, size, args.seed)
-    paths = [json.loads(l)["image"] for l in (data / "gz2_llava.jsonl").read_text().splitlines()]
+    paths, size = bc.image_paths(args.preset, args.n, args.seed)
     # The notebook: fp32 weights and PyTorch's default true-fp32 matmuls.
     torch.set_float32_matmul_precision("highest")
     model, processor = build_model_in_memory(args.preset, seed=args.seed, device=device,
@@ -102,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             runs["fast_greedy"].append(run_fast(fast_model, processor, paths, device, 1,
                                                 args.batch_size, args.max_new_tokens, fast_counter))
     m = bc.machine()
-    print(f"machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if 'gpu' in m else ''}, "
-          f"torch {m['torch']}, {m['date']}")
+    print(bc.machine_line(m))
     print(f"preset {args.preset}, {args.n} images of {size} px, device {device}, "
           f"fast dtype {str(fast_dtype).replace('torch.', '')}, batch {args.batch_size}, "
           f"{threads} CPU thread(s)")
@@ -128,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batched greedy  / notebook: {', '.join(f'{x:.2f}' for x in greedy)} "
               f"(median {bc.median(greedy):.2f})")
         summary["speedup_beams3"], summary["speedup_greedy"] = ratio, bc.median(greedy)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": m, "args": vars(args) | {"json": str(args.json)},
-                                         **summary}, indent=2, default=str) + "\n")
+    bc.write_results(args.json, m, args, summary)
     if ratio is not None:
         print(bc.speedup_line(ratio))
     return 0

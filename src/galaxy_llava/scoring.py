@@ -86,22 +86,32 @@ def batch_log_probs(model, processor, images: list, captions: list[str],
     from galaxy_llava.training.batches import PromptIds
 
     family = family_for(model)
-    tok = processor.tokenizer
     param = next(model.parameters())
     prompt_ids = PromptIds(processor, family, prompt or family.default_prompt(processor))
     per_image = [family.image_inputs(processor, im) for im in images]
     prefixes = [prompt_ids(x) for x in per_image]
-    ids, mask = _candidate_batch(family, tok, captions)
+    ids, mask = _candidate_batch(family, processor.tokenizer, captions)
     ids, mask = ids.to(param.device), mask.to(param.device)
-    if len(images) > 1 and (not family.prefix_cache_scoring or len(set(map(len, prefixes))) > 1):
-        return [batch_log_probs(model, processor, [im], captions, prompt)[0] for im in images]
+    if family.prefix_cache_scoring and len(set(map(len, prefixes))) == 1:
+        groups = [range(len(images))]
+    else:  # each image alone, from the inputs already prepared
+        groups = [range(i, i + 1) for i in range(len(images))]
+    return [row for g in groups for row in _score_group(
+        model, processor, family, [per_image[i] for i in g], [prefixes[i] for i in g], ids, mask)]
+
+
+def _score_group(model, processor, family, per_image: list[dict], prefixes: list[list[int]],
+                 ids, mask) -> list[list[float]]:
+    """Every candidate's log-probability for images whose prefixes have one length (one image
+    when the family cannot continue a cache)."""
+    param = next(model.parameters())
     prefix = torch.tensor(prefixes, device=param.device)
     inputs = {k: torch.cat([x[k] for x in per_image]).to(param.device) for k in per_image[0]}
     inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     inputs.update({k: v.to(param.device) for k, v in family.token_inputs(prefix, processor).items()})
     if not family.prefix_cache_scoring:
         return [_log_probs_uncached(model, prefix, inputs, ids, mask)]
-    n_images, n_cand = len(images), len(captions)
+    n_images, n_cand = len(per_image), len(ids)
     out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **inputs)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)            # (images, vocab)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values

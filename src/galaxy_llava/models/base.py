@@ -123,10 +123,15 @@ class ModelFamily:
 
         return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
 
+    # peft target_modules regexes of the family: the language model's linears, the connector's.
+    language_lora_targets: str = ""
+    connector_lora_targets: str = ""
+
     def lora_target_modules(self, projector: str) -> str:
-        """peft ``target_modules`` regex: the language model's linears, plus the projector when
+        """peft ``target_modules`` regex: the language model's linears, plus the connector when
         ``projector == "lora"``; never the vision encoder."""
-        raise NotImplementedError
+        return self.language_lora_targets + (
+            "|" + self.connector_lora_targets if projector == "lora" else "")
 
     def projector_module_names(self) -> list[str]:
         """Names for peft ``modules_to_save`` when the projector trains whole."""

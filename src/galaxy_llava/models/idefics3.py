@@ -255,8 +255,8 @@ class Idefics3Family(ModelFamily):
     def vision_encoder(self, model):
         return unwrap(model).model.vision_model
 
-    def lora_target_modules(self, projector: str) -> str:
-        return TEXT_TARGETS + ("|" + CONNECTOR_TARGETS if projector == "lora" else "")
+    language_lora_targets = TEXT_TARGETS
+    connector_lora_targets = CONNECTOR_TARGETS
 
     def projector_module_names(self) -> list[str]:
         return ["connector"]

@@ -86,8 +86,8 @@ class LlavaFamily(ModelFamily):
     def vision_encoder(self, model):
         return unwrap(model).model.vision_tower
 
-    def lora_target_modules(self, projector: str) -> str:
-        return LANGUAGE_TARGETS + ("|" + PROJECTOR_TARGETS if projector == "lora" else "")
+    language_lora_targets = LANGUAGE_TARGETS
+    connector_lora_targets = PROJECTOR_TARGETS
 
     def projector_module_names(self) -> list[str]:
         return ["multi_modal_projector"]

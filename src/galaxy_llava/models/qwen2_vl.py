@@ -106,8 +106,8 @@ class Qwen2VLFamily(ModelFamily):
         return (p for n, p in self.vision_encoder(model).named_parameters()
                 if not n.startswith("merger."))
 
-    def lora_target_modules(self, projector: str) -> str:
-        return LANGUAGE_TARGETS + ("|" + MERGER_TARGETS if projector == "lora" else "")
+    language_lora_targets = LANGUAGE_TARGETS
+    connector_lora_targets = MERGER_TARGETS
 
     def projector_module_names(self) -> list[str]:
         return ["merger"]
