@@ -5,7 +5,7 @@ test split), and probe the frozen features the settings have to work with.
 Needs a finished ``make demo`` (its ``tiny-model`` and ``data``). The development set is 600
 GalSim galaxies of seed 1, prepared like the demo's (its ``test`` split, 80%, is what is scored).
 
-    python benchmarks/demo_settings.py --demo demo-out --work /tmp/demo-settings \\
+    python benchmarks/demo_settings.py --demo demo-out --work demo-settings \\
         --run full:12:1e-3 full:30:1e-3 full:50:1e-3 lora:12:3e-3 lora:30:3e-3 --probe
 
 A run is ``METHOD:EPOCHS:LR`` with optional ``:KEY=VALUE`` extras (``lora:30:1e-3:lora_r=64``).
