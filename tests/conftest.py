@@ -196,3 +196,34 @@ def no_patch_model_dir(tiny_model_dir, tmp_path):
         cfg.pop(key)
     cfg_path.write_text(json.dumps(cfg))
     return folder
+
+
+def _find_chromium() -> str | None:
+    import shutil
+    from pathlib import Path
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path and Path(path).exists():
+            return path
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+def require_for_browser_tests(what: str, hint: str) -> None:
+    """Skip a browser test whose tool is missing, or fail it under CI=true.
+
+    CI installs Chromium and playwright itself (.ci/run, the lock file), so a missing one there is
+    a broken install that a skip would hide.
+    """
+    message = f"{what} is not installed ({hint})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message + "; CI=true, so this fails instead of skipping")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a headless-capable Chromium (skip here, fail under CI=true, when there is none)."""
+    path = _find_chromium()
+    if path is None:
+        require_for_browser_tests("chromium", "apt-get install -y chromium")
+    return path

@@ -212,20 +212,13 @@ def test_duplicate_names_and_missing_images_do_not_break(tmp_path):
     assert "lora (2)" in page and "image missing" in page
 
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
-                             shutil.which("chromium-browser") or "",
-                             shutil.which("google-chrome") or "") if p and Path(p).exists()), None)
-
-
 @pytest.mark.slow
-def test_report_renders_in_headless_chromium(tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(tmp_path, chromium):
     from PIL import Image, ImageStat
 
     report = build_report(_make_evals(tmp_path, n=12), tmp_path / "report.html")
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
            "--window-size=1400,3000", report.resolve().as_uri()]

@@ -24,6 +24,7 @@ from galaxy_llava.cli import main as cli_main
 from galaxy_llava.errors import UserError
 from galaxy_llava.generate import describe_paths
 from galaxy_llava.morphology import ATTRIBUTES
+from conftest import require_for_browser_tests
 
 gr = pytest.importorskip("gradio", reason="the web app's extra is not installed "
                          "(pip install 'galaxy-llava[serve]')")
@@ -235,11 +236,6 @@ def test_a_port_in_use_is_a_one_line_error():
 
 # ----------------------------------------------------------------- in a real browser
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
-                             shutil.which("chromium-browser") or "",
-                             shutil.which("google-chrome") or "") if p and Path(p).exists()), None)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -262,11 +258,11 @@ def _wait_until_up(url: str, process: subprocess.Popen, timeout: float = 180) ->
 
 
 @pytest.mark.slow
-def test_the_app_in_headless_chromium_shows_describes_caption(lora_run, tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
-                                     "(pip install 'galaxy-llava[test]')")
+def test_the_app_in_headless_chromium_shows_describes_caption(lora_run, tmp_path, chromium):
+    try:
+        import playwright.sync_api as playwright
+    except ImportError:
+        require_for_browser_tests("playwright", "pip install 'galaxy-llava[test]'")
     run = lora_run[0]
     images = _images(tmp_path / "examples", 2, size=64)
     expected = describe_paths(run, images)
@@ -287,7 +283,7 @@ def test_the_app_in_headless_chromium_shows_describes_caption(lora_run, tmp_path
         assert too_big.status_code == 413  # MAX_FILE_SIZE, enforced by gradio on upload
         with playwright.sync_playwright() as p:
             # The system's chromium: playwright downloads no browser.
-            browser = p.chromium.launch(executable_path=CHROMIUM,
+            browser = p.chromium.launch(executable_path=chromium,
                                         args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
