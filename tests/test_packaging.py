@@ -1,6 +1,7 @@
 """Packaging: a wheel built from the source and installed (not editable) into a folder of its own
 runs ``galaxy-llava train --config demo-lora`` from another folder, its config read from the
-installed package, not from the clone."""
+installed package, not from the clone; requirements.lock pins every requirement inside
+pyproject.toml's ranges."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -77,3 +81,33 @@ def test_the_installed_command_trains_with_a_shipped_config_from_any_folder(
     assert (settings["method"], settings["lora_r"], settings["learning_rate"]) == ("lora", 16, 3e-3)
     assert settings["per_device_train_batch_size"] == 4
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def _locked() -> dict[str, str]:
+    """``{name: version}`` of every ``name==version`` line of requirements.lock."""
+    out = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#") and "==" in line:
+            name, version = line.split(" ")[0].split("==")
+            out[canonicalize_name(name)] = version
+    return out
+
+
+def test_the_lock_pins_every_requirement_inside_its_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    locked = _locked()
+    required = [Requirement(r) for r in project["dependencies"]
+                + project["optional-dependencies"]["test"]]
+    for req in required:
+        name = canonicalize_name(req.name)
+        assert name in locked, f"{req.name} is not in requirements.lock: run `make lock`"
+        assert req.specifier.contains(locked[name], prereleases=True), (
+            f"requirements.lock has {req.name}=={locked[name]}, outside {req}: run `make lock`")
+    # every pin carries its hashes, so `pip install --require-hashes` installs the lock as is
+    lines = (ROOT / "requirements.lock").read_text().splitlines()
+    pins = [i for i, line in enumerate(lines) if "==" in line and not line[:1].isspace()
+            and not line.startswith("#")]
+    assert len(pins) == len(locked)
+    for i in pins:
+        assert lines[i].endswith("\\") and "--hash=sha256:" in lines[i + 1], lines[i]
+
