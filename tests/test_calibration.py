@@ -89,6 +89,11 @@ def test_yes_no_auroc_is_binary_on_p_yes_even_where_p_no_saturates():
     # a p(yes) saturated at 1.0 too is told apart by its p(no), summed separately
     top = [{"no": 1e-19, "yes": 1.0}, {"no": 1e-17, "yes": 1.0}]
     assert auroc(["yes", "no"], top, ("no", "yes")) == 1.0
+    # multi-class keeps one-vs-rest macro, ranked so that two p = 1.0 do not tie either
+    types = ["elliptical", "spiral", "elliptical", "spiral"]
+    sure = [{"elliptical": 1.0, "spiral": 1e-20}, {"elliptical": 1.0, "spiral": 1e-18},
+            {"elliptical": 0.9, "spiral": 0.1}, {"elliptical": 0.2, "spiral": 0.8}]
+    assert auroc(types, sure, PROB_LABELS["type"]) == pytest.approx(0.75)  # 0.6875 before
 
 
 def test_zoobot_vote_mse_hand_computed():

@@ -172,7 +172,7 @@ def _log_odds(p, k: int):
     complement, which the separately summed other labels keep."""
     import numpy as np
 
-    rest = p.sum(axis=1) - p[:, k] if p.shape[1] > 2 else p[:, 1 - k]
+    rest = np.delete(p, k, axis=1).sum(axis=1)
     tiny = np.finfo(float).tiny
     return np.log(np.maximum(p[:, k], tiny)) - np.log(np.maximum(rest, tiny))
 

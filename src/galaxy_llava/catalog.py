@@ -182,7 +182,7 @@ def _open_catalog(source, needed: "_Wanted", hub_config: str | None, hub_split: 
     if path.exists():
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-                return _from_disk(path, needed, hub_split)
+                return _from_disk(path, needed, hub_split, root)
             return _from_parquet(path, parquet_shards(path, hub_config, hub_split), needed,
                                  root)
         suffix = path.name.lower()
@@ -192,7 +192,7 @@ def _open_catalog(source, needed: "_Wanted", hub_config: str | None, hub_split: 
             return _from_csv(path, needed, root)
         raise UserError(f"source {text} is not a parquet or CSV file (nor a folder of them)")
     if _HUB_ID.match(text) and not text.lower().endswith((".csv", ".parquet")):
-        return _from_hub(text, needed, hub_config, hub_split)
+        return _from_hub(text, needed, hub_config, hub_split, root)
     raise UserError(f"source {text} not found: no such file or folder (and not a Hub id like "
                     "mwalmsley/gz2)")
 
@@ -409,7 +409,7 @@ def _from_dataset(ds: Any, source: str, kind: str, needed: _Wanted,
     return Catalog(source, kind, _votes_frame(table, read, needed), fetch, base_dir=base_dir)
 
 
-def _from_disk(folder: Path, needed: _Wanted, split: str) -> Catalog:
+def _from_disk(folder: Path, needed: _Wanted, split: str, root: Path | None = None) -> Catalog:
     import datasets
 
     try:
@@ -421,7 +421,7 @@ def _from_disk(folder: Path, needed: _Wanted, split: str) -> Catalog:
             raise UserError(f"save_to_disk folder {folder} has splits {', '.join(ds)}, not "
                             f"{split!r}; pass --hub-split")
         ds = ds[split]
-    return _from_dataset(ds, str(folder), "save_to_disk", needed, folder)
+    return _from_dataset(ds, str(folder), "save_to_disk", needed, root or folder)
 
 
 def _hub_offline() -> bool:
@@ -444,7 +444,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _from_hub(repo: str, needed: _Wanted, config: str | None, split: str) -> Catalog:
+def _from_hub(repo: str, needed: _Wanted, config: str | None, split: str,
+              root: Path | None = None) -> Catalog:
     import datasets
     from huggingface_hub import constants
 
@@ -466,7 +467,7 @@ def _from_hub(repo: str, needed: _Wanted, config: str | None, split: str) -> Cat
     except (ValueError, KeyError, FileNotFoundError) as e:  # unknown config or split
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load {repo!r} (config {config}, split {split}): {msg}") from None
-    return _from_dataset(ds, repo, "hub", needed, None)
+    return _from_dataset(ds, repo, "hub", needed, root)
 
 
 # ---------------------------------------------------------------- CSV
