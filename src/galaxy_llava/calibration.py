@@ -223,7 +223,7 @@ def zoobot_vote_mse(predicted: Mapping[str, "ArrayLike"], fractions: Mapping[str
             continue
         pred = np.asarray(predicted[q], dtype=np.float64)
         frac = np.asarray(fractions[q], dtype=np.float64)
-        pred, frac = pred.reshape(len(pred), -1), frac.reshape(len(frac), -1)
+        pred, frac = (x[:, None] if x.ndim == 1 else x for x in (pred, frac))
         if pred.shape != frac.shape:
             raise ValueError(f"{q}: predictions {pred.shape} but fractions {frac.shape}")
         share = np.asarray(asked[q], dtype=np.float64).reshape(-1)
