@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from galaxy_llava.calibration import (PROB_LABELS, auroc, brier_score, calibration,
-                                      grammar_probabilities, majority_probabilities, reliability,
-                                      vote_error)
-from galaxy_llava.gz2 import col
+                                      format_calibration, grammar_probabilities,
+                                      majority_probabilities, question_predictions, reliability,
+                                      vote_record_columns, vote_targets, zoobot_vote_mse)
+from galaxy_llava.gz2 import col, votes_col
 from galaxy_llava.metrics import labels_of
 from galaxy_llava.morphology import ATTRIBUTES, Morphology
 from test_metrics import TRUTHS
@@ -69,19 +70,104 @@ def test_auroc_matches_sklearn_and_is_none_when_undefined():
     assert auroc(["x", "y"], [{"x": 0.5, "y": 0.5}] * 2, labels) == 0.5  # no information
 
 
-def test_vote_error_against_the_vote_fractions():
-    smooth, obvious, dominant = (col("smooth-or-featured", "smooth"),
-                                 col("bulge-size", "obvious"), col("bulge-size", "dominant"))
-    probs = [{"elliptical": 0.9, "spiral": 0.1}, {"elliptical": 0.2, "spiral": 0.8},
-             {"elliptical": 0.5, "spiral": 0.5}]
-    fractions = [{smooth: 0.7}, {smooth: 0.1}, {smooth: None}]  # the third has no fraction
-    mse, pairs = vote_error("type", probs, fractions)
-    assert pairs == 2 and mse == pytest.approx((0.2 ** 2 + 0.1 ** 2) / 2)
-    # a prominent bulge is "obvious" or "dominant": both fractions add up when present
-    mse, pairs = vote_error("prominent_bulge", [{"yes": 0.5}, {"yes": 0.5}],
-                            [{obvious: 0.2, dominant: 0.4}, {obvious: 0.1}])
-    assert pairs == 2 and mse == pytest.approx((0.1 ** 2 + 0.4 ** 2) / 2)
-    assert vote_error("bar", [{"yes": 1.0}], [None]) == (None, 0)
+def test_yes_no_auroc_is_binary_on_p_yes_even_where_p_no_saturates():
+    """A confident model's p(no) rounds to exactly 1.0 while its p(yes) stays distinct: the old
+    macro average over {no, yes} ranked by p(no) tied those galaxies; the binary AUROC of p(yes)
+    (scikit-learn's roc_auc_score(y, p_yes)) does not."""
+    from sklearn.metrics import roc_auc_score
+
+    truth = ["no", "yes", "no", "yes", "no", "yes", "no", "yes"]
+    p_yes = np.array([1e-20, 1e-18, 3e-18, 2e-17, 0.3, 0.9, 0.2, 0.1])
+    probs = [{"no": 1.0 - p, "yes": p} for p in p_yes]
+    assert [pr["no"] for pr in probs[:4]] == [1.0] * 4  # saturated
+    y = np.array([t == "yes" for t in truth])
+    want = roc_auc_score(y, p_yes)
+    p_no = np.array([pr["no"] for pr in probs])
+    old = (roc_auc_score(~y, p_no) + roc_auc_score(y, p_yes)) / 2
+    assert old != pytest.approx(want)  # the old number was wrong here
+    assert auroc(truth, probs, ("no", "yes")) == pytest.approx(want)
+    # a p(yes) saturated at 1.0 too is told apart by its p(no), summed separately
+    top = [{"no": 1e-19, "yes": 1.0}, {"no": 1e-17, "yes": 1.0}]
+    assert auroc(["yes", "no"], top, ("no", "yes")) == 1.0
+    # multi-class keeps one-vs-rest macro, ranked so that two p = 1.0 do not tie either
+    types = ["elliptical", "spiral", "elliptical", "spiral"]
+    sure = [{"elliptical": 1.0, "spiral": 1e-20}, {"elliptical": 1.0, "spiral": 1e-18},
+            {"elliptical": 0.9, "spiral": 0.1}, {"elliptical": 0.2, "spiral": 0.8}]
+    assert auroc(types, sure, PROB_LABELS["type"]) == pytest.approx(0.75)  # 0.6875 before
+
+
+def test_zoobot_vote_mse_hand_computed():
+    """Mean squared error over (galaxy, answer) pairs of galaxies with >= half the volunteers
+    asked; NaN predictions or fractions are skipped, questions missing anywhere ignored."""
+    pred = {"bar": np.array([[0.5], [0.9], [0.2], [np.nan]]),
+            "how-rounded": np.array([[0.6, 0.4], [0.1, 0.8]]), "only-here": np.ones((1, 1))}
+    frac = {"bar": np.array([[0.3], [0.1], [np.nan], [0.5]]),
+            "how-rounded": np.array([[0.5, 0.5], [0.1, 0.6]])}
+    asked = {"bar": np.array([0.5, 0.49, 1.0, 1.0]), "how-rounded": np.array([1.0, 0.7])}
+    out = zoobot_vote_mse(pred, frac, asked)
+    assert out["questions"]["bar"] == {"mse": pytest.approx(0.04), "pairs": 1, "galaxies": 1}
+    hr = (0.1 ** 2 + 0.1 ** 2 + 0 + 0.2 ** 2) / 4
+    assert out["questions"]["how-rounded"]["mse"] == pytest.approx(hr)
+    assert out["pairs"] == 5 and out["mse"] == pytest.approx((0.04 + 4 * hr) / 5)
+    assert "only-here" not in out["questions"]
+    assert zoobot_vote_mse(pred, frac, asked, min_asked=1.01)["mse"] is None
+
+
+def _face_on(featured: float, edge_on_no: float, bar_yes: float) -> dict:
+    return {col("smooth-or-featured", "smooth"): 1 - featured,
+            col("smooth-or-featured", "featured-or-disk"): featured,
+            col("smooth-or-featured", "artifact"): 0.0,
+            col("disk-edge-on", "yes"): 1 - edge_on_no, col("disk-edge-on", "no"): edge_on_no,
+            col("bar", "yes"): bar_yes}
+
+
+def test_vote_mse_is_conditional_on_the_question_and_masked_as_zoobot_does():
+    """The old vote error compared the joint p(spiral and bar) = 0.4 with the bar fraction 0.5
+    (conditional on the question) and never masked. Zoobot's: p(bar | spiral) = 0.4 / 0.8 =
+    0.5 is exactly right, and a galaxy only 0.9 * 0.5 = 45% of whose volunteers were asked
+    about a bar does not count."""
+    probs = [{"type": {"spiral": 0.8, "elliptical": 0.2}, "bar": {"yes": 0.4, "no": 0.6}}] * 2
+    fractions = [_face_on(0.9, 0.9, 0.5), _face_on(0.9, 0.5, 0.0)]
+    pred, frac, asked, targets = question_predictions(probs, fractions)
+    assert pred["bar"][:, 0].tolist() == [0.5, 0.5] and frac["bar"][:, 0].tolist() == [0.5, 0.0]
+    assert asked["bar"].tolist() == pytest.approx([0.81, 0.45])
+    assert [t.given for t in targets["bar"]] == [("spiral",)]
+    out = zoobot_vote_mse(pred, frac, asked)["questions"]["bar"]
+    assert out == {"mse": 0.0, "pairs": 1, "galaxies": 1}
+    old = np.mean([(0.4 - 0.5) ** 2, (0.4 - 0.0) ** 2])  # joint vs conditional, unmasked
+    assert old > 0.08
+    cal = calibration([Morphology("spiral")] * 2, [
+        {a: {**_sure(Morphology("spiral"))[a], **p.get(a, {})} for a in ATTRIBUTES}
+        for p in probs], fractions)
+    assert cal["bar"]["vote_mse"] == 0.0 and cal["bar"]["vote_pairs"] == 1
+    # the majority's bar frequencies are among spirals already: not divided again
+    given = question_predictions(probs, fractions, given_type=True)[0]
+    assert given["bar"][:, 0].tolist() == [0.4, 0.4]
+
+
+def test_vote_targets_follow_each_rule_set_and_records_keep_what_both_need():
+    ref = {(t.attribute, t.label): t for t in vote_targets("reference")}
+    tree = {(t.attribute, t.label): t for t in vote_targets("tree")}
+    bulge = ("prominent_bulge", "yes")
+    assert ref[bulge].columns == (col("bulge-size", "obvious"),) and ref[bulge].given is None
+    assert tree[bulge].columns == (col("bulge-size", "obvious"), col("bulge-size", "dominant"))
+    assert tree[bulge].given == ("spiral",)
+    assert ("type", "artifact") in tree and ("type", "artifact") not in ref
+    assert tree[("boxy_bulge", "yes")].given == ("edge-on disk",)
+    kept = set(vote_record_columns())
+    assert {col("bulge-size", "dominant"), col("disk-edge-on", "no"),
+            col("has-spiral-arms", "yes"), col("smooth-or-featured", "featured-or-disk"),
+            votes_col("bar"), votes_col("smooth-or-featured")} <= kept
+
+
+def test_calibration_table_prints_auroc_and_vote_mse():
+    cal = calibration(TRUTHS, [_sure(t) for t in TRUTHS],
+                      [{col("smooth-or-featured", "smooth"): float(t.type == "elliptical")}
+                       for t in TRUTHS])
+    text = format_calibration([{"name": "m", "grammar": {"calibration": cal}}])
+    line = next(ln for ln in text.splitlines() if ln.startswith("m (grammar)") and " type " in ln)
+    assert line.split()[-3:] == ["1.000", "0.0000", "4"]
+    assert "Zoobot" in text and format_calibration([{"name": "x"}]) == ""
 
 
 def _sure(m: Morphology) -> dict:

@@ -26,10 +26,13 @@ from galaxy_llava.rules import rule_set
 _EDGES = (0.4, 0.5, 0.6)
 
 
-def make_votes(n: int = 40, seed: int = 0, n_elliptical: int | None = None) -> pd.DataFrame:
-    """A GZ2-schema vote table: counts, totals and fractions for every question; questions off
-    the galaxy's branch are NaN, some fractions sit exactly on the rules' thresholds.
-    ``n_elliptical`` rows (at most n - 1) have smooth fraction > 0.6."""
+def make_votes(n: int = 40, seed: int = 0, n_elliptical: int | None = None,
+               counts: bool = False) -> pd.DataFrame:
+    """A GZ2-schema vote table: totals and fractions for every question; questions off the
+    galaxy's branch are NaN, some fractions sit exactly on the rules' thresholds.
+    ``n_elliptical`` rows (at most n - 1) have smooth fraction > 0.6. The fractions are drawn,
+    not counted, so the rounded vote counts (``counts``) only roughly agree with them: the
+    tests of reading counts build their own rows."""
     rng = np.random.default_rng(seed)
     n_ell = n // 2 + 4 if n_elliptical is None else n_elliptical
     data: dict[str, list] = {"id_str": [f"58772{seed:03d}{i:06d}" for i in range(n)]}
@@ -59,6 +62,9 @@ def make_votes(n: int = 40, seed: int = 0, n_elliptical: int | None = None) -> p
                   col("how-rounded", "round")):
             df.loc[(3 * k + 1) % n, c] = edge
     df.loc[0, smooth] = 0.6  # exactly 0.6 is not elliptical
+    if not counts:
+        df = df.drop(columns=[count_col(q, a) for q, answers in QUESTIONS.items()
+                              for a in answers])
     return df
 
 
@@ -146,7 +152,8 @@ def no_decode(monkeypatch):
 
 def _check_catalog(c, df, rules="reference"):
     assert len(c) == len(df)
-    assert list(c.votes.columns) == ["id_str", *rule_set(rules).columns]
+    assert list(c.votes.columns)[:len(rule_set(rules).columns) + 1] == [
+        "id_str", *rule_set(rules).columns]
     assert c.votes["id_str"].tolist() == df["id_str"].tolist()
     for name in rule_set(rules).columns:
         np.testing.assert_array_equal(c.votes[name].to_numpy(), df[name].to_numpy())
@@ -358,3 +365,138 @@ def test_image_of_unreadable_row_is_a_user_error(tmp_path, votes):
     c = load_catalog(write_hub_parquet(votes, imgs, tmp_path))
     with pytest.raises(UserError, match=f"galaxy {votes.id_str[4]}: unreadable"):
         c.image(4)
+
+
+# ---------------------------------------------------------------- GZ2 catalogues as they exist
+
+def counted_votes(n: int = 25, seed: int = 0) -> pd.DataFrame:
+    """Votes as the Hub stores them: volunteers walk the tree (counts add up), totals, and the
+    fractions count / total stored as float32."""
+    from galaxy_llava import gz2
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        counts: dict[str, dict[str, int]] = {}
+        row: dict = {"id_str": f"5877{seed:02d}{i:06d}"}
+        for q in gz2.ASK_ORDER:
+            asked = gz2.n_asked(q, int(rng.integers(30, 50)) if q == gz2.ROOT else 0, counts)
+            drawn = rng.multinomial(asked, rng.dirichlet(np.full(len(QUESTIONS[q]), 0.5)))
+            counts[q] = dict(zip(QUESTIONS[q], drawn.tolist()))
+            row[votes_col(q)] = asked
+            for a in QUESTIONS[q]:
+                row[count_col(q, a)] = counts[q][a]
+                row[col(q, a)] = np.float32(counts[q][a] / asked) if asked else np.nan
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.astype({col(q, a): "float32" for q, answers in QUESTIONS.items() for a in answers})
+
+
+def _fraction_columns():
+    return [col(q, a) for q, answers in QUESTIONS.items() for a in answers]
+
+
+@pytest.mark.parametrize("rules", ["reference", "tree"])
+def test_an_old_revision_without_fraction_columns_derives_them(tmp_path, rules):
+    """Older revisions of mwalmsley/gz2 hold counts and totals only: before, a missing-columns
+    error; now count / total, equal to the stored fractions where a file has both."""
+    df = counted_votes(25, seed=1)
+    write_hub_parquet(df, images_for(df), tmp_path / "new", shards=1)
+    old = df.drop(columns=_fraction_columns())
+    write_hub_parquet(old, images_for(old), tmp_path / "old", shards=1)
+    with_both = load_catalog(tmp_path / "new", rules=rules)
+    derived = load_catalog(tmp_path / "old", rules=rules)
+    for c in rule_set(rules).columns:
+        np.testing.assert_allclose(derived.votes[c], with_both.votes[c], rtol=1e-7)
+        stored = df[c].to_numpy(np.float64)  # the float32 fractions themselves
+        np.testing.assert_allclose(derived.votes[c], stored, rtol=1e-7)
+    assert derived.votes[col("bar", "yes")].isna().sum() > 0  # unreached stays NaN
+    # a needed column neither stored nor derivable is still named
+    write_hub_parquet(old.drop(columns=[count_col("bar", "yes")]), images_for(old),
+                      tmp_path / "worse", shards=1)
+    with pytest.raises(UserError, match="missing column.*bar-gz2_yes_fraction"):
+        load_catalog(tmp_path / "worse", rules=rules)
+
+
+def test_extra_columns_load_where_present_and_are_nan_where_not(tmp_path):
+    df = counted_votes(6, seed=2).drop(columns=[col("bulge-size", "dominant")])
+    write_hub_parquet(df, images_for(df), tmp_path, shards=1)
+    extra = (col("bulge-size", "dominant"), col("disk-edge-on", "no"), "not-a-gz2-column")
+    c = load_catalog(tmp_path, extra=extra)
+    assert list(c.votes.columns) == ["id_str", *rule_set("reference").columns, *extra]
+    np.testing.assert_allclose(c.votes[extra[0]], df[count_col("bulge-size", "dominant")]
+                               / df[votes_col("bulge-size")].where(lambda v: v > 0))
+    assert c.votes[extra[2]].isna().all()
+
+
+def _galaxy_datasets_layout(folder, df):
+    """galaxy-datasets' gz2 download: gz2_train_catalog.parquet with subfolder and filename,
+    images under images/<subfolder>/<filename>."""
+    subs = [str(i)[:6] for i in df["id_str"]]
+    names = [f"{i}.jpg" for i in df["id_str"]]
+    for k, (s, f) in enumerate(zip(subs, names)):
+        (folder / "images" / s).mkdir(parents=True, exist_ok=True)
+        (folder / "images" / s / f).write_bytes(draw_galaxy(k))
+    path = folder / "gz2_train_catalog.parquet"
+    df.assign(subfolder=subs, filename=names).to_parquet(path, index=False)
+    return path
+
+
+def test_galaxy_datasets_layout_reads_with_images_root(tmp_path):
+    """Before: "no image or file_loc column"; now subfolder + filename under the images
+    folder: images/ beside the catalogue by default, or --images-root."""
+    df = counted_votes(8, seed=3).assign(id_str=[f"5877{i:02d}98174136329{i}" for i in range(8)])
+    path = _galaxy_datasets_layout(tmp_path / "gz2", df)
+    c = load_catalog(path)
+    assert {r: d for r, d, _ in c.image_bytes([0, 5])} == {0: draw_galaxy(0), 5: draw_galaxy(5)}
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "gz2" / "images").rename(moved)
+    c = load_catalog(path, images_root=moved)
+    ((_, data, err),) = list(c.image_bytes([3]))
+    assert err is None and data == draw_galaxy(3)
+    assert c.image(3).size == (48, 48)
+    # CSV flavour, and paths that climb out of the images root are refused
+    csv = tmp_path / "gz2.csv"
+    df.assign(subfolder=[str(i)[:6] for i in df["id_str"]],
+              filename=[f"{i}.jpg" for i in df["id_str"]]).to_csv(csv, index=False)
+    assert load_catalog(csv, images_root=moved).image(1).size == (48, 48)
+    df.assign(subfolder="..", filename="x.jpg").to_csv(csv, index=False)
+    with pytest.raises(UserError, match="outside"):
+        load_catalog(csv, images_root=moved)
+    with pytest.raises(UserError, match="images-root.*not a folder"):
+        load_catalog(path, images_root=tmp_path / "nope")
+
+
+def _exactly_24_of_40() -> pd.DataFrame:
+    """One galaxy with 24 of 40 smooth votes, its fraction stored as float32 (0.6000000238)."""
+    df = counted_votes(3, seed=4)
+    root = "smooth-or-featured"
+    df.loc[0, [count_col(root, "smooth"), count_col(root, "featured-or-disk"),
+               count_col(root, "artifact"), votes_col(root)]] = [24, 16, 0, 40]
+    df.loc[0, col(root, "smooth")] = np.float32(24 / 40)
+    df.loc[0, col(root, "featured-or-disk")] = np.float32(16 / 40)
+    df.loc[0, col(root, "artifact")] = np.float32(0)
+    return df
+
+
+def test_float32_fractions_reference_keeps_the_notebook_tree_counts(tmp_path):
+    """float32(0.6) > 0.6: from the stored fraction the galaxy is elliptical (what the
+    notebook did, kept by the reference rules); the tree rules decide from 24/40 = 0.6 exactly,
+    not elliptical, in the catalogue's fractions (so selection agrees) and from a raw row."""
+    from galaxy_llava.rules import morphology_from_fractions
+
+    df = _exactly_24_of_40()
+    smooth = col("smooth-or-featured", "smooth")
+    assert float(df.loc[0, smooth]) > 0.6  # the trap itself
+    write_hub_parquet(df, images_for(df), tmp_path, shards=1)
+    ref, tree = load_catalog(tmp_path), load_catalog(tmp_path, rules="tree")
+    assert ref.votes.loc[0, smooth] > 0.6 and tree.votes.loc[0, smooth] == 0.6
+    row = df.iloc[0].to_dict()
+    assert morphology_from_fractions(row, "reference").type == "elliptical"
+    assert morphology_from_fractions(ref.votes.iloc[0], "reference").type == "elliptical"
+    assert morphology_from_fractions(row, "tree").type != "elliptical"
+    assert morphology_from_fractions(tree.votes.iloc[0], "tree").type != "elliptical"
+    # without counts the tree rules can only read the stored fraction
+    no_counts = {k: v for k, v in row.items() if not k.endswith(("_smooth", "_featured-or-disk",
+                                                                  "_artifact"))}
+    assert morphology_from_fractions(no_counts, "tree").type == "elliptical"

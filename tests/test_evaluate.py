@@ -170,8 +170,14 @@ def test_evaluate_scores_the_grammar_and_snapshots_the_run(lora_run, prepared_di
                         lambda net, processor, paths, *a, **k: [PLAIN_SPIRAL] * len(paths))
     records = load_records(prepared_dir, "test")
     evaluate(run, prepared_dir, out=tmp_path / "eval", batch_size=4)
+    captured = capsys.readouterr()
     metrics, rows = _check_eval_folder(tmp_path / "eval", "vlm", len(records))
     grammar = metrics["grammar"]
+    # the terminal shows the calibration: AUROC and Zoobot's vote MSE per attribute
+    shown = [ln.split() for ln in captured.out.splitlines() if ln.startswith("eval (grammar)")]
+    type_row = next(r for r in shown if r[2] == "type")
+    assert type_row[-3] == f"{grammar['calibration']['type']['auroc']:.3f}"
+    assert type_row[-1] == str(grammar["calibration"]["type"]["vote_pairs"])
     assert grammar["rules"] == "reference" and grammar["n"] == len(records)
     assert grammar["parse_rate"] == 1.0  # the grammar's captions always parse
     assert grammar["exact_match"] == pytest.approx(
@@ -193,7 +199,7 @@ def test_evaluate_scores_the_grammar_and_snapshots_the_run(lora_run, prepared_di
     expected = collapse_warning([PLAIN_SPIRAL] * len(rows), [r["text"] for r in records])
     assert metrics["collapse_warning"] == expected
     if expected:  # the fixture's test split has more than two distinct captions
-        assert capsys.readouterr().err.count(expected) == 1
+        assert captured.err.count(expected) == 1
     assert metrics["training"]["settings"]["lora_r"] == 4
     assert metrics["training"]["settings"]["seed"] == 7
     assert metrics["inputs"]["rules"] == "reference" and metrics["inputs"]["scores"] is True

@@ -1,6 +1,7 @@
 """The GZ2 decision tree as data: questions and answers match the catalogue's columns, every
 question is reachable from the first, and each answer opens the questions GZ2 asks next."""
 
+import numpy as np
 import pytest
 
 from galaxy_llava import gz2
@@ -99,3 +100,29 @@ def test_n_asked_sums_the_answers_that_lead_to_a_question():
                      "bulge-shape": 5, "bar": 20, "has-spiral-arms": 20, "spiral-winding": 12,
                      "spiral-arm-count": 12, "bulge-size": 20,
                      "something-odd": 35}  # the 5 artifact votes end there
+
+
+def test_share_is_exact_where_float32_is_not():
+    assert gz2.share(24, 40) == 0.6 and not gz2.share(24, 40) > 0.6
+    assert float(np.float32(0.6)) > 0.6  # what the Hub's float32 column holds
+    assert np.isnan(gz2.share(0, 0)) and np.isnan(gz2.share(3, np.nan))
+    np.testing.assert_array_equal(gz2.share(np.array([1, 2]), np.array([4, 0])), [0.25, np.nan])
+
+
+def test_asked_share_is_the_product_of_fractions_down_the_tree():
+    """Zoobot's prob_of_asked: for a tree-consistent galaxy it is the question's total votes
+    over the root's."""
+    from test_catalog import counted_votes
+
+    df = counted_votes(20, seed=8)
+    root = df[gz2.votes_col(gz2.ROOT)]
+    for q in gz2.QUESTIONS:
+        got = np.array([gz2.asked_share(row, q) for row in df.to_dict("records")])
+        want = (df[gz2.votes_col(q)] / root).to_numpy()
+        np.testing.assert_allclose(np.nan_to_num(got), want, atol=1e-6)  # float32 fractions
+    f = {gz2.col(gz2.ROOT, "featured-or-disk"): 0.8, gz2.col("disk-edge-on", "no"): 0.5}
+    assert gz2.asked_share(f, "bar") == pytest.approx(0.4)
+    assert np.isnan(gz2.asked_share({}, "bar"))  # a fraction it needs is missing
+    assert gz2.asked_columns("spiral-arm-count") == (
+        gz2.col("has-spiral-arms", "yes"), gz2.col("disk-edge-on", "no"),
+        gz2.col(gz2.ROOT, "featured-or-disk"))

@@ -42,6 +42,7 @@ def test_load_dataset_gives_the_splits_images_and_columns(prepared_dir, tmp_path
             assert np.array_equal(np.asarray(row["images"][0].convert("RGB")), pixels)
             assert row["caption"] == rec["text"] and row["morphology"] == rec["morphology"]
             assert row["fractions"] == rec["fractions"]
+            assert row["votes"] == rec["votes"] and rec["votes"]  # totals, as int64
             assert row["messages"] == messages(rec["text"])  # TRL's format, round-tripped
     assert ds["train"][0]["messages"][0]["content"][1] == {"type": "text", "text": QUESTION}
 

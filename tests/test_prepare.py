@@ -17,13 +17,14 @@ from galaxy_llava.cli import main
 from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import col
 from galaxy_llava.prepare import prepare, select
+from galaxy_llava.calibration import vote_record_columns
 from galaxy_llava.rules import REFERENCE_COLUMNS, caption_from_fractions, morphology_from_fractions
 from notebook_oracle import notebook_describe
 from test_catalog import (draw_galaxy, images_for, make_votes, write_csv, write_disk,
                           write_hub_parquet)
 
 SMOOTH = col("smooth-or-featured", "smooth")
-RECORD_KEYS = ["image", "text", "id_str", "split", "morphology", "fractions"]
+RECORD_KEYS = ["image", "text", "id_str", "split", "morphology", "fractions", "votes"]
 
 
 def read_jsonl(folder):
@@ -98,8 +99,11 @@ def test_captions_equal_reference_rules_on_source_rows(prepared, source):
         row = df.loc[r["id_str"]]
         assert r["text"] == notebook_describe(row) == caption_from_fractions(row)
         assert r["morphology"] == morphology_from_fractions(row).to_dict()
-        assert list(r["fractions"]) == list(REFERENCE_COLUMNS)
-        for c, v in r["fractions"].items():
+        # the rules' fractions first, then what every rule set's vote MSE needs
+        assert list(r["fractions"])[:len(REFERENCE_COLUMNS)] == list(REFERENCE_COLUMNS)
+        assert list(r["fractions"]) + list(r["votes"]) == list(dict.fromkeys(
+            (*REFERENCE_COLUMNS, *vote_record_columns())))
+        for c, v in {**r["fractions"], **r["votes"]}.items():
             assert (v is None and math.isnan(row[c])) or v == row[c]
             saw_null |= v is None
     assert saw_null, "the fixture should exercise unanswered (NaN) questions"
@@ -431,3 +435,25 @@ def test_synthetic_end_to_end(tmp_path):
     before = snapshot(out)
     assert main(args) == 0
     assert snapshot(out) == before
+
+
+def test_galaxy_datasets_layout_through_the_cli_with_images_root(tmp_path):
+    """galaxy-datasets' gz2 catalogue (subfolder + filename, images kept elsewhere) prepares
+    with --images-root; the records keep each question's total votes and the bulge-size
+    dominant fraction whatever the rule set."""
+    from test_catalog import _galaxy_datasets_layout, counted_votes
+
+    df = counted_votes(30, seed=6)
+    path = _galaxy_datasets_layout(tmp_path / "gz2", df)
+    (tmp_path / "gz2" / "images").rename(tmp_path / "pictures")
+    for rules in ("reference", "tree"):
+        out = tmp_path / rules
+        assert main(["prepare", "--source", str(path), "--out", str(out), "--n-per-class", "3",
+                     "--image-size", "16", "--rules", rules,
+                     "--images-root", str(tmp_path / "pictures")]) == 0
+        recs = read_jsonl(out)
+        assert len(recs) == 6
+        byid = df.set_index("id_str")
+        for r in recs:
+            assert r["votes"][f"bar-gz2_total-votes"] == byid.loc[r["id_str"], "bar-gz2_total-votes"]
+            assert col("bulge-size", "dominant") in r["fractions"]

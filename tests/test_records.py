@@ -68,6 +68,7 @@ def test_images_outside_the_dataset_folder_need_allow_outside(tmp_path):
     ({"image": "images/a.jpg", "text": 3}, "field 'text' must be a string"),
     ({"image": "images/a.jpg", "text": " "}, "field 'text' is empty"),
     ({"image": "images/a.jpg", "text": SHORTEST, "split": 1}, "field 'split' has the wrong type"),
+    ({"image": "images/a.jpg", "text": SHORTEST, "votes": [40]}, "field 'votes' has the wrong type"),
 ])
 def test_fields_of_the_wrong_type_name_file_line_and_field(tmp_path, record, message):
     _write_dataset(tmp_path, [{"image": "images/b.jpg", "text": SHORTEST}, record])

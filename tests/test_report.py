@@ -116,6 +116,8 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert ">lora (grammar)<" in page and 'alt="reliability diagrams"' in page
     for header in ("accuracy [95% CI]", "macro-F1", "Brier", "ECE", "AUROC", "vote MSE"):
         assert header in page
+    # the metrics as the field computes them, said under the table
+    assert "binary, on p(yes)" in page and "half of whose volunteers were asked" in page
     # settings: prompt, decoding, rules, seed, learning rate, LoRA rank
     for shown in ("Describe this galaxy.", "beam search (3 beams)", "reference", ">1234<",
                   ">0.000321<", ">12<"):

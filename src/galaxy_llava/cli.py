@@ -45,6 +45,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         hub_config=args.hub_config, hub_split=args.hub_split, workers=args.workers,
         overwrite=args.overwrite, allow_outside_paths=args.allow_outside_paths,
+        images_root=args.images_root,
     )
 
 
@@ -220,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "repository, its folder (default: data/) or its README's configs")
     s.add_argument("--hub-split", default="train", help="split of the source dataset to read")
     s.add_argument("--workers", type=int, default=None, help="image workers (default: CPUs)")
+    s.add_argument("--images-root", type=Path, default=None,
+                   help="folder the catalogue's relative image paths are read from: file_loc, "
+                        "or galaxy-datasets' subfolder + filename (default: the catalogue's "
+                        "images/ folder for those, else its own folder)")
     _overwrite(s)
     _outside(s)
     s.set_defaults(func=_cmd_prepare)

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 from galaxy_llava import outputs
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import read_json_object, write_json, write_jsonl
-from galaxy_llava.calibration import calibration, grammar_probabilities, majority_probabilities
+from galaxy_llava.calibration import (calibration, format_calibration, grammar_probabilities,
+                                      majority_probabilities)
 from galaxy_llava.metrics import (UNKNOWN, collapse_warning, compute_metrics, format_table, judge,
                                   labels_of, majority_labels, morphology_of, read_answer)
 from galaxy_llava.morphology import ATTRIBUTES, Morphology
@@ -200,7 +201,10 @@ def majority_baseline(data: str | Path, split: str = "test", out: str | Path = "
     probs = [majority_probabilities(train)] * len(records)
     truths = [truth_of(r) for r in records]
     metrics = compute_metrics(truths, preds)
-    metrics["calibration"] = calibration(truths, probs, [r.get("fractions") for r in records])
+    # its frequencies of shape, bar and arms are among that type's galaxies: given the type
+    metrics["calibration"] = calibration(truths, probs, [r.get("fractions") for r in records],
+                                         rules=dataset_rules(data) or "reference",
+                                         given_type=True)
     rows = prediction_rows(records, preds, [caption] * len(records), [None] * len(records), probs)
     return write_eval(out, rows, metrics, name, kind="majority", model=None, split=split, run=None,
                       data=str(data), rules=dataset_rules(data), majority=labels, inputs=inputs)
@@ -307,6 +311,8 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
                       generation=generation, rules=rules if scores else dataset_rules(data),
                       training=training, inputs=inputs)
     print(format_table(with_majority(full, data, records)))
+    if scores:
+        print(format_calibration([full]))
     warning = metrics["collapse_warning"] or (metrics.get("grammar") or {}).get(
         "collapse_warning")
     if warning:
@@ -339,7 +345,8 @@ def _grammar(net: Any, processor: Any, prompt: str, rules: str, records: Sequenc
                           "exact": all(lab[a] == labels_of(t)[a] for a in ATTRIBUTES)}
         row["probabilities"] = p
     return {"rules": rules, **metrics,
-            "calibration": calibration(truths, probs, [r.get("fractions") for r in records]),
+            "calibration": calibration(truths, probs, [r.get("fractions") for r in records],
+                                       rules=rules),
             "collapse_warning": collapse_warning(best, truth_texts,
                                                  "most probable captions (grammar)")}
 

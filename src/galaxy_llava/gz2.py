@@ -90,3 +90,45 @@ def n_asked(question: str, n_volunteers: int, counts: Mapping[str, Mapping[str, 
     if question == ROOT:
         return n_volunteers
     return sum(counts[q][a] for q, a in reached_by(question))
+
+
+def share(count, total):
+    """``count / total`` in float64, NaN where ``total`` is 0 or missing: a vote fraction from
+    vote counts (scalars or numpy arrays). Exact where the catalogue's float32 fraction is not:
+    24 of 40 votes is 0.6 here, while ``float32(0.6)`` is 0.6000000238."""
+    import numpy as np
+
+    count = np.asarray(count, dtype=np.float64)
+    total = np.asarray(total, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(total > 0, count / np.where(total > 0, total, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def asked_columns(question: str) -> tuple[str, ...]:
+    """The fraction columns :func:`asked_share` reads for ``question``: the answers on every
+    path from the root to it."""
+    out: list[str] = []
+    for q, a in reached_by(question):
+        out += [col(q, a), *asked_columns(q)]
+    return tuple(dict.fromkeys(out))
+
+
+def asked_share(fractions: Mapping[str, float | None], question: str) -> float:
+    """The share of a galaxy's volunteers who were asked ``question``, from the vote fractions
+    of the answers that lead to it: the product of the fractions along the tree (summed over
+    the answers that open it). This is Zoobot's ``prob_of_asked``
+    (``zoobot/shared/schemas.py`` ``Schema.joint_p``, used by ``zoobot/shared/stats.py``
+    ``get_expected_votes_human``), walked over this module's tree rather than Zoobot's GZ2
+    schema, which asks bar and bulge-size after featured-or-disk and something-odd always. NaN
+    where a fraction it needs is missing on a branch that volunteers reached."""
+    if question == ROOT:
+        return 1.0
+    total = 0.0
+    for q, a in reached_by(question):
+        parent = asked_share(fractions, q)
+        if parent == 0:  # nobody reached q: its fractions are NaN, and no one came this way
+            continue
+        value = fractions.get(col(q, a))
+        total += (float("nan") if value is None else float(value)) * parent
+    return total

@@ -15,7 +15,8 @@ rely on. The price is disk: the parquet shards hold each JPEG twice (``image``, 
 for TRL), so the dataset takes about three times the size of ``images/``.
 
 Columns: ``image`` (an Image), ``id_str``, ``caption``, ``morphology`` (the caption's
-attributes), ``fractions`` (the GZ2 vote fractions the rule set read), and ``messages`` /
+attributes), ``fractions`` (the GZ2 vote fractions the rule set read and those the vote MSE
+compares), ``votes`` (each question's total votes), and ``messages`` /
 ``images``, TRL's vision-language SFT format (a user turn holding the image and
 :data:`galaxy_llava.config.DEFAULT_QUESTION`, an assistant turn holding the caption).
 galaxy-llava's own loaders read ``dataset.jsonl`` only.
@@ -46,7 +47,7 @@ def messages(caption: str, question: str = DEFAULT_QUESTION) -> list[dict]:
             {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
 
 
-def features(fraction_columns: list[str]):
+def features(fraction_columns: list[str], vote_columns: list[str] = ()):
     """The ``datasets.Features`` of every shard, declared so that shards and splits share one
     schema even where a column is empty in one of them (a shape no elliptical there has)."""
     from datasets import Features, Image, Value
@@ -57,6 +58,7 @@ def features(fraction_columns: list[str]):
     return Features({
         "image": Image(), "id_str": text, "caption": text, "morphology": morphology,
         "fractions": {c: Value("float64") for c in fraction_columns},
+        "votes": {c: Value("int64") for c in vote_columns},
         "messages": [{"role": text, "content": [{"type": text, "text": text}]}],
         "images": [Image()]})
 
@@ -83,7 +85,8 @@ def write_hub_layout(folder: Path, records: list[dict], manifest: dict,
     import datasets
 
     columns = list(records[0].get("fractions") or {}) if records else []
-    feats = features(columns)
+    totals = list(records[0].get("votes") or {}) if records else []
+    feats = features(columns, totals)
     out = folder / DATA_DIR
     out.mkdir(exist_ok=True)
     written, counts = [], {}
@@ -114,7 +117,8 @@ def _shard_bytes(folder: Path, rows: list[dict], feats, datasets) -> bytes:
         data = (folder / r["image"]).read_bytes()
         table.append({"image": {"bytes": data, "path": Path(r["image"]).name},
                       "id_str": r["id_str"], "caption": r["text"], "morphology": r["morphology"],
-                      "fractions": r.get("fractions") or {}, "messages": messages(r["text"]),
+                      "fractions": r.get("fractions") or {}, "votes": r.get("votes") or {},
+                      "messages": messages(r["text"]),
                       "images": [{"bytes": data, "path": Path(r["image"]).name}]})
     buf = io.BytesIO()
     with _quiet(datasets):  # a progress bar per shard of a few dozen rows is noise
@@ -185,7 +189,8 @@ the splits.
 | `id_str` | the galaxy's catalogue id |
 | `caption` | the caption, from the vote fractions under the rule set |
 | `morphology` | the caption's attributes: type, shape, bar, arms, prominent/boxy bulge, disturbed |
-| `fractions` | the vote fractions the rule set read (null: no volunteer reached the question) |
+| `fractions` | GZ2 vote fractions: those the rule set read and those the vote MSE compares (null: no volunteer reached the question) |
+| `votes` | each question's total votes (how many volunteers were asked it) |
 | `messages`, `images` | TRL's vision-language format: {question!r} and the image, then the caption |
 
 ## Use

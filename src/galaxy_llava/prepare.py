@@ -4,7 +4,9 @@ captions under a rule set, stratified train/val/test splits, statistics and a pr
 Output folder::
 
     manifest.json   arguments and a fingerprint of the catalogue (guards against mixing datasets)
-    dataset.jsonl   {"image", "text", "id_str", "split", "morphology", "fractions"} per galaxy
+    dataset.jsonl   {"image", "text", "id_str", "split", "morphology", "fractions", "votes"}
+                    per galaxy: the caption's attributes, the vote fractions the rule set
+                    reads and those every rule set's vote MSE needs, each question's total votes
     images/<md5(id_str)>.jpg
     stats.json      counts, caption lengths, skipped images
     preview.png     a grid of sample galaxies with their captions
@@ -38,6 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from galaxy_llava import __version__, io as gio, outputs
+from galaxy_llava.calibration import vote_record_columns
 from galaxy_llava.catalog import ID_COLUMN, Catalog, ImageError, decode_image, load_catalog
 from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import col
@@ -60,13 +63,16 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int 
             seed: int = 42, image_size: int = 336, rules: str = "reference", min_votes: int = 5,
             val_fraction: float = 0.1, test_fraction: float = 0.1, hub_config: str | None = None,
             hub_split: str = "train", workers: int | None = None, overwrite: bool = False,
-            allow_outside_paths: bool = False) -> dict:
+            allow_outside_paths: bool = False, images_root: str | os.PathLike | None = None
+            ) -> dict:
     """Select ``n_per_class`` elliptical and spiral galaxies, write images, captions, splits,
     stats and a preview under ``out``; return the stats.
 
     ``out`` may be new, empty, or a dataset prepared with the same settings from the same
     catalogue (its images are reused); another dataset needs ``overwrite``. Catalogue image
-    paths outside the catalogue's folder need ``allow_outside_paths``.
+    paths outside the catalogue's folder need ``allow_outside_paths``; ``images_root`` is the
+    folder a catalogue's relative image paths (``file_loc``, galaxy-datasets' ``subfolder`` +
+    ``filename``) are read from.
 
     An unreadable, truncated or oversized image is skipped with a warning naming the galaxy and
     listed in the stats, not replaced by another galaxy: the selection and the splits stay a pure
@@ -83,10 +89,12 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int 
     # cheap: before a possibly large catalogue is opened
     outputs.claim(out, "dataset", overwrite=overwrite, identity=lambda o: _differences(o, args))
     catalog = load_catalog(source, rules=rules, hub_config=hub_config, hub_split=hub_split,
-                           allow_outside=allow_outside_paths)
+                           allow_outside=allow_outside_paths, images_root=images_root,
+                           extra=vote_record_columns())
     manifest = {"format": MANIFEST_FORMAT, "source": _source_name(source),
                 "source_kind": catalog.kind, "hub_config": hub_config, "hub_split": hub_split,
-                **args, "catalog_rows": len(catalog), "catalog_sha256": _fingerprint(catalog)}
+                **args, "catalog_rows": len(catalog),
+                "catalog_sha256": _fingerprint(catalog, rule_set(rules).columns)}
     status = outputs.claim(out, "dataset", overwrite=overwrite,
                            identity=lambda o: _differences(o, manifest))
 
@@ -240,10 +248,11 @@ def _source_name(source: Any) -> str:
     return str(path.resolve()) if path.exists() else str(source)
 
 
-def _fingerprint(catalog: Catalog) -> str:
-    """sha256 of the ids and vote values: the same catalogue gives the same hash anywhere."""
+def _fingerprint(catalog: Catalog, columns: tuple[str, ...]) -> str:
+    """sha256 of the ids and the rule set's vote values: the same catalogue gives the same hash
+    anywhere (the columns records keep beyond those never decide a caption)."""
     v = catalog.votes
-    cols = [c for c in v.columns if c != ID_COLUMN]
+    cols = list(columns)
     values = v[cols].to_numpy(np.float64)
     values = np.where(np.isnan(values), np.nan, values)  # one NaN bit pattern
     h = hashlib.sha256("\n".join(cols).encode())
@@ -284,9 +293,23 @@ def _usable_rows(votes: pd.DataFrame) -> tuple[pd.Index, dict]:
                                            "duplicate_id": int(dup.sum())}
 
 
+def record_columns(rules: str) -> tuple[list[str], list[str]]:
+    """The vote fractions and the total-vote columns a record of this rule set keeps: what the
+    rules read, then what every rule set's vote MSE needs (the same list for every rule set
+    past the rules' own, so datasets of both rule sets can be compared on the same votes)."""
+    names = list(dict.fromkeys((*rule_set(rules).columns, *vote_record_columns())))
+    return ([c for c in names if c.endswith("_fraction")],
+            [c for c in names if c.endswith("_total-votes")])
+
+
 def _records(votes: pd.DataFrame, sel: pd.DataFrame, rules: str, min_votes: int) -> list[dict]:
     ruleset = rule_set(rules)
-    fraction_cols = [c for c in ruleset.columns if c.endswith("_fraction")]
+    fraction_cols, total_cols = record_columns(rules)
+
+    def value(row: dict, c: str, kind=float):
+        v = row.get(c)
+        return None if v is None or math.isnan(v) else kind(v)
+
     rows = votes.iloc[sel["row"].to_numpy()].to_dict("records")
     records = []
     for row, split in zip(rows, sel["split"]):
@@ -297,7 +320,8 @@ def _records(votes: pd.DataFrame, sel: pd.DataFrame, rules: str, min_votes: int)
             "id_str": str(row[ID_COLUMN]),
             "split": split,
             "morphology": m.to_dict(),  # every key always present: one Arrow schema
-            "fractions": {c: None if math.isnan(row[c]) else float(row[c]) for c in fraction_cols},
+            "fractions": {c: value(row, c) for c in fraction_cols},
+            "votes": {c: value(row, c, int) for c in total_cols},
         })
     return records
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from galaxy_llava.calibration import calibration
+from galaxy_llava.calibration import STATED_FOR, calibration, format_calibration
 from galaxy_llava.evaluate import (claim_eval, dataset_rules, eval_inputs, load_split,
                                    prediction_rows, run_folder, training_snapshot, truth_of,
                                    with_majority, write_eval)
@@ -71,17 +71,14 @@ def _fit_predict(x_train, y_train: list[str], x_test,
     return [str(v) for v in clf.predict(x_test)], probs
 
 
-# Which type states each type-dependent attribute: the probe's classifier for it is fitted on
-# that type's galaxies only, so its probabilities are conditional on the type.
-_STATED_FOR = {"shape": "elliptical", "bar": "spiral", "arms": "spiral"}
-
-
 def probe_probabilities(conditional: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """One galaxy's probe probabilities as the grammar's marginals read: shape, bar and arms
     are stated only for their type, so p(value) = p(type) * p(value | type) and the rest of the
     mass goes to "not said" ("none" / "no"). The other attributes are kept as they are."""
     out = dict(conditional)
-    for a, kind in _STATED_FOR.items():
+    # The probe's classifier of a type-dependent attribute is fitted on that type's galaxies
+    # only, so its probabilities are conditional on the type.
+    for a, kind in STATED_FOR.items():
         p_type = conditional["type"].get(kind, 0.0)
         default = DEFAULT_LABEL[a]
         out[a] = {v: p_type * p for v, p in conditional[a].items()}
@@ -134,7 +131,8 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
              for i in range(len(records))]
     truths = [truth_of(r) for r in records]
     metrics = compute_metrics(truths, preds)
-    metrics["calibration"] = calibration(truths, probs, [r.get("fractions") for r in records])
+    metrics["calibration"] = calibration(truths, probs, [r.get("fractions") for r in records],
+                                         rules=dataset_rules(data) or "reference")
     rows = prediction_rows(records, preds, [morphology_of(p).caption() for p in preds],
                            [None] * len(records), probs)
     full = write_eval(out, rows, metrics, name, kind="probe", model=str(model), split=split,
@@ -142,6 +140,7 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
                       probe={"train_n": len(train), "feature_dim": int(x_train.shape[1])},
                       training=training, inputs=inputs)
     print(format_table(with_majority(full, data, records)))
+    print(format_calibration([full]))
     return full
 
 

@@ -1,6 +1,6 @@
 """Prepared datasets as records (``dataset.jsonl`` + images) and safe image loading.
 
-A record: ``{"image", "text", "id_str", "split", "morphology", "fractions"}``; image paths are
+A record: ``{"image", "text", "id_str", "split", "morphology", "fractions", "votes"}``; image paths are
 resolved against the dataset folder and must stay inside it (unless the caller allows otherwise).
 Images open through one guarded function (decompression-bomb guard, one-line errors).
 """
@@ -72,7 +72,8 @@ def _parse_lines(path: Path, lines: Iterable[str], root: Path,
 
 
 # Optional fields and the type each must have when present.
-_OPTIONAL = {"split": str, "id_str": (str, int), "morphology": dict, "fractions": dict}
+_OPTIONAL = {"split": str, "id_str": (str, int), "morphology": dict, "fractions": dict,
+             "votes": dict}
 
 
 def _check_fields(record: dict, where: str) -> None:

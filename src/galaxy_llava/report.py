@@ -204,10 +204,14 @@ def _calibration_section(views: Sequence[dict]) -> str:
             'the probe\'s logistic regressions, the majority\'s training-set frequencies. '
             'Brier: mean over galaxies of the summed squared error of the label probabilities '
             '(0 best, 2 worst). ECE: top-label expected calibration error over ten equal-width '
-            'confidence bins (0 = the confidence is the accuracy). AUROC: one-vs-rest, '
-            'macro-averaged over the true labels (n/a with one label). Vote MSE: squared error '
-            'of the probability of each GZ2-answered label (elliptical ~ smooth, bar ~ bar yes, '
-            '...) against the volunteers\' vote fraction, as Zoobot measures it.</p>')
+            'confidence bins (0 = the confidence is the accuracy). AUROC: binary, on p(yes), '
+            'for the yes/no attributes; one-vs-rest and macro-averaged over the true labels for '
+            'type, shape and arms (n/a with one label); galaxies ranked by log-odds, so '
+            'probabilities saturated at 1.0 do not tie. Vote MSE (Zoobot\'s): squared error of '
+            'each GZ2-answered label\'s probability given that its question is asked (p(bar | '
+            'spiral), ...) against the volunteers\' vote fraction (elliptical ~ smooth, bar ~ '
+            'bar yes, ...), over every galaxy at least half of whose volunteers were asked the '
+            'question.</p>')
     return table + chart + note
 
 

@@ -6,10 +6,14 @@ is one function and one entry here; the catalogue, ``prepare``, the CLI and the 
 all look rule sets up by name.
 
 * ``reference`` reproduces the seed notebook's ``describe()`` exactly (strict ``>``; a NaN
-  fraction compares false and so adds nothing).
+  fraction compares false and so adds nothing). It compares the stored fractions, as the
+  notebook did: the Hub stores them as float32, and ``float32(0.6)`` is 0.6000000238, so a
+  galaxy with exactly 24 of 40 smooth votes is "elliptical" here, as it was in the notebook.
 * ``tree`` follows the GZ2 decision tree: it only asks a question on the branch where volunteers
   were asked it, ignores fractions backed by fewer than ``min_votes`` votes, and names edge-on
-  disks and artifacts instead of calling them spirals.
+  disks and artifacts instead of calling them spirals. It decides from the vote counts where a
+  row holds them (:func:`galaxy_llava.gz2.share`), so 24 of 40 smooth votes is exactly 0.6 and
+  not elliptical.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.gz2 import col, votes_col
+from galaxy_llava.gz2 import col, count_col, share, votes_col
 from galaxy_llava.morphology import ARMS, SHAPES, Morphology
 
 # Arm-count labels of the caption and the GZ2 answers they are read from.
@@ -108,6 +112,9 @@ def tree_morphology(row: Mapping[str, Any], min_votes: int = 5) -> Morphology:
         votes = _frac(row, votes_col(question))
         if not votes >= min_votes:  # NaN votes count as none
             return math.nan
+        count = count_col(question, answer)
+        if count in row and row[count] is not None and not math.isnan(float(row[count])):
+            return share(row[count], votes)  # exact: the stored fraction may be float32
         return _frac(row, col(question, answer))
 
     disturbed = f("something-odd", "yes") > 0.4
@@ -147,13 +154,16 @@ def _tree_reachable() -> list[Morphology]:
 class RuleSet:
     """One caption rule set: the catalogue columns it reads (the catalogue checks and loads
     these), its rule ``function`` (row, plus ``min_votes`` when ``uses_min_votes``) and every
-    Morphology it can produce (for round-trip tests, tokenizer corpora and baselines)."""
+    Morphology it can produce (for round-trip tests, tokenizer corpora and baselines).
+    ``reads_counts``: where a row holds an answer's vote count, the rules read count / total
+    instead of the stored fraction (the catalogue loads the counts where they exist)."""
 
     name: str
     columns: tuple[str, ...]
     function: Callable[..., Morphology]
     reachable: Callable[[], list[Morphology]]
     uses_min_votes: bool = False
+    reads_counts: bool = False
 
     def morphology(self, row: Mapping[str, Any], min_votes: int = 5) -> Morphology:
         """Attributes of one catalogue row (a dict, pandas Series or similar); ``min_votes``
@@ -165,7 +175,8 @@ class RuleSet:
 
 RULE_SETS: dict[str, RuleSet] = {r.name: r for r in (
     RuleSet("reference", REFERENCE_COLUMNS, reference_morphology, _reference_reachable),
-    RuleSet("tree", TREE_COLUMNS, tree_morphology, _tree_reachable, uses_min_votes=True),
+    RuleSet("tree", TREE_COLUMNS, tree_morphology, _tree_reachable, uses_min_votes=True,
+            reads_counts=True),
 )}
 
 
