@@ -7,15 +7,15 @@ and ``galaxy-llava --debug COMMAND ...`` shows its traceback. Outputs follow the
 :mod:`galaxy_llava.outputs` (``--overwrite`` replaces another output of the same kind).
 
 Global flags (``--debug``, ``--verbose``, ``--threads N``) work before or after the command
-(``train`` included: TrainingArguments' own ``debug`` is its ``--config`` YAML's ``debug:`` key);
-they set up the process (torch's CPU threads, transformers' progress bars and logging) before any command
-imports torch or transformers.
+(``train`` included: TrainingArguments' own ``debug`` is its ``--config`` YAML's ``debug:``
+key); they set up the process (torch's CPU threads, transformers' progress bars and logging)
+before any command imports torch or transformers. Every command takes both spellings of a flag
+and shows the defaults in ``--help`` (:mod:`galaxy_llava.flags`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import errno
 import json
 import os
@@ -25,6 +25,7 @@ from pathlib import Path
 from galaxy_llava import __version__
 from galaxy_llava.config import DEFAULT_THREADS, GLOBAL_FLAGS
 from galaxy_llava.errors import UserError
+from galaxy_llava.flags import ArgumentParser
 from galaxy_llava.rules import RULE_SETS
 from galaxy_llava.toy.tiny import FAMILIES, PRESETS
 
@@ -187,69 +188,6 @@ def _outside(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-outside-paths", action="store_true",
                    help="read images outside the dataset's or catalogue's own folder (a CSV "
                         "whose file_loc paths are absolute needs it)")
-
-
-def spellings(names: tuple[str, ...]) -> tuple[str, ...]:
-    """``names`` and, after them, the other spelling of each long flag (``--batch-size`` ->
-    ``--batch_size`` and back), so every command takes both, as ``train`` (Hugging Face's
-    parser) does."""
-    others = []
-    for name in names:
-        if name.startswith("--"):
-            for other in (name.replace("-", "_"), name.replace("_", "-")):
-                other = "--" + other[2:]
-                if other not in names and other not in others:
-                    others.append(other)
-    return (*names, *others)
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Each flag's default after its help (unless the help already says it, the default is
-    None, or the flag is an on/off switch), and one spelling of each flag: the other is
-    mentioned once, in the command's epilog."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (action.default in (None, argparse.SUPPRESS) or action.nargs == 0
-                or not action.option_strings or "default" in text):
-            return text
-        return f"{text} (default: %(default)s)"
-
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        shown = getattr(action, "spellings_shown", None)
-        if shown is None:
-            return super()._format_action_invocation(action)
-        compact = copy.copy(action)
-        compact.option_strings = action.option_strings[:shown]
-        return super()._format_action_invocation(compact)
-
-
-SPELLINGS = "Every flag also takes its other spelling: --batch-size or --batch_size."
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with both spellings of every long flag (:func:`spellings`) and the defaults in
-    ``--help`` (:class:`HelpFormatter`); subcommands' parsers are of this class too."""
-
-    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
-
-    def add_argument(self, *names, **kwargs):
-        """``add_argument`` with the other spelling of each long flag added."""
-        return _both(super().add_argument, names, kwargs)
-
-    def add_mutually_exclusive_group(self, **kwargs):
-        """A group whose flags also take both spellings."""
-        group = super().add_mutually_exclusive_group(**kwargs)
-        add = group.add_argument
-        group.add_argument = lambda *names, **kw: _both(add, names, kw)
-        return group
-
-
-def _both(add, names: tuple[str, ...], kwargs: dict) -> argparse.Action:
-    action = add(*spellings(names), **kwargs)
-    action.spellings_shown = len(names)
-    return action
 
 
 DESCRIPTION = ("Teach vision-language models (LLaVA, Qwen2-VL, SmolVLM) to describe Galaxy Zoo 2 "
@@ -446,7 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_demo)
     for name, s in sub.choices.items():  # main() takes them anywhere; listed in each --help
         if name != "train":
-            s.epilog = SPELLINGS
             for flag, kwargs in GLOBAL_FLAGS.items():
                 s.add_argument(flag, **{**kwargs, "default": argparse.SUPPRESS})
     return p
