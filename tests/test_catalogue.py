@@ -90,7 +90,7 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
         assert run("--model", model, "--images", folder, "--out", other, "--part-size", 4,
                    "--no-scores", *FAST) == 0
         assert read(other)["id"].tolist() == rows["id"].tolist()
-    assert rows["caption"].tolist() == [d["text"] for d in described]
+    assert rows["caption"].tolist() == [d["caption"] for d in described]
 
     net, processor, prompt = load_for_inference(model)
     scores = grammar_scores(net, processor, rows["image"].tolist(), "reference", prompt)
@@ -223,7 +223,7 @@ def test_path_lists_and_fits_cutouts(model, images, tmp_path):
     assert rows["id"].tolist() == ["c", "b", "a", "g0", "g1", "g2", "one"]
     described = describe_paths(model, expected[::-1] + expected + [cutouts / "one.fits.gz"],
                                batch_size=2, num_beams=2, max_new_tokens=8)
-    assert rows["caption"].tolist() == [d["text"] for d in described]
+    assert rows["caption"].tolist() == [d["caption"] for d in described]
 
 
 def test_a_lost_part_is_rewritten_and_leftovers_removed(model, images, reference, tmp_path):

@@ -74,9 +74,9 @@ def test_version_is_the_installed_packages(capsys):
      ["synth", "--out", "S"]),
     (["evaluate", "--split", "train", "--threads=3"], 3, False, False,
      ["evaluate", "--split", "train"]),
-    # after `train`, --debug is TrainingArguments' own flag and stays for its parser
-    (["--debug", "train", "--debug", "underflow_overflow", "--threads", "1"], 1, False, True,
-     ["train", "--debug", "underflow_overflow"]),
+    # after `train` too, --debug is galaxy-llava's (TrainingArguments' own: the YAML's debug:)
+    (["train", "--output_dir", "R", "--debug", "--threads", "1"], 1, False, True,
+     ["train", "--output_dir", "R"]),
     (["train", "--verbose", "--output_dir", "R"], None, True, False,
      ["train", "--output_dir", "R"]),
 ])
@@ -169,3 +169,63 @@ def test_library_loading_bars_only_with_verbose(tiny_model_dir, tmp_path):
         runs[bool(flags)] = proc.stderr
     assert "Loading weights" not in runs[False]
     assert "Loading weights" in runs[True]
+
+
+def test_debug_after_train_shows_the_traceback(monkeypatch, capsys):
+    """`galaxy-llava train ... --debug`: parsed as galaxy-llava's flag (it once collided with
+    TrainingArguments' own --debug: 'expected at least one argument'), so the error's traceback
+    shows; without it, one line."""
+    from galaxy_llava.training import arguments, trainer
+
+    seen = []
+
+    def fails_after_parsing(argv):
+        seen.append(arguments.parse_cli(argv))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer, "train_cli", fails_after_parsing)
+    argv = ["train", "--data", "D", "--output_dir", "R", "--method", "lora"]
+    with pytest.raises(RuntimeError, match="boom"):
+        main([*argv, "--debug"])
+    assert seen[-1][0].method == "lora" and not seen[-1][1].debug
+    assert main(argv) == 1
+    assert "internal error: RuntimeError: boom" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_vl", "idefics3"])
+def test_export_names_the_family_it_wrote(family_name, tmp_path):
+    """Not "a plain LLaVA checkpoint" for every family: the family and the class that loads it."""
+    from transformers import AutoConfig
+
+    from galaxy_llava.cli import export_summary
+    from galaxy_llava.models.registry import FAMILIES
+
+    family = next(f for f in FAMILIES.values() if f.name == family_name)
+    config = AutoConfig.for_model(family.model_types[0])
+    config.architectures = [f"{family_name}-architecture"]
+    config.save_pretrained(tmp_path / "export")
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    line = export_summary(tmp_path / "run", tmp_path / "export")
+    assert line == (f"wrote a plain {family.title} checkpoint ({family_name}-architecture) with "
+                    f"its LoRA adapter merged in to {tmp_path / 'export'}")
+    assert ("LLaVA" in line) == (family_name == "llava")
+
+
+def test_describe_json_says_caption_like_the_catalogue(tiny_model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "g.png"
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(image)
+    fast = ["--num-beams", "1", "--max-new-tokens", "4"]
+    assert main(["describe", "--model", str(tiny_model_dir), str(image), "--json", *fast]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert list(row) == ["image", "caption"]
+    assert main(["describe", "--model", str(tiny_model_dir), str(image), "--scores", *fast]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    from galaxy_llava.catalogue import _columns
+
+    p_columns = _columns("reference")[1]
+    assert [c for c in scored if c.startswith("p_")] == p_columns  # the catalogue's names
+    assert {"image", "caption", "best_caption", "entropy"} <= set(scored)
+    assert scored["caption"] == row["caption"]

@@ -40,6 +40,21 @@ def test_unknown_split_lists_splits(tmp_path):
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("written", ["validation", "val"])
+def test_validation_split_by_either_name(tmp_path, written):
+    """`--split validation` (Hugging Face's name, what prepare writes) and `--split val` (the
+    alias) choose the same galaxies, also in a dataset written with the old name; the EVAL
+    folder records the one name."""
+    from galaxy_llava.evaluate import load_split, majority_baseline
+
+    data = _write_dataset(tmp_path / "data", splits=("train", written))
+    chosen = load_split(data, "validation")
+    assert len(chosen) == 4 and load_split(data, "val") == chosen
+    for k, asked in enumerate(("validation", "val")):
+        m = majority_baseline(data, split=asked, out=tmp_path / f"maj{k}")
+        assert m["split"] == m["inputs"]["split"] == "validation" and m["n"] == 4
+
+
 def test_majority_baseline_writes_eval_folder(tmp_path):
     from galaxy_llava.evaluate import majority_baseline
 

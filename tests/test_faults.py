@@ -346,7 +346,7 @@ CASES = [
      "--test-fraction must be in \\[0, 1\\) \\(got inf\\)"),
     ("numbers", "prepare-val-fraction-nan", ["prepare", "--source", SYNTH, "--out", "newdata",
                                              "--val-fraction", "nan"], None,
-     "--val-fraction must be in \\[0, 1\\) \\(got nan\\)"),
+     "--validation-fraction must be in \\[0, 1\\) \\(got nan\\)"),
     ("numbers", "synth-image-size-huge", ["synth", "--out", "newsynth", "--n", "4",
                                           "--image-size", "100000"], None,
      "image_size must be <= 4096"),

@@ -167,7 +167,7 @@ def test_describe_paths_uses_the_stored_prompt(overfit, image_folder, tmp_path, 
     assert seen == [prompt]
     assert [r["image"] for r in results] == [str(image_folder / "a_white.JPG"),
                                              str(image_folder / "b_black.png")]
-    assert all(isinstance(r["text"], str) for r in results)
+    assert all(isinstance(r["caption"], str) for r in results)
     json.dumps(results)
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from galaxy_llava import hub_dataset
 from galaxy_llava.config import DEFAULT_QUESTION as QUESTION
-from galaxy_llava.hub_dataset import SPLITS, dataset_card, messages
+from galaxy_llava.hub_dataset import dataset_card, messages
+from galaxy_llava.records import SPLITS
 
 
 def _load(folder, cache):
@@ -29,9 +30,9 @@ def test_load_dataset_gives_the_splits_images_and_columns(prepared_dir, tmp_path
     ds = _load(prepared_dir, tmp_path / "cache")
     records = _records(prepared_dir)
     assert set(ds) == {"train", "validation", "test"}
-    for ours, theirs in SPLITS.items():
-        mine = [r for r in records if r["split"] == ours]
-        split = ds[theirs]
+    for name in SPLITS:  # the prepared records' split names are Hugging Face's
+        mine = [r for r in records if r["split"] == name]
+        split = ds[name]
         assert len(split) == len(mine) > 0
         assert split["id_str"] == [r["id_str"] for r in mine]  # the same galaxies, same order
         for row, rec in zip(split, mine):

@@ -70,8 +70,9 @@ def test_balanced_records_images_and_splits(prepared, source):
     for c in ("elliptical", "spiral"):
         mine = [r for r in recs if classes[r["id_str"]] == c]
         assert len(mine) == 10
-        # stratified: round(10 * 0.2) test and val per class
-        assert sorted(r["split"] for r in mine) == ["test"] * 2 + ["train"] * 6 + ["val"] * 2
+        # stratified: round(10 * 0.2) test and validation per class
+        assert sorted(r["split"] for r in mine) == (["test"] * 2 + ["train"] * 6
+                                                    + ["validation"] * 2)
     for r in recs:
         assert r["image"] == f"images/{hashlib.md5(r['id_str'].encode()).hexdigest()}.jpg"
         with Image.open(out / r["image"]) as img:
@@ -184,7 +185,7 @@ def test_select_is_vectorised_and_stratified():
     smooth = votes.loc[sel["row"], SMOOTH].to_numpy()
     assert ((smooth > 0.6) == (sel["class"] == "elliptical").to_numpy()).all()
     counts = sel.groupby(["class", "split"]).size().unstack()
-    assert counts.loc["elliptical"].to_dict() == {"test": 10, "train": 35, "val": 5}
+    assert counts.loc["elliptical"].to_dict() == {"test": 10, "train": 35, "validation": 5}
     assert counts.loc["spiral"].to_dict() == counts.loc["elliptical"].to_dict()
     # interleaved, not one class after the other
     assert sel["class"].iloc[:50].nunique() == 2
@@ -226,7 +227,7 @@ def test_tree_rules_summaries_count_the_true_types(source, tmp_path, capsys):
     assert set(types) - {"elliptical", "spiral"}, "the fixture should draw other types"
     assert {t: n for t, n in stats["classes"].items() if n} == types
     assert list(stats["classes"]) == ["elliptical", "spiral", "edge-on disk", "artifact"]
-    for split in ("train", "val", "test"):
+    for split in ("train", "validation", "test"):
         want = Counter(r["morphology"]["type"] for r in recs if r["split"] == split)
         got = stats["splits"][split]
         assert {t: n for t, n in got.items() if n and t != "total"} == want

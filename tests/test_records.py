@@ -43,8 +43,12 @@ def test_load_records_resolves_paths_and_splits(tmp_path):
                zip(all_records, ("a.jpg", "b.jpg", "c.jpg"), strict=True))
     train = load_records(tmp_path / "dataset.jsonl", split="train")
     assert [r["image"] for r in train] == [all_records[0]["image"], all_records[2]["image"]]
-    with pytest.raises(UserError, match="splits present: train, val"):
+    with pytest.raises(UserError, match="splits present: train, validation"):
         load_records(tmp_path, split="test")
+    # "val" (earlier datasets' name, and a habit) is read as "validation", both ways
+    assert [r["split"] for r in all_records] == ["train", "validation", "train"]
+    assert load_records(tmp_path, split="val") == load_records(tmp_path, split="validation")
+    assert [r["text"] for r in load_records(tmp_path, split="validation")] == [LONGEST]
 
 
 def test_images_outside_the_dataset_folder_need_allow_outside(tmp_path):

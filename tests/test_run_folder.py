@@ -59,7 +59,7 @@ def test_loss_log_from_the_trainers_history(tmp_path):
                {"train_runtime": 3.0, "step": 2}]
     rows = run_folder.loss_log(history)
     assert rows == [{"step": 1, "epoch": 0.5, "loss": 2.0, "split": "train", "lr": 1e-3},
-                    {"step": 2, "epoch": 1.0, "loss": 1.5, "split": "val", "lr": None}]
+                    {"step": 2, "epoch": 1.0, "loss": 1.5, "split": "validation", "lr": None}]
     run_folder.write_loss_log(tmp_path, rows[:1])
     run_folder.append_loss_log(tmp_path, rows[1:])
     lines = (tmp_path / "loss_log.jsonl").read_text().splitlines()

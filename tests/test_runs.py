@@ -245,7 +245,7 @@ def test_plain_transformers_generate_equals_describe_on_an_export(tiny_model_dir
     model = teach(model, processor, [(load_image(p), c) for p, c in zip(images, captions)])
     save_run_model(model, processor, tmp_path / "run", base_model=str(tiny_model_dir))
     out = export_run(tmp_path / "run", tmp_path / "export")
-    want = [r["text"] for r in describe_paths(out, images)]
+    want = [r["caption"] for r in describe_paths(out, images)]
     assert want == captions
     got = []
     for image in images:
@@ -264,7 +264,7 @@ def test_plain_peft_generate_equals_describe_on_an_adapter(lora_run, tiny_model_
 
     run = lora_run[0]
     images = [_noise_png(tmp_path, seed) for seed in range(3)]
-    want = [r["text"] for r in describe_paths(run, images)]
+    want = [r["caption"] for r in describe_paths(run, images)]
     question = read_marker(run / "adapter")["question"]
     got = []
     for image in images:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from galaxy_llava.catalogue import value_column
 from galaxy_llava.cli import main as cli_main
 from galaxy_llava.errors import UserError
 from galaxy_llava.generate import describe_paths
@@ -65,12 +66,14 @@ def test_describe_gives_describes_text_and_probabilities_per_attribute(app, lora
     [image] = _images(tmp_path, 1)
     expected = describe_paths(run, [image], scores_rules="reference")[0]
     text, best, entropy, *labels = _handler(app, "describe")(str(image))
-    assert text == expected["text"]
-    assert best == expected["scores"]["best"]
+    assert text == expected["caption"]
+    assert best == expected["best_caption"]
     assert entropy.endswith("nats") and float(entropy.split()[0]) >= 0
     assert len(labels) == len(ATTRIBUTES)
     for attribute, probs in zip(ATTRIBUTES, labels):
-        assert probs == pytest.approx(expected["scores"]["marginals"][attribute])
+        assert probs == pytest.approx({v: expected[value_column(attribute, v)] for v in probs})
+        assert {value_column(attribute, v) for v in probs} == {
+            c for c in expected if c.startswith(f"p_{attribute}_")}
         assert sum(probs.values()) == pytest.approx(1.0)
         assert all(0.0 <= p <= 1.0 for p in probs.values())
 
@@ -82,14 +85,15 @@ def test_batch_table_matches_describe_and_downloads_as_csv(app, lora_run, tmp_pa
     expected = describe_paths(lora_run[0], images, scores_rules="reference")
     table, csv = _handler(app, "batch")([str(p) for p in images])
     assert list(table["file"]) == [p.name for p in images]
-    assert list(table["description"]) == [e["text"] for e in expected]
-    assert list(table["best_caption"]) == [e["scores"]["best"] for e in expected]
+    assert list(table["caption"]) == [e["caption"] for e in expected]
+    assert list(table["best_caption"]) == [e["best_caption"] for e in expected]
+    assert list(table.columns) == ["file", *list(expected[0])[1:]]  # describe's names
     for attribute in ATTRIBUTES:
         cols = [c for c in table.columns if c.startswith(f"p_{attribute}_")]
         assert cols and np.allclose(table[cols].sum(axis=1), 1.0)
     back = pd.read_csv(csv, keep_default_na=False, dtype={"arms": str})
     assert Path(csv).name.endswith(".csv") and list(back.columns) == list(table.columns)
-    assert list(back["description"]) == list(table["description"])
+    assert list(back["caption"]) == list(table["caption"])
     assert np.allclose(back["p_type_spiral"], table["p_type_spiral"])
 
 
@@ -266,7 +270,7 @@ def test_the_app_in_headless_chromium_shows_describes_caption(lora_run, tmp_path
     run = lora_run[0]
     images = _images(tmp_path / "examples", 2, size=64)
     expected = describe_paths(run, images)
-    assert expected[0]["text"] != expected[1]["text"]  # so the page shows which was described
+    assert expected[0]["caption"] != expected[1]["caption"]  # so the page shows which was described
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     process = subprocess.Popen(
@@ -293,7 +297,7 @@ def test_the_app_in_headless_chromium_shows_describes_caption(lora_run, tmp_path
             best = page.locator("#best-caption textarea")
             playwright.expect(best).not_to_have_value("", timeout=60_000)
             shown = page.locator("#description textarea").input_value()
-            assert shown == expected[1]["text"]
+            assert shown == expected[1]["caption"]
             assert "This is an image of" in best.input_value()  # always a grammar caption
             settings = page.locator("#settings").inner_text()
             assert "beam search, 3 beams" in settings and "max_new_tokens 40" in settings
@@ -314,7 +318,7 @@ def test_the_app_in_headless_chromium_shows_describes_caption(lora_run, tmp_path
 
         table = pd.read_csv(io.StringIO(csv), keep_default_na=False)
         assert list(table["file"]) == [p.name for p in images]
-        assert list(table["description"]) == [e["text"] for e in expected]
+        assert list(table["caption"]) == [e["caption"] for e in expected]
         with Image.open(io.BytesIO(png)) as im:
             assert im.convert("L").getextrema()[1] > 0, "screenshot is blank"
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_training_lowers_loss_keeps_the_encoder_and_writes_a_loadable_run(
     assert metrics["steps"] >= 24  # a few dozen optimizer steps
     log = [json.loads(line) for line in (run / "loss_log.jsonl").read_text().splitlines()]
     tr = [e["loss"] for e in log if e["split"] == "train"]
-    val = [e["loss"] for e in log if e["split"] == "val"]
+    val = [e["loss"] for e in log if e["split"] == "validation"]
     assert sum(tr[-3:]) / 3 < 0.85 * sum(tr[:3]) / 3, tr
     assert len(val) == 8 and val[-1] < val[0]
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -158,7 +159,7 @@ def test_collapse_check_warns_when_every_answer_is_alike(tiny_model_dir, prepare
     from galaxy_llava.records import load_image
     from galaxy_llava.training.trainer import collapse_check
 
-    val = load_split(prepared_dir, "val")
+    val = load_split(prepared_dir, "validation")
     assert len({r["text"] for r in val}) > 2  # the check needs a truth with variety
     model, processor = load_model(str(tiny_model_dir))
     model = teach(model, processor, [(load_image(r["image"]), val[0]["text"]) for r in val])
@@ -216,8 +217,13 @@ def test_yaml_with_hf_names_trains_and_writes_tensorboard_events(tiny_model_dir,
     run = tmp_path / "run"
     assert cli_main(["train", "--config", str(cfg), "--model", str(tiny_model_dir), "--data",
                      str(prepared_dir), "--output_dir", str(run)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "effective batch 4 = 2 per device x 2 accumulation x 1" in out
+    # The Trainer's bar (elapsed<remaining: its ETA) and the logged loss, though the CLI sets
+    # transformers' log level to errors (which once hid them through disable_tqdm)
+    assert re.search(r"\d+/\d+ \[\d\d:\d\d<\d\d:\d\d", captured.err), captured.err[-500:]
+    assert "'loss':" in out
     events = list(run.glob("runs/*/events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(str(events[0].parent))

@@ -3,6 +3,11 @@ defaults, precedence, and what config.yaml records."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from galaxy_llava.config import METHOD_DEFAULTS, shipped_configs
@@ -137,3 +142,71 @@ def test_saved_settings_reproduce_the_run(tmp_path):
     for key in ("learning_rate", "report_to", "save_steps", "per_device_train_batch_size",
                 "optim", "seed", "num_train_epochs"):
         assert getattr(args2, key) == getattr(args, key), key
+
+
+def test_yaml_takes_the_flags_names(tmp_path):
+    """``model:`` and ``data:`` in a --config YAML work like --model and --data (and like the
+    Python API's keyword arguments); two names of one setting are refused."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: m/x\ndata: D2\nmethod: lora\noutput-dir: OUT\n")
+    ft, args = parse_cli(["--config", str(cfg)])
+    assert (ft.model_name_or_path, ft.data, args.output_dir) == ("m/x", "D2", "OUT")
+    ft2, _ = parse_settings({"model": "m/x", "data": "D2", "method": "lora", "output_dir": "OUT"})
+    assert ft2 == ft
+    cfg.write_text("model: m/x\nmodel_name_or_path: m/y\nmethod: lora\n")
+    with pytest.raises(UserError, match="'model' and 'model_name_or_path' .* same setting"):
+        parse_cli([*BASE, "--config", str(cfg)])
+
+
+def test_trainingarguments_debug_is_a_yaml_key(tmp_path):
+    """--debug on the command line is galaxy-llava's traceback switch; TrainingArguments' own
+    debug modes stay reachable from the YAML."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: lora\ndebug: underflow_overflow\n")
+    _, args = parse_cli([*BASE, "--config", str(cfg)])
+    assert [str(getattr(d, "value", d)) for d in args.debug] == ["underflow_overflow"]
+
+
+def test_the_trainers_progress_bar_shows_with_quiet_libraries():
+    """The CLI sets transformers' log level to errors; left unset, disable_tqdm would follow it
+    and hide the bar (its ETA) and the logged loss."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    try:
+        hf_logging.set_verbosity_error()
+        _, args = parse_cli([*BASE, "--method", "lora"])
+        assert args.disable_tqdm is False
+        _, args = parse_cli([*BASE, "--method", "lora", "--disable_tqdm", "true"])
+        assert args.disable_tqdm is True  # still the user's to turn off
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def test_cached_help_is_the_parsers_help(monkeypatch):
+    """The help drawn from the cached flags equals the full parser's, defaults (galaxy-llava's,
+    such as logging_steps 10) included."""
+    from galaxy_llava.training.arguments import help_parser, help_spec
+
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = build_parser()
+    text = parser.format_help()
+    assert help_parser(json.loads(json.dumps(help_spec(parser)))).format_help() == text
+    assert "Log every X updates steps" in text and "(default: 10)" in text
+    flat = " ".join(text.split())
+    assert "--debug show the traceback" in flat  # the switch the command line has
+
+
+def test_train_help_without_transformers_after_the_first_time(tmp_path):
+    """`galaxy-llava train --help` reads its flags from the user's cache after the first call:
+    transformers (and torch) are not imported, and the text is the same."""
+    code = ("import sys; from galaxy_llava.cli import main; main(['train', '--help']); "
+            "print('transformers' in sys.modules, 'torch' in sys.modules, file=sys.stderr)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "COLUMNS": "100"}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stderr.split() == ["True", "True"]  # the first call builds the parser
+    assert runs[1].stderr.split() == ["False", "False"]
+    assert runs[0].stdout == runs[1].stdout and "--learning_rate" in runs[1].stdout
+    assert len(list((tmp_path / "galaxy-llava").glob("train-help-*.json"))) == 1

@@ -7,9 +7,10 @@ and ``galaxy-llava --debug COMMAND ...`` shows its traceback. Outputs follow the
 :mod:`galaxy_llava.outputs` (``--overwrite`` replaces another output of the same kind).
 
 Global flags (``--debug``, ``--verbose``, ``--threads N``) work before or after the command
-(``train``'s ``--debug`` before it: after it, it is TrainingArguments' own); they set up the
-process (torch's CPU threads, transformers' progress bars and logging) before any command
-imports torch or transformers.
+(``train`` included: TrainingArguments' own ``debug`` is its ``--config`` YAML's ``debug:``
+key); they set up the process (torch's CPU threads, transformers' progress bars and logging)
+before any command imports torch or transformers. Every command takes both spellings of a flag
+and shows the defaults in ``--help`` (:mod:`galaxy_llava.flags`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from galaxy_llava import __version__
 from galaxy_llava.config import DEFAULT_THREADS, GLOBAL_FLAGS
 from galaxy_llava.errors import UserError
+from galaxy_llava.flags import ArgumentParser
 from galaxy_llava.rules import RULE_SETS
 from galaxy_llava.toy.tiny import FAMILIES, PRESETS
 
@@ -82,8 +84,11 @@ def _tiny_model_summary(args: argparse.Namespace) -> str:
 
 
 def _cmd_train(argv: list[str]) -> None:
-    from galaxy_llava.training.arguments import precheck
+    from galaxy_llava.training.arguments import precheck, print_help, wants_help
 
+    if wants_help(argv):  # drawn without importing transformers once it has been seen
+        print_help()
+        return
     precheck(argv)  # a wrong --output_dir costs no torch import
     from galaxy_llava.training.trainer import train_cli
 
@@ -103,8 +108,21 @@ def _cmd_export(args: argparse.Namespace) -> None:
     with outputs.staged_folder(args.out) as folder:  # nothing half-made, even if killed
         export_run(args.run, folder)
         write_marker(folder, exported_from=source)
-    out = args.out
-    print(f"wrote a plain LLaVA checkpoint to {out}")
+    print(export_summary(args.run, args.out))
+
+
+def export_summary(run: Path, out: Path) -> str:
+    """What ``export`` wrote, in one line naming the family and the architecture class that
+    loads it (``Qwen2VLForConditionalGeneration``), and whether a LoRA adapter was merged."""
+    from galaxy_llava.models.folders import run_kind
+    from galaxy_llava.models.loading import load_config
+    from galaxy_llava.models.registry import family_for
+
+    config = load_config(str(out))
+    architecture = (getattr(config, "architectures", None) or [config.model_type])[0]
+    merged = " with its LoRA adapter merged in" if run_kind(run) == "adapter" else ""
+    return (f"wrote a plain {family_for(config).title} checkpoint ({architecture}){merged} "
+            f"to {out}")
 
 
 def _cmd_describe(args: argparse.Namespace) -> None:
@@ -121,7 +139,7 @@ def _cmd_describe(args: argparse.Namespace) -> None:
         if args.json or args.scores:
             print(json.dumps(result))
         else:
-            print(f"{result['image']}\t{result['text']}")
+            print(f"{result['image']}\t{result['caption']}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -182,7 +200,7 @@ EPILOG = ("Try `galaxy-llava demo` first: the whole pipeline offline on syntheti
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (``train``'s flags: its own parser)."""
-    p = argparse.ArgumentParser(prog="galaxy-llava", description=DESCRIPTION, epilog=EPILOG)
+    p = ArgumentParser(prog="galaxy-llava", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--version", action="version", version=f"galaxy-llava {__version__}",
                    help="print the version and exit")
     for flag, kwargs in GLOBAL_FLAGS.items():
@@ -212,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
                    help="caption rule set")
     s.add_argument("--min-votes", type=int, default=5, help="tree rules: votes a fraction needs")
-    s.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the galaxies held out for validation")
+    s.add_argument("--validation-fraction", "--val-fraction", dest="val_fraction", type=float,
+                   default=0.1, metavar="F", help="share of the galaxies held out for validation")
     s.add_argument("--test-fraction", type=float, default=0.1,
                    help="share of the galaxies held out for testing")
     s.add_argument("--hub-config", default=None,
@@ -249,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune (full, LoRA or QLoRA) with the Hugging Face Trainer; "
                         "`galaxy-llava train --help` lists every TrainingArguments flag")
 
-    s = sub.add_parser("export", help="merge a LoRA run into a plain LLaVA checkpoint")
+    s = sub.add_parser("export", help="a run as a plain checkpoint of its model family (LoRA "
+                       "merged in): LLaVA, Qwen2-VL or Idefics3")
     s.add_argument("--run", type=Path, required=True,
                    help="RUN folder (galaxy-llava train's --output_dir)")
     s.add_argument("--out", type=Path, required=True, help="folder for the plain checkpoint")
@@ -263,11 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
     s.add_argument("--max-new-tokens", type=int, default=40,
                    help="longest answer, in tokens")
-    s.add_argument("--prompt", default=None, help="override the model's stored prompt")
-    s.add_argument("--json", action="store_true", help="JSONL output")
+    s.add_argument("--prompt", default=None,
+                   help="the prompt (default: the one stored with the model)")
+    s.add_argument("--json", action="store_true",
+                   help="JSONL output: image, caption (the names of catalogue's columns)")
     s.add_argument("--scores", action="store_true",
-                   help="also score every caption of the grammar: the most probable caption, "
-                        "each attribute's probabilities and the entropy (JSONL)")
+                   help="also score every caption of the grammar, as catalogue's columns: "
+                        "best_caption, each attribute's value, p_<attribute>_<value> and "
+                        "entropy (JSONL)")
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
                    help="the caption grammar scored with --scores")
     s.set_defaults(func=_cmd_describe)
@@ -282,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
     s.add_argument("--max-new-tokens", type=int, default=40,
                    help="longest answer, in tokens")
-    s.add_argument("--limit", type=int, default=None, help="score only the first N galaxies")
+    s.add_argument("--limit", type=int, default=None,
+                   help="score only the first N galaxies (default: all)")
     s.add_argument("--no-scores", action="store_true",
                    help="beam search only: skip the grammar's scores (the most probable "
                         "caption, attribute probabilities and their calibration)")
@@ -325,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beam-search captions only (no grammar scores)")
     s.add_argument("--shard", default=None, metavar="I/N",
                    help="this job's share: parts i with i %% N == I (e.g. "
-                        "--shard $SLURM_ARRAY_TASK_ID/N); combines with torchrun's RANK")
+                        "--shard $SLURM_ARRAY_TASK_ID/N); combines with torchrun's RANK "
+                        "(default: every part)")
     s.add_argument("--part-size", type=int, default=256,
                    help="images per part file (the unit of resume and sharding)")
     _overwrite(s)
@@ -343,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "image with its attribute probabilities, or a batch as CSV")
     s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
     s.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: this machine only; anything else exposes "
-                        "the app, which has no authentication)")
+                   help="address to bind (default: 127.0.0.1, this machine only; anything "
+                        "else exposes the app, which has no authentication)")
     s.add_argument("--port", type=int, default=7860, help="port to listen on")
     s.add_argument("--examples", type=Path, default=None,
                    help="folder of example galaxies to offer (default: the run's training "
@@ -378,15 +402,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     options, argv = _global_options(argv)
     debug, out = options.debug, None
+    quiet = True  # transformers' logging set up (an import: skipped by train's cached --help)
     if argv[:1] == ["train"]:  # its flags are TrainingArguments': parsed by its own parser
+        from galaxy_llava.training.arguments import wants_help
+
         command, run = "train", lambda: _cmd_train(argv[1:])
+        quiet = not wants_help(argv[1:])
     else:
         args = build_parser().parse_args(argv)
         out = getattr(args, "out", None)
         command, run = args.command, lambda: args.func(args)
     try:
         use_threads(options.threads)
-        quiet_libraries(options.verbose)
+        if quiet:
+            quiet_libraries(options.verbose)
         run()
     except KeyboardInterrupt:
         print(f"galaxy-llava {command}: interrupted", file=sys.stderr)
@@ -406,20 +435,20 @@ def main(argv: list[str] | None = None) -> int:
 def _global_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``--debug``, ``--verbose`` and ``--threads N`` wherever they stand, and the rest of
     ``argv``: taken out here so that they work the same for ``train``, whose parser is not ours
-    (after ``train``, ``--debug`` is TrainingArguments' own and stays)."""
+    (``--debug`` is galaxy-llava's there too; TrainingArguments' own ``debug`` is set in the
+    ``--config`` YAML)."""
     start = 0  # the command's position: after the global flags before it
     while start < len(argv) and argv[start].startswith("-"):
         start += 2 if argv[start] == "--threads" else 1
 
-    def parse(args: list[str], skip: tuple[str, ...] = ()):
+    def parse(args: list[str]):
         parser = argparse.ArgumentParser(prog="galaxy-llava", add_help=False, allow_abbrev=False)
         for flag, kwargs in GLOBAL_FLAGS.items():
-            if flag not in skip:
-                parser.add_argument(flag, **{**kwargs, "default": None})
+            parser.add_argument(flag, **{**kwargs, "default": None})
         return parser.parse_known_args(args)
 
     before, head = parse(argv[:start])
-    after, tail = parse(argv[start:], ("--debug",) if argv[start:start + 1] == ["train"] else ())
+    after, tail = parse(argv[start:])
     options = argparse.Namespace(**{
         key: value if value is not None else getattr(after, key, None)
         for key, value in vars(before).items()})

@@ -48,11 +48,14 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "logging_steps": 10,
     "save_strategy": "epoch",            # resumable at every epoch
     "save_total_limit": 1,               # a full TinyLLaVA checkpoint is ~17 GB with AdamW state
-    "eval_strategy": "epoch",            # validation loss, when the data has a val split
+    "eval_strategy": "epoch",            # validation loss, when the data has that split
     "prediction_loss_only": True,        # evaluation needs the loss, not gathered logits
     "remove_unused_columns": False,      # batches carry label masks the model signature lacks
     "label_names": ["labels"],
     "report_to": "none",
+    # The Trainer's bar (its ETA) and its logged loss; left unset, transformers hides them when
+    # its log level is above warnings, as the CLI sets it to silence the libraries' noise.
+    "disable_tqdm": False,
     "ddp_find_unused_parameters": False,  # every trainable parameter is used at every step
     "activation_checkpointing_kwargs": {"use_reentrant": False},  # frozen inputs still get grads
     "seed": 42,
@@ -84,7 +87,8 @@ class FinetuneArguments:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata=_help(
         "base model: Hub id, model folder or RUN folder", aliases=["--model"]))
     data: str | None = field(default=None, metadata=_help(
-        "prepared data folder (galaxy-llava prepare): trains on its train split, validates on val"))
+        "prepared data folder (galaxy-llava prepare): trains on its train split, validates on "
+        "its validation split"))
     method: str | None = field(default=None, metadata=_help(
         "full (vision tower frozen) | lora | qlora (4-bit base, CUDA only)"))
     lora_r: int = field(default=8, metadata=_help("LoRA rank"))

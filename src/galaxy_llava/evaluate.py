@@ -38,13 +38,14 @@ def load_split(data: str | Path, split: str, limit: int | None = None,
     """Records of one split of a prepared dataset; an unknown or empty split is a UserError
     naming the splits the dataset has. Images outside the dataset's folder need
     ``allow_outside``."""
-    from galaxy_llava.records import load_records
+    from galaxy_llava.records import SPLITS, load_records, split_name
 
+    split = split_name(split)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"--limit must be at least 1, got {limit}")
     records = load_records(data, allow_outside=allow_outside)
     present = sorted({r.get("split") for r in records} - {None},
-                     key=lambda s: (["train", "val", "test"] + [s]).index(s))
+                     key=lambda s: ([*SPLITS, s]).index(s))
     chosen = [r for r in records if r.get("split") == split]
     if not chosen:
         raise UserError(f"split {split!r} has no galaxies in {data}; "
@@ -174,9 +175,11 @@ def eval_inputs(kind: str, model: str | Path | None, data: str | Path, split: st
     """What an evaluation is made from (stored as ``metrics.json`` ``inputs``): a re-run with
     the same inputs may replace it, other inputs need ``overwrite``."""
     from galaxy_llava.models.folders import abs_if_local
+    from galaxy_llava.records import split_name
 
     return {"kind": kind, "model": None if model is None else abs_if_local(str(model)),
-            "data": str(Path(data).expanduser().resolve()), "split": split, **settings}
+            "data": str(Path(data).expanduser().resolve()), "split": split_name(split),
+            **settings}
 
 
 def claim_eval(out: str | Path, inputs: dict, overwrite: bool = False) -> None:
@@ -206,7 +209,8 @@ def majority_baseline(data: str | Path, split: str = "test", out: str | Path = "
                                          rules=dataset_rules(data) or "reference",
                                          given_type=True)
     rows = prediction_rows(records, preds, [caption] * len(records), [None] * len(records), probs)
-    return write_eval(out, rows, metrics, name, kind="majority", model=None, split=split, run=None,
+    return write_eval(out, rows, metrics, name, kind="majority", model=None,
+                      split=inputs["split"], run=None,
                       data=str(data), rules=dataset_rules(data), majority=labels, inputs=inputs)
 
 
@@ -306,7 +310,8 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
     if scores:
         metrics["grammar"] = _grammar(net, processor, prompt, rules, records, truths,
                                       truth_texts, rows, batch_size)
-    full = write_eval(out, rows, metrics, name, kind="vlm", model=str(model), split=split,
+    full = write_eval(out, rows, metrics, name, kind="vlm", model=str(model),
+                      split=inputs["split"],
                       run=run, data=str(data), prompt=prompt, prompt_source=source,
                       generation=generation, rules=rules if scores else dataset_rules(data),
                       training=training, inputs=inputs)

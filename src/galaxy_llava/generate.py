@@ -110,9 +110,11 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 16,
                    num_beams: int = 3, max_new_tokens: int = 40, prompt: str | None = None,
                    device=None, scores_rules: str | None = None) -> list[dict]:
-    """Describe image files and folders with a run, model folder or Hub id: ``[{image, text}]``;
-    with ``scores_rules``, each also gets ``scores``: the posterior over that rule set's
-    captions (see :mod:`galaxy_llava.scoring`).
+    """Describe image files and folders with a run, model folder or Hub id:
+    ``[{image, caption}]``; with ``scores_rules``, each also gets the scored columns of a
+    ``catalogue`` row, by the same names (:func:`galaxy_llava.catalogue.score_columns`:
+    ``best_caption``, each attribute's value, ``p_<attribute>_<value>``, ``entropy``) from the
+    posterior over that rule set's captions (see :mod:`galaxy_llava.scoring`).
 
     Uses the prompt stored with the model unless ``prompt`` is given."""
     files = expand_image_paths(paths)
@@ -127,11 +129,14 @@ def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 
         net, processor, stored = load_for_inference(model, device=device)
     texts = describe_images(net, processor, files, prompt or stored, batch_size=batch_size,
                             num_beams=num_beams, max_new_tokens=max_new_tokens)
-    results = [{"image": str(f), "text": t} for f, t in zip(files, texts, strict=True)]
+    results = [{"image": str(f), "caption": t} for f, t in zip(files, texts, strict=True)]
     if scores_rules:
+        from galaxy_llava.catalogue import score_columns
+        from galaxy_llava.rules import rule_set
         from galaxy_llava.scoring import grammar_scores
 
+        by_caption = {m.caption(): m for m in rule_set(scores_rules).reachable()}
         for result, scores in zip(results, grammar_scores(net, processor, files, scores_rules,
                                                           prompt or stored), strict=True):
-            result["scores"] = scores.to_dict()
+            result.update(score_columns(scores, by_caption))
     return results

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from galaxy_llava.config import DEFAULT_QUESTION, TAGS
 from galaxy_llava.morphology import Morphology
+from galaxy_llava.records import SPLITS
 
-SPLITS = {"train": "train", "val": "validation", "test": "test"}  # ours -> Hugging Face's
 DATA_DIR = "data"
 CARD = "README.md"
 MAX_SHARD_BYTES = 256 * 2**20  # image bytes per parquet shard (the Hub suggests < 500 MB)
@@ -90,16 +90,16 @@ def write_hub_layout(folder: Path, records: list[dict], manifest: dict,
     out = folder / DATA_DIR
     out.mkdir(exist_ok=True)
     written, counts = [], {}
-    for ours, theirs in SPLITS.items():
-        rows = [r for r in records if r.get("split") == ours]
-        counts[theirs] = len(rows)
+    for split in SPLITS:
+        rows = [r for r in records if r.get("split") == split]
+        counts[split] = len(rows)
         if not rows:
             continue
         # Shards are planned from the files' sizes and each shard's images read only while it
         # is written: a full GZ2 split holds gigabytes of JPEGs, one shard at most 256 MB.
         parts = _shards([(folder / r["image"]).stat().st_size for r in rows], MAX_SHARD_BYTES)
         for k, part in enumerate(parts):
-            rel = f"{DATA_DIR}/{theirs}-{k:05d}-of-{len(parts):05d}.parquet"
+            rel = f"{DATA_DIR}/{split}-{k:05d}-of-{len(parts):05d}.parquet"
             write(folder / rel, _shard_bytes(folder, rows[part], feats, datasets))
             written.append(rel)
     for stale in out.glob("*.parquet"):
@@ -152,7 +152,7 @@ def dataset_card(counts: dict[str, int], manifest: dict) -> str:
     dataset was made, and how to load it."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    splits = [s for s in SPLITS.values() if counts.get(s)]
+    splits = [s for s in SPLITS if counts.get(s)]
     source = manifest.get("source") if manifest.get("source_kind") == "hub" else None
     data = DatasetCardData(
         pretty_name="Galaxy Zoo 2 captions", task_categories=["image-text-to-text"],
@@ -160,7 +160,7 @@ def dataset_card(counts: dict[str, int], manifest: dict) -> str:
         source_datasets=[source] if source else None,
         configs=[{"config_name": "default",
                   "data_files": [{"split": s, "path": f"{DATA_DIR}/{s}-*"} for s in splits]}])
-    rows = "\n".join(f"| {s} | {counts.get(s, 0)} |" for s in SPLITS.values())
+    rows = "\n".join(f"| {s} | {counts.get(s, 0)} |" for s in SPLITS)
     made = ", ".join(f"{k} {manifest[k]}" for k in ("rules", "min_votes", "n_per_class", "seed",
                                                      "image_size", "val_fraction",
                                                      "test_fraction")

@@ -1,5 +1,5 @@
 """Build the caption dataset: a balanced, seeded selection of GZ2 galaxies, resized JPEGs,
-captions under a rule set, stratified train/val/test splits, statistics and a preview.
+captions under a rule set, stratified train/validation/test splits, statistics and a preview.
 
 Output folder::
 
@@ -46,10 +46,10 @@ from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import col
 from galaxy_llava.hub_dataset import write_hub_layout
 from galaxy_llava.morphology import ATTRIBUTES, TYPES
+from galaxy_llava.records import SPLITS
 from galaxy_llava.rules import is_elliptical, rule_set
 
 CLASSES = ("elliptical", "spiral")
-SPLITS = ("train", "val", "test")
 MANIFEST_FORMAT = "galaxy-llava-prepared/1"
 # Manifest fields that decide the dataset's content; the rest (source path, versions) are
 # informational, so the same catalogue copied elsewhere still matches.
@@ -150,7 +150,8 @@ def select(votes: pd.DataFrame, n_per_class: int, seed: int, val_fraction: float
         chosen = rng.permutation(pools[c])[:n]  # a random prefix: larger N extends the set
         n_test = _round(n * test_fraction)
         n_val = _round(n * val_fraction)
-        split = np.array(["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val))
+        split = np.array(["test"] * n_test + ["validation"] * n_val
+                         + ["train"] * (n - n_test - n_val))
         parts.append(pd.DataFrame({"row": chosen, "class": c, "split": split}))
     sel = pd.concat(parts, ignore_index=True)
     sel = sel.iloc[rng.permutation(len(sel))].reset_index(drop=True)  # interleave the classes
@@ -229,11 +230,11 @@ def _check_args(n_per_class, seed, image_size, rules, min_votes, val_fraction, t
         raise UserError(f"--image-size must be between 8 and 4096 pixels (got {image_size})")
     if min_votes < 0:
         raise UserError(f"--min-votes must be non-negative (got {min_votes})")
-    for flag, f in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+    for flag, f in (("--validation-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0 <= f < 1:
             raise UserError(f"{flag} must be in [0, 1) (got {f})")
     if val_fraction + test_fraction >= 1:
-        raise UserError(f"--val-fraction + --test-fraction must be below 1 "
+        raise UserError(f"--validation-fraction + --test-fraction must be below 1 "
                         f"(got {val_fraction} + {test_fraction}): no galaxies left to train on")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")

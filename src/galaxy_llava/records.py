@@ -18,6 +18,16 @@ from galaxy_llava.checks import contained
 from galaxy_llava.errors import UserError
 from galaxy_llava.imagefiles import is_fits, read_fits_rgb
 
+# A prepared dataset's splits, by Hugging Face's names (``load_dataset`` gives these too).
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"val": "validation"}  # what galaxy-llava before 0.x called it: still read
+
+
+def split_name(name: str) -> str:
+    """The split ``name`` means: ``val`` (an alias kept for older datasets and habits) is
+    ``validation``; any other name as it is."""
+    return SPLIT_ALIASES.get(name, name)
+
 
 def load_image(path: str | os.PathLike, decode: bool = True) -> Image.Image | None:
     """Open an image as RGB; a missing, non-image or decompression-bomb file is a UserError.
@@ -66,6 +76,8 @@ def _parse_lines(path: Path, lines: Iterable[str], root: Path,
         if not isinstance(record, dict) or not {"image", "text"} <= set(record):
             raise UserError(f"{path}:{lineno}: a record needs \"image\" and \"text\" fields")
         _check_fields(record, f"{path}:{lineno}")
+        if record.get("split") is not None:
+            record["split"] = split_name(record["split"])
         record["image"] = str(contained(record["image"], root, allow_outside, f"{path}:{lineno}"))
         records.append(record)
     return records
@@ -99,7 +111,8 @@ def load_records(data: str | os.PathLike, split: str | None = None,
     Image paths are resolved against the JSONL's folder and made absolute; an image outside that
     folder (``../x.jpg``, an absolute path elsewhere) is refused unless ``allow_outside``. A
     missing image, a malformed line or a field of the wrong type (with its line number) or an
-    unknown or empty split is a UserError."""
+    unknown or empty split is a UserError. Splits are named as in :data:`SPLITS` (a record's or
+    ``split``'s ``val`` reads as ``validation``)."""
     path = _jsonl_path(data)
     root = path.parent.resolve()
     try:
@@ -108,6 +121,7 @@ def load_records(data: str | os.PathLike, split: str | None = None,
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text (expected one JSON record per line)") from None
     if split is not None:
+        split = split_name(split)
         present = sorted({str(r.get("split")) for r in records if r.get("split") is not None})
         records = [r for r in records if r.get("split") == split]
         if not records:

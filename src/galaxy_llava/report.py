@@ -28,6 +28,7 @@ from galaxy_llava import outputs
 from galaxy_llava.errors import UserError
 from galaxy_llava.metrics import TABLE_COLUMNS, predictors, table_value
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.records import split_name
 from galaxy_llava.report_charts import (PALETTE, accuracy_figure, loss_figure, png_uri,
                                         reliability_figure)
 from galaxy_llava.report_galaxies import check_row, galaxy_grid
@@ -269,7 +270,8 @@ def _training_section(evals: Sequence[dict]) -> str:
         loss = [r for r in snap.get("loss") or [] if isinstance(r, dict)
                 and isinstance(r.get("loss"), (int, float))]
         tm = dict(snap.get("train_metrics") or {})
-        vals = tm.get("val_losses") or [r for r in loss if r.get("split") == "val"]
+        vals = tm.get("val_losses") or [r for r in loss
+                                        if split_name(r.get("split") or "") == "validation"]
         if vals and isinstance(vals[-1], dict):
             tm.setdefault("final_val_loss", vals[-1].get("loss"))
         if not tm and not loss:

@@ -15,6 +15,7 @@ from typing import Sequence
 
 from galaxy_llava.metrics import table_value
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.records import split_name
 
 PALETTE = ("#3b6fb6", "#e07b39", "#3a9a5b", "#c2414b", "#7d5ba6", "#8c6d4f", "#d16aa8", "#6b7b8c")
 FONT = 10  # points, for every label of every chart: readable at the saved size (>= 9 pt)
@@ -118,11 +119,12 @@ def loss_figure(runs: Sequence[tuple[str, list[dict], str]]):
     fig = _figure(12, 3.4)
     ax = fig.add_subplot()
     for name, loss, colour in runs:
-        for split, style in (("train", "-"), ("val", "--")):
+        for split, style in (("train", "-"), ("validation", "--")):
             pts = sorted((r.get("step") or i, r["loss"]) for i, r in enumerate(loss)
-                         if (r.get("split") or "train") == split)
+                         if split_name(r.get("split") or "train") == split)
             if pts:
-                ax.plot(*zip(*pts), style, color=colour, marker="o" if split == "val" else None,
+                ax.plot(*zip(*pts), style, color=colour,
+                        marker="o" if split == "validation" else None,
                         ms=4, lw=1.6 if split == "train" else 1.4, label=f"{name} {split}")
     ax.set_xlabel("optimizer step", fontsize=FONT)
     ax.set_ylabel("loss", fontsize=FONT)

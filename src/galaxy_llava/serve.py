@@ -102,8 +102,9 @@ class ServedModel:
                 "device": str(param.device), "dtype": str(param.dtype).replace("torch.", "")}
 
     def describe(self, paths: list[str | os.PathLike]) -> list[dict]:
-        """``[{image, text, scores}]`` for image files: ``text`` as ``describe`` gives it (batches
-        of 16, as its default), ``scores`` the :class:`~galaxy_llava.scoring.GrammarScores`."""
+        """``[{image, caption, scores}]`` for image files: ``caption`` as ``describe`` gives it
+        (batches of 16, as its default), ``scores`` the
+        :class:`~galaxy_llava.scoring.GrammarScores`."""
         from galaxy_llava.generate import describe_images
         from galaxy_llava.records import load_image
         from galaxy_llava.scoring import grammar_scores
@@ -117,7 +118,7 @@ class ServedModel:
                                     batch_size=16, num_beams=self.num_beams,
                                     max_new_tokens=self.max_new_tokens, progress=False)
             scores = grammar_scores(self.model, self.processor, paths, self.rules, self.prompt)
-        return [{"image": str(p), "text": t, "scores": s}
+        return [{"image": str(p), "caption": t, "scores": s}
                 for p, t, s in zip(paths, texts, scores, strict=True)]
 
 
@@ -128,12 +129,12 @@ def describe_one(served: ServedModel, image: str | None) -> tuple:
         raise UserError("upload an image or pick an example galaxy first")
     result = served.describe([image])[0]
     scores = result["scores"]
-    return (result["text"], scores.best, f"{scores.entropy:.3f} nats",
+    return (result["caption"], scores.best, f"{scores.entropy:.3f} nats",
             *(dict(scores.marginals[a]) for a in ATTRIBUTES))
 
 
 def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.PathLike):
-    """The Batch tab's handler: a table (file, description, then ``catalogue``'s scored columns)
+    """The Batch tab's handler: a table (file, caption, then ``catalogue``'s scored columns)
     and the path of the same table as CSV, written atomically under ``out_dir``."""
     import pandas as pd
 
@@ -148,7 +149,7 @@ def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.Pa
         raise UserError(f"{len(paths)} images is more than one request takes ({MAX_BATCH}); "
                         "use `galaxy-llava catalogue` for many images")
     by_caption = {m.caption(): m for m in rule_set(served.rules).reachable()}
-    rows = [{"file": Path(r["image"]).name, "description": r["text"],
+    rows = [{"file": Path(r["image"]).name, "caption": r["caption"],
              **score_columns(r["scores"], by_caption)} for r in served.describe(paths)]
     table = pd.DataFrame(rows)
     csv = _csv_path(out_dir)

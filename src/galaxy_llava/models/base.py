@@ -25,6 +25,7 @@ class ModelFamily:
     """One family of image-text-to-text models (subclass per family; see ``models/llava.py``)."""
 
     name: str = ""
+    title: str = ""  # the family as people write it, for messages ("Qwen2-VL")
     model_types: tuple[str, ...] = ()
     cacheable: bool = True  # whether cached encoder output replays exactly (else: uncached)
     prefix_cache_scoring: bool = True  # candidates may continue one prefix's key/value cache

@@ -103,6 +103,7 @@ class Idefics3Family(ModelFamily):
     """Idefics3 / SmolVLM / SmolVLM2: image splitting, the connector as projector."""
 
     name = "idefics3"
+    title = "Idefics3 (SmolVLM)"
     model_types = ("idefics3", "smolvlm")
     image_input_names = ("pixel_values", "pixel_attention_mask")
 

@@ -42,6 +42,7 @@ class LlavaFamily(ModelFamily):
     """LLaVA: fixed image-token count, CLIP tower, MLP projector."""
 
     name = "llava"
+    title = "LLaVA"
     model_types = ("llava",)
 
     def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:

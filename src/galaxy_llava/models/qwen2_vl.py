@@ -46,6 +46,7 @@ class Qwen2VLFamily(ModelFamily):
     """Qwen2-VL and Qwen2.5-VL: variable image-token counts, the merger as connector."""
 
     name = "qwen2_vl"
+    title = "Qwen2-VL"
     model_types = ("qwen2_vl",)
     image_input_names = ("pixel_values", "image_grid_thw")
     image_placeholder = IMAGE_TOKEN
@@ -156,6 +157,7 @@ class Qwen25VLFamily(Qwen2VLFamily):
     uncached (``cacheable = False``)."""
 
     name = "qwen2_5_vl"
+    title = "Qwen2.5-VL"
     model_types = ("qwen2_5_vl",)
     cacheable = False
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import hashlib
 import json
+import os
+import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,15 @@ CONFIG_FILE = "config.yaml"
 DESCRIPTION = ("Fine-tune a vision-language model on a prepared galaxy dataset with the Hugging "
                "Face Trainer. Every TrainingArguments name works as a flag and as a key of the "
                "--config YAML; per_device_train_batch_size is per process (the effective batch, "
-               "per device x gradient_accumulation_steps x processes, is printed at start).")
+               "per device x gradient_accumulation_steps x processes, is printed at start). "
+               "Defaults shown are galaxy-llava's; --method also sets " + "; ".join(
+                   f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items())
+                   for m, d in METHOD_DEFAULTS.items())
+               + "; on a GPU, bf16 (where supported) and tf32.")
+# TrainingArguments' own --debug (underflow_overflow, tpu_metrics_debug) yields the flag to
+# galaxy-llava's; it stays a key of the --config YAML.
+DEBUG_HELP = ("show the traceback of an unexpected error (TrainingArguments' own debug modes, "
+              "such as underflow_overflow: the debug: key of a --config YAML)")
 
 
 def build_parser():
@@ -33,26 +45,50 @@ def build_parser():
                              "of a config shipped with galaxy-llava: "
                              f"{', '.join(shipped_configs())}")
     # The CLI's global flags, taken out before this parser runs (galaxy_llava.cli); listed here
-    # so that `galaxy-llava train --help` shows them. TrainingArguments has a --debug of its own:
-    # galaxy-llava's goes before the command (galaxy-llava --debug train ...).
+    # so that `galaxy-llava train --help` shows them. TrainingArguments' --debug never sees the
+    # command line (the CLI takes --debug first): its help says both.
     for flag, kwargs in GLOBAL_FLAGS.items():
         if flag != "--debug":
             parser.add_argument(flag, **kwargs)
+    for action in parser._actions:
+        if action.dest == "debug":  # shown as the switch the command line has
+            action.help, action.nargs = DEBUG_HELP, 0
+    parser.set_defaults(**_argparse_ready(TRAINING_DEFAULTS))  # so --help shows ours
     return parser
 
 
 _NOT_SETTINGS = {"help", "config", "threads", "verbose"}
 
 
-def _destinations(parser) -> set[str]:
-    return {a.dest for a in parser._actions if a.dest not in _NOT_SETTINGS}
+def _names(parser) -> dict[str, str]:
+    """Every name a setting goes by, as a key: its field and each of its flags without the
+    dashes (``model`` -> ``model_name_or_path``), so a YAML file says what a flag says."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if action.dest in _NOT_SETTINGS or (action.nargs == 0 and action.const is False):
+            continue  # not a setting, or a --no_X switch (its name would invert the value)
+        names[action.dest] = action.dest
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                names.setdefault(flag[2:].replace("-", "_"), action.dest)
+    return names
 
 
-def _check_keys(keys, parser, source: str) -> None:
-    unknown = sorted(set(keys) - _destinations(parser))
+def _by_field(settings: dict[str, Any], parser, source: str) -> dict[str, Any]:
+    """``settings`` keyed by field name (aliases resolved); an unknown name, or two names of
+    one field, is a one-line UserError."""
+    names, out, given = _names(parser), {}, {}
+    unknown = sorted(set(settings) - set(names))
     if unknown:
         raise UserError(f"unknown setting {unknown[0]!r} in {source}; see `galaxy-llava train "
                         "--help` for the valid names (TrainingArguments' and galaxy-llava's)")
+    for key, value in settings.items():
+        field = names[key]
+        if field in out:
+            raise UserError(f"{given[field]!r} and {key!r} in {source} are the same setting; "
+                            "give one")
+        out[field], given[field] = value, key
+    return out
 
 
 def saved_settings(output_dir: str | Path | None) -> dict[str, Any]:
@@ -68,13 +104,12 @@ def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None
     then the YAML file's. ``explicit`` (flags or keyword arguments) are only peeked at for the
     method and output folder."""
     config = find_config(config) if config else None
-    from_yaml = read_yaml(config) if config else {}
-    _check_keys(from_yaml, parser, str(config))
+    from_yaml = _by_field(read_yaml(config), parser, str(config)) if config else {}
     out_dir = explicit.get("output_dir") or from_yaml.get("output_dir")
     if not out_dir:
         raise UserError("no output folder given: pass --output_dir RUN")
-    saved = saved_settings(out_dir) if resume else {}
-    _check_keys(saved, parser, f"{out_dir}/{CONFIG_FILE}")
+    saved = _by_field(saved_settings(out_dir) if resume else {}, parser,
+                      f"{out_dir}/{CONFIG_FILE}")
     method = explicit.get("method") or from_yaml.get("method") or saved.get("method")
     return {**TRAINING_DEFAULTS, **device_defaults(), **METHOD_DEFAULTS.get(method, {}), **saved,
             **from_yaml}
@@ -181,12 +216,78 @@ def precheck(argv: list[str], resume: bool = True) -> argparse.Namespace:
     return known
 
 
+def wants_help(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for ``--help`` (which needs no output folder)."""
+    return bool({"-h", "--help"} & set(argv))
+
+
+def print_help() -> None:
+    """Print ``galaxy-llava train --help`` without importing transformers when it can: the
+    full parser (:func:`build_parser`) costs seconds of imports (torch, through
+    TrainingArguments), so its flags are kept as data in the user's cache (keyed by the
+    versions and sources they come from) and drawn by plain argparse at the terminal's width:
+    the same text, in a fraction of a second after the first time."""
+    from galaxy_llava.io import read_json_object, write_json
+
+    path = _help_cache()
+    spec = read_json_object(path)
+    if spec.get("key") != path.stem:
+        spec = {"key": path.stem, **help_spec(build_parser())}
+        try:
+            write_json(path, spec)
+        except OSError:  # a read-only home: the help still prints
+            pass
+    help_parser(spec).print_help()
+
+
+def _help_cache() -> Path:
+    """Where :func:`print_help` keeps the parser's flags: ``galaxy-llava/train-help-KEY.json``
+    in ``$XDG_CACHE_HOME`` (default ``~/.cache``); KEY changes with transformers' version and
+    with the source of galaxy-llava's own settings."""
+    from galaxy_llava import __version__, config
+
+    key = hashlib.sha256()
+    for part in (metadata.version("transformers"), __version__, sys.version,
+                 Path(__file__).read_bytes(), Path(config.__file__).read_bytes(),
+                 " ".join(shipped_configs())):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "galaxy-llava" / f"train-help-{key.hexdigest()[:16]}.json"
+
+
+def help_spec(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """What ``--help`` shows of ``parser``, as JSON-ready data (:func:`help_parser` draws it)."""
+    actions = [{"flags": a.option_strings, "dest": a.dest, "nargs": a.nargs,
+                "default": None if a.default is None else str(a.default),
+                "choices": [str(c) for c in a.choices] if a.choices else None,
+                "metavar": a.metavar, "required": a.required, "help": a.help}
+               for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    return {"prog": parser.prog, "description": parser.description, "actions": actions}
+
+
+def help_parser(spec: dict[str, Any]) -> argparse.ArgumentParser:
+    """A plain argparse parser whose ``--help`` is that of the parser :func:`help_spec` read."""
+    parser = argparse.ArgumentParser(prog=spec["prog"], description=spec["description"],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for a in spec["actions"]:
+        common = {"dest": a["dest"], "default": a["default"], "help": a["help"],
+                  "required": a["required"]}
+        if a["nargs"] == 0:  # a switch: no value shown
+            parser.add_argument(*a["flags"], action="store_const", const=None, **common)
+        else:
+            metavar = tuple(a["metavar"]) if isinstance(a["metavar"], list) else a["metavar"]
+            parser.add_argument(*a["flags"], nargs=a["nargs"], choices=a["choices"],
+                                metavar=metavar, **common)
+    return parser
+
+
 def parse_cli(argv: list[str]) -> tuple[FinetuneArguments, Any]:
     """Parse ``galaxy-llava train`` flags into (FinetuneArguments, TrainingArguments)."""
+    if wants_help(argv):
+        print_help()
+        raise SystemExit(0)
     known = precheck(argv, resume=False)
     parser = build_parser()
-    if {"-h", "--help"} & set(argv):  # help needs no output folder
-        parser.parse_args(["--help"])
     explicit = {k: v for k, v in vars(known).items() if v is not None}
     parser.set_defaults(**_argparse_ready(layered_defaults(
         parser, explicit, known.config, resume=known.resume_from_checkpoint is not None)))
@@ -201,8 +302,8 @@ def parse_settings(settings: dict[str, Any], config: str | None = None
                    ) -> tuple[FinetuneArguments, Any]:
     """The Python API's counterpart of :func:`parse_cli`: ``settings`` by the same names."""
     parser = build_parser()
-    settings = {k.replace("-", "_"): v for k, v in settings.items() if v is not None}
-    _check_keys(settings, parser, "the arguments")
+    settings = _by_field({k.replace("-", "_"): v for k, v in settings.items() if v is not None},
+                         parser, "the arguments")
     resume = settings.get("resume_from_checkpoint") is not None
     merged = {**layered_defaults(parser, settings, config, resume), **settings}
     try:

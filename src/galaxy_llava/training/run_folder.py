@@ -166,7 +166,7 @@ def loss_log(log_history: list[dict]) -> list[dict]:
                          "split": "train", "lr": e.get("learning_rate")})
         elif "eval_loss" in e:
             rows.append({"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"],
-                         "split": "val", "lr": None})
+                         "split": "validation", "lr": None})
     return rows
 
 
@@ -189,9 +189,12 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from galaxy_llava.records import split_name
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for split, style in (("train", "-"), ("val", "o-")):
-        pts = [(e["step"], e["loss"]) for e in rows if e["split"] == split and e["loss"] is not None]
+    for split, style in (("train", "-"), ("validation", "o-")):
+        pts = [(e["step"], e["loss"]) for e in rows
+               if split_name(e["split"]) == split and e["loss"] is not None]
         if pts:
             ax.plot(*zip(*pts), style, label=split)
     ax.set_xlabel("optimizer step")

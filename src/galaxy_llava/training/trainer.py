@@ -130,11 +130,11 @@ def _load_data(ft: FinetuneArguments, main: bool) -> tuple[list[dict], list[dict
 
     records = load_records(ft.data, allow_outside=ft.allow_outside_paths)
     train_recs = [r for r in records if r.get("split") == "train"]
-    val_recs = [r for r in records if r.get("split") == "val"]
+    val_recs = [r for r in records if r.get("split") == "validation"]
     if not train_recs:
         raise UserError(f"{ft.data} has no train split; prepare it with `galaxy-llava prepare`")
     if not val_recs and main:
-        print("note: no val split; validation loss is skipped")
+        print("note: no validation split; validation loss is skipped")
     return train_recs, val_recs
 
 
@@ -301,7 +301,7 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         # The last logged loss; a run shorter than logging_steps has only the Trainer's mean.
         "final_train_loss": train_loss[-1] if train_loss else result.training_loss,
         "val_losses": [{"epoch": e["epoch"], "step": e["step"], "loss": e["loss"]}
-                       for e in log if e["split"] == "val"],
+                       for e in log if e["split"] == "validation"],
     }
     if main and val_recs and not metrics["sharded_parameters"]:
         metrics["collapse_warning"] = collapse_check(
