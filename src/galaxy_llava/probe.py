@@ -137,8 +137,8 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
     metrics["calibration"] = calibration(truths, probs, [r.get("fractions") for r in records])
     rows = prediction_rows(records, preds, [morphology_of(p).caption() for p in preds],
                            [None] * len(records), probs)
-    full = write_eval(out, rows, metrics, name, kind="probe", model=str(model), split=split,
-                      run=run, data=str(data), rules=dataset_rules(data),
+    full = write_eval(out, rows, metrics, name, kind="probe", model=inputs["model"], split=split,
+                      run=run, data=inputs["data"], rules=dataset_rules(data),
                       probe={"train_n": len(train), "feature_dim": int(x_train.shape[1])},
                       training=training, inputs=inputs)
     print(format_table(with_majority(full, data, records)))
