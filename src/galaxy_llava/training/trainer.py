@@ -63,6 +63,21 @@ class GalaxyTrainer(Trainer):
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
 
+    def _load_best_model(self):
+        """``--load_best_model_at_end`` for a full model: the Trainer's own load matches none
+        of the keys ``save_pretrained`` wrote in transformers 5 (the checkpoint layout, such as
+        LLaVA's ``language_model.model.*``) and loads nothing, with only a log line to say so.
+        ``from_pretrained`` maps them; its tensors are then copied in, every key required.
+        Adapters (peft loads its own) and sharded models keep the Trainer's way."""
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        best = type(model).from_pretrained(self.state.best_model_checkpoint, dtype=model.dtype,
+                                           use_safetensors=True)
+        model.load_state_dict(best.state_dict(), strict=True)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
