@@ -31,8 +31,9 @@ from galaxy_llava.io import write_json
 MARKER = "galaxy_llava.json"
 SETTINGS = "config.yaml"  # a run's settings (galaxy_llava.training.arguments writes them)
 TRAINER_STATE = "trainer_state.json"  # in every Trainer checkpoint, written last
-# Settings that name a local path (besides the model, a Hub id or a path).
-PATH_SETTINGS = ("data", "feature_cache_dir", "deepspeed")
+# Settings that name a local path (besides the model, a Hub id or a path). Not --deepspeed: its
+# value may be a config given inline (base64 JSON) rather than a file.
+PATH_SETTINGS = ("data", "feature_cache_dir")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

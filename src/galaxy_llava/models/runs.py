@@ -122,7 +122,7 @@ def _not_model_files(folder: str, names: list[str]) -> set[str]:
     """``shutil.copytree``'s ignore: what a Trainer checkpoint keeps beside the model (optimizer,
     scheduler and RNG states, pickled arguments, its state) and an export leaves out."""
     keep = (".safetensors", ".json", ".jinja", ".txt", ".model")
-    return {n for n in names if not n.endswith(keep) or n == "trainer_state.json"}
+    return {n for n in names if not n.endswith(keep) or n == TRAINER_STATE}
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -171,7 +171,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
             model.save_pretrained(tmp, safe_serialization=True)
             family, generation = family_for(model), model.generation_config
             marker = read_marker(weights_folder(run))
-        finish_folder(tmp, "model", processor, family, prompt, generation, base, run.name,
+        name = f"{owner.name}-{run.name}" if owner else run.name  # a checkpoint: by its run
+        finish_folder(tmp, "model", processor, family, prompt, generation, base, name,
                       method=read_marker(owner or run).get("method")
                       or run_settings(owner or run).get("method"), training=marker.get("training"),
                       evaluations=marker.get("evaluations"))

@@ -16,6 +16,7 @@ from galaxy_llava.config import (GLOBAL_FLAGS, METHOD_DEFAULTS, TRAINING_DEFAULT
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.folders import SETTINGS as CONFIG_FILE
 from galaxy_llava.models.folders import portable_settings, run_settings
+
 DESCRIPTION = ("Fine-tune a vision-language model on a prepared galaxy dataset with the Hugging "
                "Face Trainer. Every TrainingArguments name works as a flag and as a key of the "
                "--config YAML; per_device_train_batch_size is per process (the effective batch, "
