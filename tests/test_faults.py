@@ -468,6 +468,25 @@ def test_the_report_embeds_no_image_from_outside_its_folders(world, tmp_path):
     assert page.count("data:image/jpeg;base64,") == min(len(rows), 24) - 2  # the data's images
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(world, tmp_path,
+                                                                       monkeypatch, capsys):
+    """config.yaml kept ``data`` as typed, so a resume from elsewhere said 'data not found'."""
+    w = tmp_path / "w"
+    for name in ("data", "model"):
+        shutil.copytree(world["w"] / name, w / name)
+    monkeypatch.chdir(w)
+    argv = ["train", *TRAIN, "--model", "model", "--data", "data", "--output_dir", "run",
+            "--num_train_epochs", "1"]
+    assert cli_main(argv) == 0
+    steps = json.loads((w / "run" / "train_metrics.json").read_text())["steps"]
+    (tmp_path / "b" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "b" / "deeper")
+    capsys.readouterr()
+    assert cli_main(["train", "--output_dir", "../../w/run", "--resume_from_checkpoint", "last",
+                     "--num_train_epochs", "2"]) == 0, capsys.readouterr().err
+    assert json.loads((w / "run" / "train_metrics.json").read_text())["steps"] == 2 * steps
+
+
 @pytest.mark.parametrize("command", ["prepare", "report", "synth"])
 def test_the_next_run_removes_leftovers_of_interrupted_ones(command, world, prepared_dir,
                                                             synth_dir, tmp_path):

@@ -48,6 +48,22 @@ def test_a_dataset_named_by_its_jsonl_gives_the_same_folder(tmp_path):
     assert image_roots({"folder": ev, "metrics": {"data": str(tmp_path)}}) == [ev.resolve()]
 
 
+def test_an_older_eval_folders_data_typed_relative_is_found_from_any_folder(tmp_path,
+                                                                            monkeypatch):
+    """EVAL folders written before metrics.json stored ``data`` absolute: the report takes the
+    absolute path their ``inputs`` recorded, so its images embed from another folder too."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.jsonl").write_text("")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ev = tmp_path / "eval"
+    metrics = {"data": "data", "inputs": {"data": str(tmp_path / "data")}}
+    assert image_roots({"folder": ev, "metrics": metrics}) == [ev.resolve(),
+                                                                (tmp_path / "data").resolve()]
+    assert image_roots({"folder": ev, "metrics": {"data": "data", "inputs": [1]}}) == [
+        ev.resolve()]
+
+
 def test_check_row_takes_what_evaluate_writes_and_names_a_bad_one():
     good = {"id_str": "J1", "truth": "x", "prediction": None, "grammar": {"best": "y"},
             "truth_attributes": Morphology("spiral", bar=True).to_dict()}

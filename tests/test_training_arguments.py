@@ -127,18 +127,25 @@ def test_demo_configs_mirror_the_demo_settings():
             assert cfg[key] == value, (method, key)
 
 
-def test_saved_settings_reproduce_the_run(tmp_path):
-    """config.yaml holds what a resume needs: parsing it back gives the same arguments."""
+def test_saved_settings_reproduce_the_run_from_any_folder(tmp_path, monkeypatch):
+    """config.yaml holds what a resume needs: parsing it back, from another working directory,
+    gives the same arguments (the data folder typed relative is found where it was)."""
+    import dataclasses
+
     import yaml
 
+    monkeypatch.chdir(tmp_path)
     ft, args = parse_cli([*BASE, "--method", "lora", "--learning_rate", "2e-4",
                           "--report_to", "tensorboard", "--save_steps", "5", "--lora_r", "4"])
     saved = settings_to_save(ft, args)
+    assert saved["data"] == str(tmp_path / "D") and "output_dir" not in saved
     out = tmp_path / "OUT"
     out.mkdir()
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    ft2, args2 = parse_cli(["--output_dir", str(out), "--resume_from_checkpoint", "last"])
-    assert ft2 == ft
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ft2, args2 = parse_cli(["--output_dir", "../OUT", "--resume_from_checkpoint", "last"])
+    assert ft2 == dataclasses.replace(ft, data=str(tmp_path / "D"))
     for key in ("learning_rate", "report_to", "save_steps", "per_device_train_batch_size",
                 "optim", "seed", "num_train_epochs"):
         assert getattr(args2, key) == getattr(args, key), key

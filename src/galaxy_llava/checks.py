@@ -169,7 +169,7 @@ def preflight_model(model: str | os.PathLike) -> dict | None:
 
     Returns the model's config as a dict, or None for a Hub id or a path the loader will
     report on itself."""
-    from galaxy_llava.models.folders import adapter_base, is_local, run_kind
+    from galaxy_llava.models.folders import adapter_base, is_local, run_kind, weights_folder
     from galaxy_llava.models.registry import FAMILIES
 
     path = Path(model).expanduser()
@@ -177,12 +177,12 @@ def preflight_model(model: str | os.PathLike) -> dict | None:
         return None
     kind = run_kind(path)
     if kind == "adapter":
-        check_weights(path / "adapter")
+        check_weights(weights_folder(path))
         base = adapter_base(path)
         return preflight_model(base) if is_local(base) else None
     if kind is None:
         return None
-    folder = path / "model" if kind == "full" else path
+    folder = weights_folder(path)
     config = read_config(folder)
     model_type = config.get("model_type")
     if model_type not in FAMILIES:

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="a run as a plain checkpoint of its model family (LoRA "
                        "merged in): LLaVA, Qwen2-VL or Idefics3")
     s.add_argument("--run", type=Path, required=True,
-                   help="RUN folder (galaxy-llava train's --output_dir)")
+                   help="RUN folder (galaxy-llava train's --output_dir) or one of its "
+                        "checkpoint-N folders")
     s.add_argument("--out", type=Path, required=True, help="folder for the plain checkpoint")
     _overwrite(s)
     s.set_defaults(func=_cmd_export)

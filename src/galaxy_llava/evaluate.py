@@ -173,7 +173,8 @@ def write_eval(out: str | Path, rows: list[dict], metrics: dict, name: str | Non
 def eval_inputs(kind: str, model: str | Path | None, data: str | Path, split: str,
                 **settings: Any) -> dict:
     """What an evaluation is made from (stored as ``metrics.json`` ``inputs``): a re-run with
-    the same inputs may replace it, other inputs need ``overwrite``."""
+    the same inputs may replace it, other inputs need ``overwrite``. Paths are absolute (a
+    model may be a Hub id), so the EVAL folder reads the same from any working directory."""
     from galaxy_llava.models.folders import abs_if_local
     from galaxy_llava.records import split_name
 
@@ -211,7 +212,8 @@ def majority_baseline(data: str | Path, split: str = "test", out: str | Path = "
     rows = prediction_rows(records, preds, [caption] * len(records), [None] * len(records), probs)
     return write_eval(out, rows, metrics, name, kind="majority", model=None,
                       split=inputs["split"], run=None,
-                      data=str(data), rules=dataset_rules(data), majority=labels, inputs=inputs)
+                      data=inputs["data"], rules=dataset_rules(data), majority=labels,
+                      inputs=inputs)
 
 
 def with_majority(metrics: dict, data: str | Path, records: Sequence[dict]) -> list[dict]:
@@ -310,9 +312,9 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
     if scores:
         metrics["grammar"] = _grammar(net, processor, prompt, rules, records, truths,
                                       truth_texts, rows, batch_size)
-    full = write_eval(out, rows, metrics, name, kind="vlm", model=str(model),
+    full = write_eval(out, rows, metrics, name, kind="vlm", model=inputs["model"],
                       split=inputs["split"],
-                      run=run, data=str(data), prompt=prompt, prompt_source=source,
+                      run=run, data=inputs["data"], prompt=prompt, prompt_source=source,
                       generation=generation, rules=rules if scores else dataset_rules(data),
                       training=training, inputs=inputs)
     print(format_table(with_majority(full, data, records)))

@@ -135,9 +135,9 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
                                          rules=dataset_rules(data) or "reference")
     rows = prediction_rows(records, preds, [morphology_of(p).caption() for p in preds],
                            [None] * len(records), probs)
-    full = write_eval(out, rows, metrics, name, kind="probe", model=str(model),
+    full = write_eval(out, rows, metrics, name, kind="probe", model=inputs["model"],
                       split=inputs["split"],
-                      run=run, data=str(data), rules=dataset_rules(data),
+                      run=run, data=inputs["data"], rules=dataset_rules(data),
                       probe={"train_n": len(train), "feature_dim": int(x_train.shape[1])},
                       training=training, inputs=inputs)
     print(format_table(with_majority(full, data, records)))

@@ -25,11 +25,23 @@ from galaxy_llava.records import dataset_folder
 GRID_GALAXIES = 24
 
 
+def data_of(metrics: dict) -> Any:
+    """The dataset an evaluation's metrics name, as an absolute path where they have one (EVAL
+    folders written before ``data`` was stored absolute keep it as typed, and their ``inputs``
+    absolute), so a report finds it from any working directory."""
+    data = metrics.get("data")
+    if isinstance(data, str) and not Path(data).is_absolute():
+        inputs = metrics.get("inputs")
+        recorded = inputs.get("data") if isinstance(inputs, dict) else None
+        return recorded if isinstance(recorded, str) and recorded else data
+    return data
+
+
 def image_roots(ev: dict) -> list[Path]:
     """The folders whose images a report may embed for one evaluation: its EVAL folder and the
     prepared dataset (a folder with ``dataset.jsonl``) its metrics name."""
     roots = [Path(ev["folder"]).resolve()]
-    data = ev["metrics"].get("data")
+    data = data_of(ev["metrics"])
     if isinstance(data, str) and data:
         d = dataset_folder(data)
         if (d / "dataset.jsonl").is_file():
@@ -143,7 +155,7 @@ def galaxy_grid(evals: Sequence[dict], limit: int = GRID_GALAXIES) -> tuple[str,
     cards = []
     for row in [r for r in first["rows"] if isinstance(r, dict)][:limit]:
         gid = row.get("id_str")
-        path = _image_path(row.get("image"), first["metrics"].get("data"))
+        path = _image_path(row.get("image"), data_of(first["metrics"]))
         if path is not None and not any(inside(path, root) for root in roots):
             outside += 1
             img = '<div class="noimg">image outside the EVAL and data folders: not embedded</div>'

@@ -173,21 +173,18 @@ def _csv_path(out_dir: str | os.PathLike) -> Path:
 def example_images(run: str | os.PathLike, examples: str | os.PathLike | None = None,
                    limit: int = MAX_EXAMPLES) -> list[Path]:
     """Example galaxies: the images of ``examples`` (a folder, or files), else the first images
-    of the dataset the run was trained on (test split first, as recorded in ``config.yaml``),
-    else none. A given ``examples`` that holds no image is an error; a recorded dataset that has
-    moved is not (the app just offers no examples)."""
+    of the dataset the run (or a checkpoint's run) was trained on (test split first, as recorded
+    in ``config.yaml``), else none. A given ``examples`` that holds no image is an error; a
+    recorded dataset that has moved is not (the app just offers no examples)."""
     from galaxy_llava.generate import expand_image_paths
 
     if examples is not None:
         return expand_image_paths([examples])[:limit]
-    config = Path(run) / "config.yaml"
-    if not config.is_file():
-        return []
-    from galaxy_llava.config import read_yaml
+    from galaxy_llava.models.folders import checkpoint_run, run_settings
     from galaxy_llava.records import load_records
 
     try:
-        data = read_yaml(config).get("data")
+        data = run_settings(checkpoint_run(run) or run).get("data")
         records = load_records(data) if data else []
     except UserError:
         return []

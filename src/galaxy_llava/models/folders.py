@@ -4,7 +4,15 @@
   files) plus ``galaxy_llava.json`` = ``{"kind": "model", "prompt", "base_model"}``;
 * a *RUN folder* (written by the trainer): ``RUN/model/`` (full fine-tune, a model folder) or
   ``RUN/adapter/`` (peft LoRA adapter with the processor beside it, ``galaxy_llava.json`` kind
-  ``"adapter"``), and ``RUN/galaxy_llava.json`` kind ``"run"``.
+  ``"adapter"``), and ``RUN/galaxy_llava.json`` kind ``"run"``; ``RUN/config.yaml`` holds the
+  run's settings (:func:`run_settings`);
+* a *checkpoint* ``RUN/checkpoint-N/`` (the Trainer's): a model folder (full) or an adapter
+  folder (LoRA) with the Trainer's state beside it; its prompt and base model are its run's.
+
+Paths in ``config.yaml`` work from any working directory (:func:`portable_settings`): a path
+inside the run folder is stored relative to it (it moves with the run), any other local path
+absolute (the run may move, the data stays where it is), and a model as a Hub id or an absolute
+path (a relative one could not be told from a Hub id).
 
 Pure file logic: no torch, no transformers.
 """
@@ -21,6 +29,11 @@ from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json
 
 MARKER = "galaxy_llava.json"
+SETTINGS = "config.yaml"  # a run's settings (galaxy_llava.training.arguments writes them)
+TRAINER_STATE = "trainer_state.json"  # in every Trainer checkpoint, written last
+# Settings that name a local path (besides the model, a Hub id or a path). Not --deepspeed: its
+# value may be a config given inline (base64 JSON) rather than a file.
+PATH_SETTINGS = ("data", "feature_cache_dir")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -61,17 +74,23 @@ def write_prompt(folder: str | os.PathLike, prompt: str, kind: str | None = None
 
 
 def read_prompt(folder: str | os.PathLike) -> str | None:
-    """The prompt stored with a model, adapter or RUN folder, or None when none is stored."""
+    """The prompt stored with a model, adapter, RUN or checkpoint folder (a checkpoint's is its
+    run's), or None when none is stored."""
     folder = Path(folder)
     for f in (folder, folder / "model", folder / "adapter"):
         prompt = read_marker(f).get("prompt")
         if prompt:
             return prompt
+    run = checkpoint_run(folder)
+    if run is not None:
+        return read_marker(run).get("prompt") or run_settings(run).get("prompt") or None
     return None
 
 
 def run_kind(path: str | os.PathLike) -> str | None:
-    """'adapter', 'full' (RUN folders), 'model' (a plain checkpoint folder) or None."""
+    """'adapter' (a LoRA RUN folder, or an adapter folder itself: ``RUN/adapter``, a LoRA
+    checkpoint), 'full' (a full RUN folder), 'model' (a model folder, a full checkpoint) or
+    None."""
     path = Path(path)
     if (path / "adapter" / "adapter_config.json").is_file():
         return "adapter"
@@ -79,15 +98,82 @@ def run_kind(path: str | os.PathLike) -> str | None:
         return "full"
     if (path / "config.json").is_file():
         return "model"
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
     return None
 
 
-def adapter_base(run: str | os.PathLike) -> str:
-    """The base model of a LoRA run: from our marker, else from peft's adapter_config.json."""
+def weights_folder(path: str | os.PathLike) -> Path:
+    """The folder that holds the weights of a :func:`run_kind` folder: ``RUN/adapter``,
+    ``RUN/model``, or the folder itself (a model, adapter or checkpoint folder)."""
+    path = Path(path)
+    kind = run_kind(path)
+    if kind == "full":
+        return path / "model"
+    if kind == "adapter" and (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    return path
+
+
+def checkpoint_run(path: str | os.PathLike) -> Path | None:
+    """The RUN folder a Trainer checkpoint ``path`` (``trainer_state.json`` inside) lies in, or
+    None when ``path`` is not a checkpoint of a galaxy-llava run."""
+    path = Path(path)
+    if not (path / TRAINER_STATE).is_file():
+        return None
+    run = path.parent
+    if (run / SETTINGS).is_file() or read_marker(run).get("kind") == "run":
+        return run
+    return None
+
+
+def portable_settings(settings: dict[str, Any], run: str | os.PathLike) -> dict[str, Any]:
+    """``settings`` with their paths stored to work from any working directory (see the
+    module's docstring): a local model absolute (a Hub id as it is); a path setting inside
+    ``run`` relative to it, any other absolute. Relative paths are taken from the working
+    directory, as the command that gave them did."""
+    out = dict(settings)
+    run = Path(run).expanduser().resolve()
+    if isinstance(out.get("model_name_or_path"), str):
+        out["model_name_or_path"] = abs_if_local(out["model_name_or_path"])
+    for key in PATH_SETTINGS:
+        if isinstance(out.get(key), str) and out[key]:
+            path = Path(out[key]).expanduser().resolve()
+            out[key] = str(path.relative_to(run)) if path.is_relative_to(run) else str(path)
+    return out
+
+
+def run_settings(run: str | os.PathLike) -> dict[str, Any]:
+    """A run's settings (``RUN/config.yaml``, {} when absent) with its relative paths made
+    absolute against the run folder (a run written before paths were stored so keeps a path
+    relative to where it was started, which only resolves from there)."""
+    from galaxy_llava.config import read_yaml
+
     run = Path(run)
-    base = read_marker(run).get("base_model") or read_marker(run / "adapter").get("base_model")
+    if not (run / SETTINGS).is_file():
+        return {}
+    settings = read_yaml(run / SETTINGS)
+    for key in PATH_SETTINGS:
+        value = settings.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            inside = run.resolve() / value
+            if inside.exists() or not Path(value).expanduser().exists():
+                settings[key] = str(inside)
+    return settings
+
+
+def adapter_base(run: str | os.PathLike) -> str:
+    """The base model of a LoRA run, adapter folder or checkpoint: from our marker (a
+    checkpoint's: its run's marker or settings), else from peft's adapter_config.json."""
+    run = Path(run)
+    adapter = weights_folder(run)
+    base = read_marker(run).get("base_model") or read_marker(adapter).get("base_model")
+    owner = checkpoint_run(run)
+    if not base and owner is not None:
+        base = (read_marker(owner).get("base_model")
+                or run_settings(owner).get("model_name_or_path"))
     if not base:
-        cfg = run / "adapter" / "adapter_config.json"
+        cfg = adapter / "adapter_config.json"
         if cfg.is_file():
             base = json.loads(cfg.read_text()).get("base_model_name_or_path")
     if not base:

@@ -15,7 +15,8 @@ import torch
 from galaxy_llava.config import DEFAULT_MODEL
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.registry import family_for
-from galaxy_llava.models.folders import adapter_base, is_local, read_prompt, run_kind
+from galaxy_llava.models.folders import (adapter_base, is_local, read_prompt, run_kind,
+                                         weights_folder)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -95,7 +96,9 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
     family = family_for(config)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    source = str(Path(name).expanduser()) if is_local(name) else name
+    # A local folder by its absolute path: the model's name_or_path, and so the base that peft
+    # records in a LoRA adapter's adapter_config.json, then works from any working directory.
+    source = str(Path(name).expanduser().resolve()) if is_local(name) else name
     kwargs = dict(dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
                   trust_remote_code=trust_remote_code)
     if quantization_config is not None:
@@ -127,24 +130,27 @@ def quiet_peft():
 
 
 def load_adapter_model(run: Path, device=None, dtype=None, merge: bool = True):
-    """A LoRA RUN folder's base model with its adapter (merged unless ``merge=False``)."""
+    """A LoRA RUN folder's (or adapter folder's, or LoRA checkpoint's) base model with its
+    adapter (merged unless ``merge=False``)."""
     from peft import PeftModel
 
-    if not (run / "adapter" / "adapter_model.safetensors").is_file():
+    adapter = weights_folder(run)
+    if not (adapter / "adapter_model.safetensors").is_file():
         # peft would fall back to a pickled adapter_model.bin: weights load as safetensors only.
-        raise UserError(f"{run / 'adapter'} has no adapter_model.safetensors")
+        raise UserError(f"{adapter} has no adapter_model.safetensors")
     model, processor = load_model(adapter_base(run), device=device, dtype=dtype)
     with quiet_peft():
-        model = PeftModel.from_pretrained(model, str(run / "adapter"))
-    if (run / "adapter" / "processor_config.json").is_file():
+        model = PeftModel.from_pretrained(model, str(adapter))
+    if (adapter / "processor_config.json").is_file():
         family = family_for(model)
-        processor = family.load_processor(str(run / "adapter"))
+        processor = family.load_processor(str(adapter))
         family.fix_processor(processor, model.config)
     return (model.merge_and_unload() if merge else model), processor
 
 
 def load_for_inference(run_or_model: str | os.PathLike, device=None):
-    """Load a RUN folder (``model/`` or LoRA ``adapter/``), model folder or Hub id for inference.
+    """Load a RUN folder (``model/`` or LoRA ``adapter/``), a run's ``checkpoint-N`` (full or
+    LoRA), model folder or Hub id for inference.
 
     Returns ``(model, processor, prompt)`` with the model in eval mode and LoRA merged; the prompt
     is the one stored with the model, else the family's default with a warning."""
@@ -154,7 +160,7 @@ def load_for_inference(run_or_model: str | os.PathLike, device=None):
         kind = run_kind(path)
         if kind is None:
             raise UserError(f"{name} is not a galaxy-llava run or model folder "
-                            "(no adapter/, model/ or config.json inside)")
+                            "(no adapter/, model/, config.json or adapter_config.json inside)")
         if kind == "adapter":
             model, processor = load_adapter_model(path, device=device)
         else:

@@ -17,8 +17,10 @@ from pathlib import Path
 from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
-from galaxy_llava.models.folders import (abs_if_local, adapter_base, read_marker, read_prompt,
-                                         run_kind, write_marker, write_prompt)
+from galaxy_llava.models.folders import (TRAINER_STATE, abs_if_local, adapter_base,
+                                         checkpoint_run, read_marker, read_prompt, run_kind,
+                                         run_settings, weights_folder, write_marker,
+                                         write_prompt)
 
 # Settings that only steer sampling: unset under beam search (a saved GenerationConfig that keeps
 # them with do_sample=False is refused as inconsistent, and generate ignores them anyway).
@@ -116,10 +118,18 @@ def describe_generation_config(generation, family, tokenizer):
     return config
 
 
+def _not_model_files(folder: str, names: list[str]) -> set[str]:
+    """``shutil.copytree``'s ignore: what a Trainer checkpoint keeps beside the model (optimizer,
+    scheduler and RNG states, pickled arguments, its state) and an export leaves out."""
+    keep = (".safetensors", ".json", ".jinja", ".txt", ".model")
+    return {n for n in names if not n.endswith(keep) or n == TRAINER_STATE}
+
+
 def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a RUN as a plain checkpoint (LoRA merged into the base weights), with its processor
-    (chat template included), ``describe``'s generation config, prompt and model card (the
-    run's training settings and evaluations); returns ``out``."""
+    """Write a RUN (or one of its ``checkpoint-N`` folders) as a plain checkpoint (LoRA merged
+    into the base weights), with its processor (chat template included), ``describe``'s
+    generation config, prompt and model card (the run's training settings and evaluations);
+    returns ``out``."""
     import torch
 
     from galaxy_llava.models.loading import load_adapter_model, load_config
@@ -127,15 +137,20 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     run, out = Path(run), Path(out)
     kind = run_kind(run) if run.is_dir() else None
+    owner = checkpoint_run(run) if run.is_dir() else None
+    if kind == "model" and (run / TRAINER_STATE).is_file():
+        kind = "full"  # a full run's checkpoint: its weights are the folder itself
     if kind not in ("adapter", "full"):
-        raise UserError(f"{run} is not a galaxy-llava run (no adapter/ or model/ folder inside)")
+        raise UserError(f"{run} is not a galaxy-llava run or checkpoint (no adapter/ or model/ "
+                        "folder inside)")
     prompt = read_prompt(run) or DEFAULT_PROMPT
     with atomic_path(out) as tmp:
         if kind == "full":
             from transformers import GenerationConfig
 
-            shutil.copytree(run / "model", tmp)
-            base = read_marker(run).get("base_model")
+            shutil.copytree(weights_folder(run), tmp, ignore=_not_model_files)
+            base = (read_marker(owner or run).get("base_model")
+                    or run_settings(owner or run).get("model_name_or_path"))
             config = load_config(str(tmp))
             family = family_for(config)
             processor = family.load_processor(str(tmp))
@@ -143,7 +158,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
             generation = (GenerationConfig.from_pretrained(tmp)
                           if (tmp / "generation_config.json").is_file()
                           else GenerationConfig.from_model_config(config))
-            marker = read_marker(run / "model")
+            marker = read_marker(weights_folder(run))
         else:
             base = adapter_base(run)
             # Merge in fp32 on the CPU (exact), then store in the base checkpoint's dtype.
@@ -155,8 +170,10 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
                 model = model.to(saved)
             model.save_pretrained(tmp, safe_serialization=True)
             family, generation = family_for(model), model.generation_config
-            marker = read_marker(run / "adapter")
-        finish_folder(tmp, "model", processor, family, prompt, generation, base, run.name,
-                      method=read_marker(run).get("method"), training=marker.get("training"),
+            marker = read_marker(weights_folder(run))
+        name = f"{owner.name}-{run.name}" if owner else run.name  # a checkpoint: by its run
+        finish_folder(tmp, "model", processor, family, prompt, generation, base, name,
+                      method=read_marker(owner or run).get("method")
+                      or run_settings(owner or run).get("method"), training=marker.get("training"),
                       evaluations=marker.get("evaluations"))
     return out

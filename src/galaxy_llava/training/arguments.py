@@ -18,8 +18,9 @@ from typing import Any
 from galaxy_llava.config import (GLOBAL_FLAGS, METHOD_DEFAULTS, TRAINING_DEFAULTS,
                                  FinetuneArguments, find_config, read_yaml, shipped_configs)
 from galaxy_llava.errors import UserError
+from galaxy_llava.models.folders import SETTINGS as CONFIG_FILE
+from galaxy_llava.models.folders import portable_settings, run_settings
 
-CONFIG_FILE = "config.yaml"
 DESCRIPTION = ("Fine-tune a vision-language model on a prepared galaxy dataset with the Hugging "
                "Face Trainer. Every TrainingArguments name works as a flag and as a key of the "
                "--config YAML; per_device_train_batch_size is per process (the effective batch, "
@@ -92,10 +93,9 @@ def _by_field(settings: dict[str, Any], parser, source: str) -> dict[str, Any]:
 
 
 def saved_settings(output_dir: str | Path | None) -> dict[str, Any]:
-    """The settings a run was started with (``OUTPUT_DIR/config.yaml``), or {}."""
-    if output_dir is None or not (Path(output_dir) / CONFIG_FILE).is_file():
-        return {}
-    return read_yaml(Path(output_dir) / CONFIG_FILE)
+    """The settings a run was started with (``OUTPUT_DIR/config.yaml``, its paths absolute:
+    :func:`~galaxy_llava.models.folders.run_settings`), or {}."""
+    return {} if output_dir is None else run_settings(output_dir)
 
 
 def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None,
@@ -321,7 +321,10 @@ def _argparse_ready(values: dict[str, Any]) -> dict[str, Any]:
 
 def settings_to_save(finetune: FinetuneArguments, training) -> dict[str, Any]:
     """What ``config.yaml`` records: every galaxy-llava setting, and each TrainingArguments field
-    that differs from the library's default (so that a resume reproduces the run)."""
+    that differs from the library's default (so that a resume reproduces the run), with paths
+    that work from any folder (:func:`~galaxy_llava.models.folders.portable_settings`). Not the
+    output folder: it is the folder that holds the file (and a copy of the file used as a
+    ``--config`` then needs an ``--output_dir`` of its own)."""
     from transformers import TrainingArguments
 
     out = dataclasses.asdict(finetune)
@@ -334,9 +337,9 @@ def settings_to_save(finetune: FinetuneArguments, training) -> dict[str, Any]:
         if isinstance(value, enum.Enum):
             value = value.value
         if (value != default and value is not None and _plain(value)
-                and f.name != "resume_from_checkpoint"):
+                and f.name not in ("resume_from_checkpoint", "output_dir")):
             out[f.name] = value
-    return out
+    return portable_settings(out, training.output_dir)
 
 
 def _plain(value) -> bool:

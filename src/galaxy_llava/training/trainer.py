@@ -63,6 +63,21 @@ class GalaxyTrainer(Trainer):
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
 
+    def _load_best_model(self):
+        """``--load_best_model_at_end`` for a full model: the Trainer's own load matches none
+        of the keys ``save_pretrained`` wrote in transformers 5 (the checkpoint layout, such as
+        LLaVA's ``language_model.model.*``) and loads nothing, with only a log line to say so.
+        ``from_pretrained`` maps them; its tensors are then copied in, every key required.
+        Adapters (peft loads its own) and sharded models keep the Trainer's way."""
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        best = type(model).from_pretrained(self.state.best_model_checkpoint, dtype=model.dtype,
+                                           use_safetensors=True)
+        model.load_state_dict(best.state_dict(), strict=True)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, mask = inputs.pop("labels"), inputs.pop("label_mask")
@@ -255,6 +270,9 @@ def run_training(ft: FinetuneArguments, args) -> dict:
                   f"effective batch {effective} = {args.per_device_train_batch_size} per device x "
                   f"{args.gradient_accumulation_steps} accumulation x {world}")
 
+        # The Trainer records checkpoint paths (the best one, for --load_best_model_at_end) under
+        # output_dir: absolute, they hold when the run is resumed from another folder.
+        args.output_dir = str(run.resolve())
         trainer = GalaxyTrainer(
             model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
             data_collator=Collator(processor.tokenizer.pad_token_id, family=family,
@@ -282,7 +300,8 @@ def run_training(ft: FinetuneArguments, args) -> dict:
             print(f"{run} already finished {start} steps; raise --num_train_epochs or "
                   "--max_steps to train further")
         return json.loads(metrics_path.read_text())
-    _save_final(trainer, processor, run, ft, main)
+    _save_final(trainer, processor, run, ft, main)  # the best checkpoint's weights, if asked
+    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
     log = run_folder.loss_log(trainer.state.log_history)
     train_loss = [e["loss"] for e in log if e["split"] == "train"]
     metrics = {
@@ -302,6 +321,7 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         "final_train_loss": train_loss[-1] if train_loss else result.training_loss,
         "val_losses": [{"epoch": e["epoch"], "step": e["step"], "loss": e["loss"]}
                        for e in log if e["split"] == "validation"],
+        "best_checkpoint": Path(best).name if best else None,
     }
     if main and val_recs and not metrics["sharded_parameters"]:
         metrics["collapse_warning"] = collapse_check(
@@ -312,6 +332,9 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         run_folder.write_loss_log(run, log)
         run_folder.plot_losses(log, run / "loss_curve.png")
         write_json(metrics_path, metrics)
+        if best:
+            print(f"kept the weights of the best checkpoint, {Path(best).name} "
+                  f"({args.metric_for_best_model} {trainer.state.best_metric:.4g})")
         print(f"trained {metrics['steps']} steps in {metrics['train_seconds'] or 0:.0f} s "
               f"({metrics['samples_per_second'] or 0:.2f} samples/s); final train loss "
               f"{metrics['final_train_loss']}; wrote {run}")
