@@ -104,13 +104,16 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
                 assert row[value_column(a, v)] == pytest.approx(p, abs=1e-9)
             total = sum(row[c] for c in rows.columns if c.startswith(f"p_{a}_"))
             assert total == pytest.approx(1.0, abs=1e-9)
-    # The predicted values are the best caption's.
-    from galaxy_llava.morphology import value_label
-    from galaxy_llava.morphology import parse_caption
+    # The predicted values are the best caption's; yes/no attributes are booleans.
+    from galaxy_llava.catalogue import BOOLEAN
+    from galaxy_llava.morphology import parse_caption, value_label
 
+    assert BOOLEAN == ("bar", "prominent_bulge", "boxy_bulge", "disturbed")
+    assert all(rows[a].dtype == bool for a in BOOLEAN)
     for _, row in rows.iterrows():
         best = parse_caption(row["best_caption"])
-        assert [row[a] for a in ATTRIBUTES] == [value_label(best, a) for a in ATTRIBUTES]
+        assert [row[a] for a in ATTRIBUTES] == [
+            getattr(best, a) if a in BOOLEAN else value_label(best, a) for a in ATTRIBUTES]
 
 
 def test_output_is_a_parquet_dataset_with_provenance(reference):

@@ -12,7 +12,8 @@ from astropy.io import fits
 from PIL import Image
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.imagefiles import find_images, image_stem, read_fits_rgb, read_path_list
+from galaxy_llava.fitscutouts import FitsOptions, read_fits_rgb
+from galaxy_llava.imagefiles import find_images, image_stem, read_path_list
 from galaxy_llava.records import load_image
 
 
@@ -100,12 +101,14 @@ def test_fits_one_band_is_grey_and_oriented_like_the_image(tmp_path):
 
 
 def test_fits_three_bands_map_blue_to_red_and_extension_hdus_are_found(tmp_path):
-    cube = np.zeros((3, 8, 8), np.float32)
-    cube[0] = 1.0  # the bluest band (g) -> blue
+    cube = np.zeros((3, 32, 32), np.float32)
+    cube[0, 2:6, 2:6] = 1.0  # a source in the bluest band (g) only -> blue
     hdus = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(cube)])
     hdus.writeto(tmp_path / "c.fits.gz")
-    px = np.asarray(read_fits_rgb(tmp_path / "c.fits.gz"))
-    assert px[..., 2].min() == 255 and px[..., :2].max() == 0
+    for scaling in ("lupton", "percentile"):
+        px = np.asarray(read_fits_rgb(tmp_path / "c.fits.gz", FitsOptions(scaling=scaling)))
+        assert px[-6:-2, 2:6, 2].min() == 255 and px[..., :2].max() == 0, scaling  # bottom-up
+        assert px[:2, :, 2].max() == 0  # the sky (level 0) stays black
 
 
 def test_fits_guard_and_bad_files_are_user_errors(tmp_path):
@@ -114,9 +117,9 @@ def test_fits_guard_and_bad_files_are_user_errors(tmp_path):
         read_fits_rgb(tmp_path / "big.fits", max_pixels=100)
     assert read_fits_rgb(tmp_path / "big.fits", decode=False) is None
     fits.PrimaryHDU(np.zeros((5, 4, 4), np.float32)).writeto(tmp_path / "five.fits")
-    with pytest.raises(UserError, match="1 or 3 planes"):
+    with pytest.raises(UserError, match="a cube of 5 planes .*choose 1 or 3 with --bands"):
         read_fits_rgb(tmp_path / "five.fits")
-    with pytest.raises(UserError, match="1 or 3 planes"):  # from the header alone
+    with pytest.raises(UserError, match="a cube of 5 planes .*choose 1 or 3 with --bands"):  # from the header alone
         read_fits_rgb(tmp_path / "five.fits", decode=False)
     (tmp_path / "junk.fits").write_text("not fits")
     with pytest.raises(UserError, match="junk.fits"):

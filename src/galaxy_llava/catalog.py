@@ -43,6 +43,8 @@ from galaxy_llava.rules import rule_set
 ID_COLUMN = "id_str"
 IMAGE_COLUMN = "image"
 PATH_COLUMN = "file_loc"
+# Columns a catalogue carries through to what is made from it (galaxy-llava catalogue's rows).
+CARRIED = ("ra", "dec", "dataset_name")
 # PIL's own default, used only if a caller has unset Image.MAX_IMAGE_PIXELS: the guard stays on.
 _DEFAULT_MAX_PIXELS = 89_478_485
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -56,11 +58,14 @@ class ImageError(ValueError):
 
 class Catalog:
     """A GZ2 catalogue: ``votes`` (``id_str`` + the rule set's columns, float64, one row per
-    galaxy, positional index) and images fetched on demand by row position."""
+    galaxy, positional index), ``carried`` (those of :data:`CARRIED` it has, such as ra and
+    dec) and images fetched on demand by row position."""
 
     def __init__(self, source: str, kind: str, votes: pd.DataFrame, fetch: Fetch,
                  base_dir: Path | None = None, allow_outside: bool = False):
-        self.source, self.kind, self.votes = source, kind, votes
+        carried = [c for c in CARRIED if c in votes.columns]
+        self.carried = votes[carried].reset_index(drop=True)
+        self.source, self.kind, self.votes = source, kind, votes.drop(columns=carried)
         self._fetch, self._base_dir, self._allow_outside = fetch, base_dir, allow_outside
 
     def __len__(self) -> int:
@@ -206,7 +211,14 @@ def _votes_frame(table: pa.Table, needed: list[str]) -> pd.DataFrame:
                                    for v in table.column(ID_COLUMN).to_pylist()]})
     for c in needed:
         df[c] = table.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    for c in _carried(table.schema):
+        df[c] = table.column(c).to_pandas()
     return df
+
+
+def _carried(schema: pa.Schema) -> list[str]:
+    """The :data:`CARRIED` columns a schema has."""
+    return [c for c in CARRIED if c in schema.names]
 
 
 # ---------------------------------------------------------------- image payloads
@@ -255,7 +267,8 @@ def _from_parquet(where: Path, files: list[Path], needed: list[str]) -> Catalog:
             raise UserError(f"parquet shards under {where} disagree on the image column")
         image_col = col
         # Only id_str and the vote columns are read here; the image column stays on disk.
-        frames.append(_votes_frame(pf.read(columns=[ID_COLUMN, *needed]), needed))
+        frames.append(_votes_frame(pf.read(columns=[ID_COLUMN, *needed, *_carried(schema)]),
+                                   needed))
         for rg in range(pf.metadata.num_row_groups):
             groups.append((f, rg))
             starts.append(total)
@@ -288,7 +301,7 @@ def _from_dataset(ds: Any, source: str, kind: str, needed: list[str],
     _check_schema(schema, needed, source, extra=(IMAGE_COLUMN, PATH_COLUMN))
     image_col = _image_column(schema, source)
     # The arrow format hands back raw columns: no Image feature is decoded, no row iterated.
-    table = ds.select_columns([ID_COLUMN, *needed]).with_format("arrow")[:]
+    table = ds.select_columns([ID_COLUMN, *needed, *_carried(schema)]).with_format("arrow")[:]
     images = ds.select_columns([image_col]).with_format("arrow")
 
     def fetch(rows: list[int]) -> Iterator[tuple[int, Any]]:
@@ -367,14 +380,16 @@ def _from_csv(path: Path, needed: list[str]) -> Catalog:
         missing = [c for c in [ID_COLUMN, *needed, PATH_COLUMN] if c not in header]
         _raise_bad_columns(str(path), missing, [])
         # Read only what selection needs; ids and paths stay text (GZ2 ids overflow float).
-        df = pd.read_csv(path, usecols=[ID_COLUMN, PATH_COLUMN, *needed],
+        df = pd.read_csv(path, usecols=[ID_COLUMN, PATH_COLUMN, *needed,
+                                        *[c for c in CARRIED if c in header]],
                          dtype={ID_COLUMN: str, PATH_COLUMN: str})
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise UserError(f"cannot read CSV {path}: {str(e).splitlines()[0]}") from None
     wrong = [f"{c} ({df[c].dtype})" for c in needed
              if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])]
     _raise_bad_columns(str(path), [], wrong)
-    votes = df[[ID_COLUMN, *needed]].astype({c: "float64" for c in needed})
+    votes = df[[ID_COLUMN, *needed, *[c for c in CARRIED if c in df.columns]]].astype(
+        {c: "float64" for c in needed})
     votes[ID_COLUMN] = votes[ID_COLUMN].where(votes[ID_COLUMN].notna(), None)
     paths = df[PATH_COLUMN].tolist()
 
