@@ -104,8 +104,11 @@ def _read_table(file: Path, flag: str, text_columns: tuple[str, ...]):
     try:
         if file.suffix.lower() == ".parquet":
             return pd.read_parquet(file)
-        header = pd.read_csv(file, nrows=0).columns
-        return pd.read_csv(file, converters={c: str for c in header if c in text_columns})
+        table = pd.read_csv(file)
+        text = [c for c in table.columns if c in text_columns]
+        if text:  # read again as written: an id "NA" or "007" is not a number or missing
+            table[text] = pd.read_csv(file, usecols=text, dtype=str, keep_default_na=False)
+        return table
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"{flag} {file}: cannot read the path list: {e}") from None
 
