@@ -405,3 +405,16 @@ def test_the_users_columns_come_through(model, images, synth_dir, tmp_path, caps
     assert rows["ra"].tolist() == [1.0, 2.0, 3.0] and rows["dec"].tolist() == [-1.0, 0.0, 1.0]
     assert rows["dataset_name"].tolist() == ["gz2"] * 3
     assert rows["id"].tolist() == table["id_str"].astype(str).tolist()
+
+
+def test_a_catalogue_with_the_old_manifest_name_is_continued(model, images, reference,
+                                                             tmp_path):
+    """Folders written before `_manifest.json` hold `manifest.json`: recognised (not "a folder
+    of other files"), continued without redoing a part, and renamed by the run."""
+    out = tmp_path / "cat"
+    shutil.copytree(reference, out)
+    (out / MANIFEST).rename(out / "manifest.json")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert run("--model", model, "--images", images, "--out", out, "--part-size", 4, *FAST) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == kept
+    assert (out / MANIFEST).is_file() and not (out / "manifest.json").exists()

@@ -5,33 +5,46 @@ every input image with beam search (exactly as ``describe`` does) and, unless ``
 scores every caption of the grammar (:mod:`galaxy_llava.scoring`): the most probable caption,
 each attribute's predicted value and marginal probabilities, and the entropy.
 
-Inputs, in a fixed order:
+Inputs, in a fixed order (:func:`galaxy_llava.imagefiles.gather_images`):
 
-* ``--images DIR|LIST|FILE ...``: each folder searched recursively for images (``.jpg``,
-  ``.jpeg``, ``.png`` and FITS cutouts ``.fits``/``.fits.gz``, stretched to RGB; hidden entries
-  skipped), sorted by their path inside the folder; a prepared dataset contributes only its
-  ``images/`` folder, so its ``preview.png`` is never catalogued
-  (:func:`galaxy_llava.imagefiles.find_images`). A ``.csv``/``.parquet`` path list (column
-  ``path``, ``file_loc`` or ``image``; optional ``id``/``id_str``) gives its rows, relative paths
-  resolved against the list's folder. The id is the list's id, else the file name without its
-  suffix. A list's paths that leave its folder need ``--allow-outside-paths``.
+* ``--images DIR|LIST|FILE ...``: each folder searched recursively for images (JPEG, PNG, TIFF
+  and FITS cutouts, made RGB by :mod:`galaxy_llava.fitscutouts`; hidden entries skipped), sorted
+  by their path inside the folder; a prepared dataset contributes only its ``images/`` folder,
+  so its ``preview.png`` is never catalogued. A ``.csv``/``.parquet`` path list (column
+  ``path``, ``file_loc`` or ``image``, or ``path_<band>`` per band; optional ``id``/``id_str``)
+  gives its rows, relative paths resolved against the list's folder, and its other columns
+  (ra, dec, ...) come through to the rows. The id is the dataset's ``id_str`` or the list's
+  id, else the file name without its suffix; stems that collide become the path relative to
+  their folder, and ids that still collide (or repeat in a list) are refused in one line. A
+  list's paths that leave its folder need ``--allow-outside-paths``.
 * ``--source CATALOGUE``: a GZ2-schema catalogue (:func:`galaxy_llava.catalog.load_catalog`:
-  parquet shards, ``save_to_disk`` folder, CSV with ``file_loc``, Hub id); only ``id_str`` and
-  the vote columns are held in memory, images are read a batch at a time and decoded one by one.
-  The id is ``id_str``; ``image`` is the catalogue row.
+  parquet shards, ``save_to_disk`` folder, CSV with ``file_loc``, Hub id); only ``id_str``, the
+  vote columns and ra, dec, dataset_name (carried to the rows) are held in memory, images are
+  read a batch at a time and decoded one by one. The id is ``id_str``; ``image`` is the row.
 
-Output: ``OUT/manifest.json`` (written first: the inputs' identity and the settings) and
-``OUT/part-XXXXX.parquet``, part ``i`` holding inputs ``[i * part_size, (i + 1) * part_size)``
-in input order, each written atomically. ``datasets.load_dataset("parquet",
-data_files="OUT/*.parquet")`` reads them as one dataset. Each file's schema metadata
-(``galaxy_llava``) records the model, prompt, rules, decoding settings and package version.
+An input that cannot be read (no image HDU, zero-size, blank, truncated, empty...) is skipped:
+its part records it (image, id, reason) and ``OUT/_failures.csv`` lists every finished part's;
+the command says how many and exits with :data:`~galaxy_llava.errors.EXIT_SKIPPED`. With
+``strict`` the first one stops the run (header problems before any model loads).
+
+Output: ``OUT/_manifest.json`` (written first: the inputs' identity, the settings and each
+part's stamp) and ``OUT/part-XXXXX.parquet``, part ``i`` holding inputs
+``[i * part_size, (i + 1) * part_size)`` in input order (less the skipped ones), each written
+atomically. The leading underscore makes ``pandas.read_parquet("OUT")`` and
+``pyarrow.dataset.dataset("OUT")`` skip the manifest and the failures table, so both read the
+folder as one table, as does ``datasets.load_dataset("parquet", data_files="OUT/*.parquet")``.
+Each file's schema metadata (``galaxy_llava``) records the model, prompt, rules, decoding
+settings, package version and the inputs it skipped. Yes/no attributes are boolean columns.
 
 Scale-out: part ``i`` belongs to process ``i % world == rank``, where (rank, world) comes from
 ``RANK``/``WORLD_SIZE`` (torchrun, accelerate launch) and ``--shard I/N`` (a job array), combined
-as rank ``I * WORLD_SIZE + RANK`` of ``N * WORLD_SIZE``. A part whose file exists with the
-manifest's fingerprint is skipped, so a killed job loses at most the parts it was writing. Batches
-never straddle parts: with ``part_size`` a multiple of ``batch_size`` (the defaults) the batches,
-and so the captions, are exactly ``describe``'s.
+as rank ``I * WORLD_SIZE + RANK`` of ``N * WORLD_SIZE``. A part whose file exists with its stamp
+(a hash of the settings and of that part's own inputs) is skipped, so a killed job loses at most
+the parts it was writing, and a retry after a failure with other inputs or settings continues an
+unfinished catalogue, keeping the parts whose inputs did not change (a finished one needs
+``--overwrite``, which also keeps them). Batches never straddle parts: with ``part_size`` a
+multiple of ``batch_size`` (the defaults) the batches, and so the captions, are exactly
+``describe``'s.
 """
 
 from __future__ import annotations
@@ -40,30 +53,18 @@ import hashlib
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from galaxy_llava import __version__, outputs
+from galaxy_llava import __version__
+from galaxy_llava.catalogue_folder import (COMMAND, FAILURES, LEGACY_MANIFEST, MANIFEST,
+                                           META_KEY, claim_catalogue, fingerprint, part_failures,
+                                           part_fingerprint, part_name, part_stamps,
+                                           read_manifest, remove_stale, write_failures)
 from galaxy_llava.errors import EXIT_SKIPPED, UserError
-from galaxy_llava.io import atomic_path, read_json_object, temp_pattern, write_json
+from galaxy_llava.io import atomic_path, write_json
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
-
-# A leading underscore: pandas.read_parquet(CAT) and pyarrow.dataset skip these files.
-MANIFEST = "_manifest.json"
-LEGACY_MANIFEST = "manifest.json"  # before 2026-12: still read, replaced on the next run
-FAILURES = "_failures.csv"
-COMMAND = "catalogue"
-META_KEY = b"galaxy_llava"
-_PART = re.compile(r"^part-(\d{5,})\.parquet$")
-_STALE_TEMP_S = 60  # a manifest temporary older than this belongs to no live process
-
-
-def part_name(i: int) -> str:
-    """The file name of part ``i``."""
-    return f"part-{i:05d}.parquet"
-
 
 def value_column(attribute: str, value: str) -> str:
     """``p_<attribute>_<value>`` with every run of non-alphanumerics in the value as ``_``
@@ -158,128 +159,6 @@ def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Input
     return Inputs(ids, list(range(len(cat))),
                   {"source": where, "n": len(cat), "ids": _digest(ids)},
                   [[row, i] for row, i in enumerate(ids)], cat.carried, cat)
-
-
-# ----------------------------------------------------------------- the output folder
-
-def read_manifest(out: Path) -> dict:
-    """A catalogue folder's manifest (``_manifest.json``, or the ``manifest.json`` older
-    versions wrote); {} when there is none."""
-    found = read_json_object(out / MANIFEST)
-    return found or read_json_object(out / LEGACY_MANIFEST)
-
-
-def fingerprint(identity: dict) -> str:
-    """A short hash of a catalogue's identity."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def part_stamps(inputs: Inputs, settings: dict, part_size: int) -> list[str]:
-    """Each part's stamp: a hash of the settings and of that part's own items (paths, sizes,
-    ids, the user's columns). A part stays valid while its own inputs do, so a retry with
-    other inputs keeps the parts they do not change."""
-    base = json.dumps({**settings, "source": inputs.identity.get("source")}, sort_keys=True)
-    stamps = []
-    for lo in range(0, len(inputs.ids), part_size):
-        hi = lo + part_size
-        extra = (inputs.columns.iloc[lo:hi].to_json(orient="values")
-                 if inputs.columns is not None and len(inputs.columns.columns) else "")
-        h = hashlib.sha256(base.encode())
-        h.update(json.dumps(inputs.keys[lo:hi]).encode() + extra.encode())
-        stamps.append(h.hexdigest()[:16])
-    return stamps
-
-
-def _old_stamps(manifest: dict) -> list:
-    """The part stamps a manifest records (older ones: one fingerprint for every part)."""
-    return manifest.get("stamps") or [manifest.get("fingerprint")] * int(manifest.get("parts")
-                                                                         or 0)
-
-
-def is_finished(out: Path, manifest: dict) -> bool:
-    """Whether every part the manifest names is there with its stamp."""
-    stamps = _old_stamps(manifest)
-    return bool(stamps) and all(part_fingerprint(out / part_name(i)) == st
-                                for i, st in enumerate(stamps))
-
-
-def claim_catalogue(out: Path, identity: dict, overwrite: bool) -> str:
-    """The outputs contract for OUT: ``"new"``, ``"same"`` (a re-run or another shard),
-    ``"continue"`` (an unfinished catalogue of other inputs or settings: a retry after a
-    failure; its parts that are still valid are kept) or ``"replace"`` (a finished one, with
-    ``overwrite``). Refuses, in one line, anything else: another kind of output, a prepared
-    dataset, a finished catalogue of other inputs without ``--overwrite``. Changes nothing."""
-    found = outputs.check_kind(out, "morphology")  # refuses datasets and everything else
-    if found in (None, "empty"):
-        return "new"
-    old = read_manifest(out)
-    diffs = outputs.differences(old.get("identity") or {}, identity)
-    if not diffs:
-        return "same"
-    if not is_finished(out, old):
-        return "continue"
-    if overwrite:
-        return "replace"
-    raise UserError(f"--out {out} holds a different catalogue: {'; '.join(diffs[:3])}; pass "
-                    "--overwrite to replace it, or choose another --out")
-
-
-def part_fingerprint(path: Path) -> str | None:
-    """The fingerprint stamped on a part file (None when unreadable or unstamped)."""
-    import pyarrow.parquet as pq
-
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[META_KEY]).get("fingerprint")
-    except Exception:  # a damaged or foreign file: treat as missing, it will be rewritten
-        return None
-
-
-def _remove_stale(out: Path, stamps: list[str], parts: Sequence[int]) -> None:
-    """Remove the leftovers of interrupted writes of ``parts`` (this process's), manifest and
-    failure-table temporaries older than a minute, an older version's manifest, and parts that
-    belong to other inputs or settings."""
-    mine = [temp_pattern(part_name(i)) for i in parts]
-    shared = [temp_pattern(MANIFEST), temp_pattern(FAILURES)]
-    now = time.time()
-    for e in os.scandir(out):
-        path = Path(e.path)
-        if any(p.match(e.name) for p in mine):
-            outputs.remove(path)
-        elif any(p.match(e.name) for p in shared) and now - e.stat().st_mtime > _STALE_TEMP_S:
-            outputs.remove(path)
-        elif e.name == LEGACY_MANIFEST:
-            outputs.remove(path)
-        elif (m := _PART.match(e.name)) and (int(m.group(1)) >= len(stamps) or part_fingerprint(
-                path) != stamps[int(m.group(1))]):
-            outputs.remove(path)
-
-
-def part_failures(path: Path) -> list[list[str]]:
-    """The inputs a part skipped, ``[image, id, reason]`` each (from its parquet metadata)."""
-    import pyarrow.parquet as pq
-
-    try:
-        return json.loads(pq.read_schema(path).metadata[META_KEY]).get("failures") or []
-    except Exception:
-        return []
-
-
-def write_failures(out: Path, stamps: list[str]) -> int:
-    """``OUT/_failures.csv`` (image, id, reason) from every finished part's record of what it
-    skipped, rewritten atomically (removed when nothing was skipped); returns the count."""
-    import csv
-
-    rows = [r for i, st in enumerate(stamps) if part_fingerprint(out / part_name(i)) == st
-            for r in part_failures(out / part_name(i))]
-    if not rows:
-        outputs.remove(out / FAILURES)
-        return 0
-    with atomic_path(out / FAILURES) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "id", "reason"])
-        writer.writerows(rows)
-    return len(rows)
 
 
 # ----------------------------------------------------------------- rows
@@ -411,7 +290,7 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
                 "parts": n_parts, "items": len(inputs.ids), "stamps": stamps}
     if read_manifest(out) != manifest or (out / LEGACY_MANIFEST).exists():
         write_json(out / MANIFEST, manifest)
-    _remove_stale(out, stamps, mine)
+    remove_stale(out, stamps, mine)
     summary = {"out": str(out), "items": len(inputs.ids), "parts": n_parts, "mine": len(mine),
                "skipped": len(done), "written": 0, "kept": len(done) if status == "continue"
                else None}

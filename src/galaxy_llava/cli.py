@@ -329,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="folder of part-XXXXX.parquet files")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="folders searched recursively for .jpg/.png/"
-                     ".fits(.gz) images (a prepared dataset: its images/ only), .csv/.parquet "
-                     "lists of paths (column path, file_loc or image; optional id), or images")
+                     ".tif/.fits(.gz) images (a prepared dataset: its images/ only), .csv/.parquet "
+                     "lists of paths (column path, file_loc or image, or path_<band> per band; "
+                     "optional id; other columns are kept), or images")
     src.add_argument("--source", help="GZ2-schema catalogue: parquet file/folder, save_to_disk "
                      "folder, CSV with file_loc, or Hub id")
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),

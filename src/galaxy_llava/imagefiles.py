@@ -21,9 +21,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import read_json_object
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RASTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz")
@@ -93,7 +97,7 @@ class PathList:
 
     paths: list
     ids: list
-    columns: "pd.DataFrame"
+    columns: pd.DataFrame
 
 
 def _read_table(file: Path, flag: str, text_columns: tuple[str, ...]):
@@ -182,7 +186,7 @@ class ImageInputs:
 
     images: list
     ids: list[str]
-    columns: "pd.DataFrame"
+    columns: pd.DataFrame
 
 
 _BAND_SUFFIX = "[-_.]"
