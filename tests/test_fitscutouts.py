@@ -195,3 +195,17 @@ def test_single_band_files_of_one_object_combine(tmp_path):
         load_image((files[0], files[1], tmp_path / "small-z.fits"))
     with pytest.raises(UserError, match="not found"):
         load_image((files[0], files[1], tmp_path / "J1234-missing.fits"))
+
+
+def test_percentile_scaling_with_the_sky_kept_is_the_earlier_stretch():
+    """--scaling percentile --keep-sky gives what galaxy-llava made before (an asinh stretch
+    between the 0.5th and 99.5th percentiles of all bands), here on HST's scale.fits (real)."""
+    from astropy.visualization import AsinhStretch, PercentileInterval
+
+    path = _real("scale.fits")
+    data = fits.getdata(path).astype(np.float64)
+    lo, hi = PercentileInterval(99.0).get_limits(data)
+    grey = (np.clip(AsinhStretch(a=0.1)(np.clip((data - lo) / (hi - lo), 0, 1)), 0, 1) * 255)
+    before = grey.round().astype(np.uint8)[::-1]
+    now = np.asarray(read_fits_rgb(path, FitsOptions(scaling="percentile", keep_sky=True)))
+    assert np.array_equal(now[..., 0], before) and np.array_equal(now[..., 2], before)

@@ -143,6 +143,11 @@ def test_single_band_files_group_by_object_and_band_columns_in_a_list(tmp_path):
     assert listed.paths == [found.images[0]] and list(listed.columns.columns) == ["ra"]
     with pytest.raises(UserError, match="path_g, path_r, path_z"):
         read_path_list(folder / "list.csv", bands=("g", "r", "i"))
+    # Euclid-like band names with underscores: the object is what precedes the band
+    for band in ("NIR_Y", "NIR_J", "NIR_H"):
+        fits.PrimaryHDU(np.eye(4, dtype=np.float32)).writeto(
+            _mkdir(tmp_path / "nisp") / f"EUC_J3-{band}.fits")
+    assert gather_images([tmp_path / "nisp"], bands=("NIR_Y", "NIR_J", "NIR_H")).ids == ["EUC_J3"]
 
 
 def _mkdir(path):

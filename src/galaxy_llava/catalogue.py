@@ -66,6 +66,7 @@ from galaxy_llava.errors import EXIT_SKIPPED, UserError
 from galaxy_llava.io import atomic_path, write_json
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
 
+
 def value_column(attribute: str, value: str) -> str:
     """``p_<attribute>_<value>`` with every run of non-alphanumerics in the value as ``_``
     (``p_shape_in_between``, ``p_type_edge_on_disk``)."""
@@ -150,10 +151,10 @@ def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Input
     if len(cat) == 0:
         raise UserError(f"--source {source}: the catalogue has no rows")
     ids = cat.votes[ID_COLUMN].tolist()
-    from galaxy_llava.imagefiles import _refuse_duplicates
+    from galaxy_llava.imagefiles import refuse_duplicate_ids
 
-    _refuse_duplicates(ids, f"--source {source}: ids ({ID_COLUMN}) must be unique; repeated",
-                       "row")
+    refuse_duplicate_ids(ids, f"--source {source}: ids ({ID_COLUMN}) must be unique; "
+                         "repeated", "row")
     where = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() \
         else str(source)
     return Inputs(ids, list(range(len(cat))),

@@ -112,9 +112,9 @@ def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 
                    device=None, scores_rules: str | None = None, fits=None, strict: bool = True,
                    allow_outside: bool = False) -> list[dict]:
     """Describe image files, folders and path lists with a run, model folder or Hub id:
-    ``[{image, text}]`` in input order, with a path list's own columns (ra, dec, ...); with
-    ``scores_rules``, each also gets ``scores``: the posterior over that rule set's captions
-    (see :mod:`galaxy_llava.scoring`). ``fits``: how FITS cutouts become RGB
+    ``[{image, text}]`` in input order, with a path list's own columns (ra, dec, ...; one named
+    like ours becomes ``input_<name>``); with ``scores_rules``, each also gets ``scores``: the
+    posterior over that rule set's captions (see :mod:`galaxy_llava.scoring`). ``fits``: how FITS cutouts become RGB
     (:class:`galaxy_llava.fitscutouts.FitsOptions`).
 
     An unreadable file is a UserError with ``strict``; without, it gets ``{image, error}`` in
@@ -142,7 +142,8 @@ def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 
         if prompt is not None:  # the stored prompt is not needed, so neither is its warning
             warnings.simplefilter("ignore", UserWarning)
         net, processor, stored = load_for_inference(model, device=device)
-    columns = found.columns.astype(object).where(found.columns.notna(), None)
+    columns = found.columns.astype(object).where(found.columns.notna(), None).rename(
+        columns=lambda c: f"input_{c}" if c in ("image", "text", "scores", "error") else c)
     results: list[dict] = []
     starts = range(0, len(found.images), batch_size)
     for start in tqdm(starts, desc="describing", unit="batch", disable=len(starts) < 2):

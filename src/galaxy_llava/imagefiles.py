@@ -147,12 +147,12 @@ def read_path_list(file: str | os.PathLike, allow_outside: bool = False,
     id_column = next((c for c in ID_COLUMNS if c in table.columns), None)
     ids = [str(v) for v in table[id_column].tolist()] if id_column else [None] * len(paths)
     if id_column:
-        _refuse_duplicates(ids, f"{flag} {file}: ids must be unique; repeated", "row")
+        refuse_duplicate_ids(ids, f"{flag} {file}: ids must be unique; repeated", "row")
     extra = table.drop(columns=[*columns, *([id_column] if id_column else [])])
     return PathList(paths, ids, extra.reset_index(drop=True))
 
 
-def _refuse_duplicates(ids: list, what: str, unit: str, where: list | None = None) -> None:
+def refuse_duplicate_ids(ids: list, what: str, unit: str, where: list | None = None) -> None:
     """One line naming each repeated id and where it occurs (rows, or the paths in ``where``)."""
     seen: dict = {}
     for k, i in enumerate(ids):
@@ -273,15 +273,16 @@ def gather_images(entries, allow_outside: bool = False, bands: tuple[str, ...] =
     columns = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not unique_ids:
         return ImageInputs(images, ids, columns.reset_index(drop=True))
-    _refuse_duplicates([i for i, g in zip(ids, given) if g], f"{flag}: ids must be unique; "
-                       "repeated", "", [x for x, g in zip(images, given) if g])
+    refuse_duplicate_ids([i for i, g in zip(ids, given) if g],
+                         f"{flag}: ids must be unique; repeated", "",
+                         [x for x, g in zip(images, given) if g])
     counts: dict[str, int] = {}
     for i in ids:
         counts[i] = counts.get(i, 0) + 1
     ids = [i if given[k] or counts[i] == 1 else _relative_id(images[k], roots[k], bands)
            for k, i in enumerate(ids)]
-    _refuse_duplicates(ids, f"{flag}: two inputs get one id even as paths relative to their "
-                       "folders; rename one, or catalogue them separately", "", images)
+    refuse_duplicate_ids(ids, f"{flag}: two inputs get one id even as paths relative to their "
+                         "folders; rename one, or catalogue them separately", "", images)
     return ImageInputs(images, ids, columns.reset_index(drop=True))
 
 
@@ -289,8 +290,10 @@ def _object_stem(image, bands: tuple[str, ...]) -> str:
     """A path's stem; for one object's band files, the stem without the band (``J1234``)."""
     if not isinstance(image, tuple):
         return image_stem(image)
-    first = image[0]
-    return re.sub(rf"{_BAND_SUFFIX}[^-_.]+$", "", image_stem(first))
+    stem = image_stem(image[0])
+    m = re.match(rf"^(.+){_BAND_SUFFIX}{re.escape(bands[0])}$", stem, re.IGNORECASE) \
+        if bands else None
+    return m.group(1) if m else stem
 
 
 def _relative_id(image, root: Path, bands: tuple[str, ...]) -> str:
