@@ -104,13 +104,16 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
                 assert row[value_column(a, v)] == pytest.approx(p, abs=1e-9)
             total = sum(row[c] for c in rows.columns if c.startswith(f"p_{a}_"))
             assert total == pytest.approx(1.0, abs=1e-9)
-    # The predicted values are the best caption's.
-    from galaxy_llava.morphology import value_label
-    from galaxy_llava.morphology import parse_caption
+    # The predicted values are the best caption's; yes/no attributes are booleans.
+    from galaxy_llava.catalogue import BOOLEAN
+    from galaxy_llava.morphology import parse_caption, value_label
 
+    assert BOOLEAN == ("bar", "prominent_bulge", "boxy_bulge", "disturbed")
+    assert all(rows[a].dtype == bool for a in BOOLEAN)
     for _, row in rows.iterrows():
         best = parse_caption(row["best_caption"])
-        assert [row[a] for a in ATTRIBUTES] == [value_label(best, a) for a in ATTRIBUTES]
+        assert [row[a] for a in ATTRIBUTES] == [
+            getattr(best, a) if a in BOOLEAN else value_label(best, a) for a in ATTRIBUTES]
 
 
 def test_output_is_a_parquet_dataset_with_provenance(reference):
@@ -285,3 +288,133 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, images, tmp_path
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("galaxy-llava catalogue: error")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------- survey inputs
+
+def _survey(prepared_dir, folder: Path) -> Path:
+    """Good files beside a table-only FITS, a zero-size FITS (astropy's real test files), a
+    truncated JPEG, a 16-bit PNG (readable) and an empty file."""
+    import astropy
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    good = sorted((prepared_dir / "images").iterdir())[:3]
+    for f in good:
+        shutil.copy(f, folder / f.name)
+    data = Path(astropy.__file__).parent / "io" / "fits" / "tests" / "data"
+    shutil.copy(data / "table.fits", folder / "c-table.fits")
+    shutil.copy(data / "zerowidth.fits", folder / "d-zero.fits")
+    whole = good[0].read_bytes()
+    (folder / "e-cut.jpg").write_bytes(whole[:whole.index(b"\xff\xda") + 40])  # scan cut
+    grey = np.asarray(Image.open(good[1]).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(grey).save(folder / "f-deep.png")
+    (folder / "g-empty.png").write_bytes(b"")
+    return folder
+
+
+BAD = {"c-table.fits": "no image HDU", "d-zero.fits": "zero-size image",
+       "e-cut.jpg": "cannot read image", "g-empty.png": "an empty file"}
+
+
+def test_unreadable_files_are_skipped_and_recorded_and_the_exit_code_says_so(
+        model, prepared_dir, tmp_path, capsys):
+    """One bad file stopped the whole catalogue; now each is skipped, listed with its reason in
+    OUT/_failures.csv, counted at the end, and the exit code is 3 (again on a re-run)."""
+    import pyarrow.dataset
+
+    folder = _survey(prepared_dir, tmp_path / "survey")
+    out = tmp_path / "cat"
+    argv = ["--model", model, "--images", folder, "--out", out, "--part-size", 2, *FAST]
+    assert run(*argv) == 3
+    printed = capsys.readouterr().out
+    assert "skipped 4 input(s) that could not be read" in printed and "_failures.csv" in printed
+    failures = pd.read_csv(out / "_failures.csv")
+    assert sorted(Path(p).name for p in failures["image"]) == sorted(BAD)
+    for _, f in failures.iterrows():
+        assert BAD[Path(f["image"]).name] in f["reason"]
+    # Read as a dataset folder: the manifest and the failures table are skipped by both readers.
+    rows = pd.read_parquet(out)
+    assert len(pyarrow.dataset.dataset(out).to_table()) == len(rows) == 4
+    assert sorted(Path(p).name for p in rows["image"]) == sorted(
+        [p.name for p in folder.iterdir() if p.name not in BAD])
+    assert rows["bar"].dtype == bool and rows["disturbed"].dtype == bool
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert run(*argv) == 3  # a re-run: the same skipped files, the same count, nothing redone
+    assert "skipped 4 input(s)" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == kept
+    pd.testing.assert_frame_equal(pd.read_csv(out / "_failures.csv"), failures)
+    # --strict stops at the first, before any model loads, in one line
+    assert run(*argv[:-2 - len(FAST)], "--out", tmp_path / "strict", *FAST, "--strict") == 2
+    err = capsys.readouterr().err.strip()
+    assert "c-table.fits: no image HDU" in err and "\n" not in err
+
+
+def test_describe_skips_bad_files_on_stderr_and_describes_the_rest(model, prepared_dir,
+                                                                    tmp_path, capsys):
+    folder = _survey(prepared_dir, tmp_path / "survey")
+    assert main(["describe", "--model", str(model), str(folder), "--num-beams", "1",
+                 "--max-new-tokens", "4"]) == 3
+    captured = capsys.readouterr()
+    skipped = captured.err.strip().splitlines()
+    assert len(skipped) == 4 and all(s.startswith("galaxy-llava describe: skipped ")
+                                     for s in skipped)
+    assert sorted(Path(s.split()[3].rstrip(":")).name for s in skipped) == sorted(BAD)
+    described = [line.split("\t")[0] for line in captured.out.strip().splitlines()]
+    assert sorted(Path(d).name for d in described) == sorted(
+        p.name for p in folder.iterdir() if p.name not in BAD)
+
+
+def test_the_users_columns_come_through(model, images, synth_dir, tmp_path, capsys):
+    """A path list's ra, dec and other columns, and a --source catalogue's ra, dec and
+    dataset_name (dropped before), are in the catalogue's rows and in describe --json."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    files = sorted(images.rglob("*.png")) + sorted(images.rglob("*.jpg"))
+    listed = tmp_path / "list"
+    listed.mkdir()
+    for f in files[:2]:
+        shutil.copy(f, listed / f.name)
+    pd.DataFrame({"path": [f.name for f in files[:2]], "ra": [150.25, 150.5],
+                  "dec": [2.25, -2.5], "type": ["S0", "E"]}).to_csv(listed / "l.csv",
+                                                                     index=False)
+    out = tmp_path / "cat"
+    assert run("--model", model, "--images", listed / "l.csv", "--out", out, *FAST) == 0
+    rows = pd.read_parquet(out)
+    assert rows["ra"].tolist() == [150.25, 150.5] and rows["dec"].tolist() == [2.25, -2.5]
+    assert rows["input_type"].tolist() == ["S0", "E"]  # a clash with our own `type`, renamed
+    capsys.readouterr()
+    assert main(["describe", "--model", str(model), str(listed / "l.csv"), "--json",
+                 "--num-beams", "2", "--max-new-tokens", "8"]) == 0
+    described = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(d["ra"], d["dec"], d["type"]) for d in described] == [
+        (150.25, 2.25, "S0"), (150.5, -2.5, "E")]
+    assert [d["caption"] for d in described] == rows["caption"].tolist()
+
+    shard = sorted((synth_dir / "data").glob("*.parquet"))[0]
+    table = pq.read_table(shard).slice(0, 3).to_pandas()
+    table["ra"], table["dec"], table["dataset_name"] = [1.0, 2.0, 3.0], [-1.0, 0.0, 1.0], "gz2"
+    table.to_parquet(tmp_path / "source.parquet")
+    out = tmp_path / "cat-source"
+    assert run("--model", model, "--source", tmp_path / "source.parquet", "--out", out,
+               *FAST) == 0
+    rows = pd.read_parquet(out)
+    assert rows["ra"].tolist() == [1.0, 2.0, 3.0] and rows["dec"].tolist() == [-1.0, 0.0, 1.0]
+    assert rows["dataset_name"].tolist() == ["gz2"] * 3
+    assert rows["id"].tolist() == table["id_str"].astype(str).tolist()
+
+
+def test_a_catalogue_with_the_old_manifest_name_is_continued(model, images, reference,
+                                                             tmp_path):
+    """Folders written before `_manifest.json` hold `manifest.json`: recognised (not "a folder
+    of other files"), continued without redoing a part, and renamed by the run."""
+    out = tmp_path / "cat"
+    shutil.copytree(reference, out)
+    (out / MANIFEST).rename(out / "manifest.json")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert run("--model", model, "--images", images, "--out", out, "--part-size", 4, *FAST) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == kept
+    assert (out / MANIFEST).is_file() and not (out / "manifest.json").exists()

@@ -644,3 +644,99 @@ def test_train_killed_inside_a_checkpoint_write_then_rerun_ends_as_the_whole_run
     assert len(run_folder.checkpoints(run)) == which - 1  # the cut one does not count
     _finish(run, tiny_model_dir, prepared_dir)
     _same_run(run, reference_run)
+
+
+# ----------------------------------------------------------------- survey inputs (issue 21: 3, 5, 6)
+
+QUICK = ["--batch-size", "2", "--num-beams", "1", "--max-new-tokens", "4", "--no-scores"]
+
+
+def _galaxies(prepared_dir: Path, folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = sorted((prepared_dir / "images").iterdir())[:n]
+    return [Path(shutil.copy(f, folder / f.name)) for f in files]
+
+
+def test_a_failed_catalogue_does_not_block_the_corrected_retry(tiny_model_dir, prepared_dir,
+                                                               tmp_path, capsys, monkeypatch):
+    """A run that fails after part 0 (the disk fills up while part 1 is written: exit 2) left a
+    manifest that refused the retry with changed inputs ("holds a different catalogue ... pass
+    --overwrite"). Now the retry continues, keeping part 0, without --overwrite; a finished
+    catalogue is never lost: other inputs into it are still refused."""
+    import errno
+
+    import pandas as pd
+
+    import galaxy_llava.catalogue as catalogue
+
+    folder = tmp_path / "imgs"
+    files = _galaxies(prepared_dir, folder, 4)
+    out = tmp_path / "cat"
+    argv = ["catalogue", "--model", str(tiny_model_dir), "--images", str(folder), "--out",
+            str(out), "--part-size", "2", *QUICK]
+    real = catalogue.write_part
+
+    def full_disk(path, *a, **k):
+        if Path(path).name == "part-00001.parquet":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(catalogue, "write_part", full_disk)
+    assert cli_main(argv) == 2
+    assert "no room to write" in capsys.readouterr().err
+    monkeypatch.setattr(catalogue, "write_part", real)
+    part0 = (out / "part-00000.parquet").stat().st_mtime_ns
+    files[-1].unlink()  # the user changes the inputs too
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert "keeping 1 part(s) still valid" in capsys.readouterr().out
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == part0
+    fresh = tmp_path / "fresh"
+    assert cli_main([*argv[:5], "--out", str(fresh), *argv[7:]]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(fresh))
+    before = tree(out)
+    _galaxies(prepared_dir, folder, 4)  # finished: a catalogue of other inputs is refused
+    assert cli_main(argv) == 2
+    assert "holds a different catalogue" in capsys.readouterr().err
+    assert tree(out) == before
+
+
+def test_a_blank_cutout_beside_jpegs_is_not_described_as_a_galaxy(tiny_model_dir, prepared_dir,
+                                                                  tmp_path, capsys):
+    """An all-NaN FITS beside two JPEGs got a caption (exit 0); now one stderr line names it,
+    the JPEGs are described and the exit code (3) says something was skipped."""
+    import numpy as np
+    from astropy.io import fits
+
+    folder = tmp_path / "mixed"
+    _galaxies(prepared_dir, folder, 2)
+    fits.PrimaryHDU(np.full((16, 16), np.nan, np.float32)).writeto(folder / "blank.fits")
+    assert cli_main(["describe", "--model", str(tiny_model_dir), str(folder), "--num-beams",
+                     "1", "--max-new-tokens", "4"]) == 3
+    captured = capsys.readouterr()
+    assert captured.err.strip().count("\n") == 0
+    assert "skipped" in captured.err and "blank.fits: no finite pixel" in captured.err
+    assert len(captured.out.strip().splitlines()) == 2 and "blank.fits" not in captured.out
+
+
+def test_ids_are_unique_in_a_catalogue(tiny_model_dir, prepared_dir, tmp_path, capsys):
+    """A path list giving two files the id NGC1300 is refused in one line naming it; a folder
+    with north/J1234.jpg and south/J1234.png gave two rows with the id J1234."""
+    import pandas as pd
+
+    a, b = _galaxies(prepared_dir, tmp_path / "imgs", 2)
+    pd.DataFrame({"path": [a.name, b.name], "id": ["NGC1300", "NGC1300"]}).to_csv(
+        tmp_path / "imgs" / "list.csv", index=False)
+    out = tmp_path / "cat"
+    argv = ["catalogue", "--model", str(tiny_model_dir), "--out", str(out), *QUICK]
+    assert cli_main([*argv, "--images", str(tmp_path / "imgs" / "list.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NGC1300 (rows 1, 2)" in err and "\n" not in err and not out.exists()
+    survey = tmp_path / "survey"
+    (survey / "north").mkdir(parents=True)
+    (survey / "south").mkdir()
+    shutil.copy(a, survey / "north" / "J1234.jpg")
+    from PIL import Image
+
+    Image.open(b).save(survey / "south" / "J1234.png")
+    assert cli_main([*argv, "--images", str(survey)]) == 0
+    assert pd.read_parquet(out)["id"].tolist() == ["north/J1234.jpg", "south/J1234.png"]

@@ -1,5 +1,5 @@
-"""imagefiles: which files are images (recursive folders, prepared datasets, path lists) and
-FITS cutouts stretched to RGB with the decompression-bomb guard."""
+"""imagefiles: which files are images (recursive folders, prepared datasets, path lists), the
+inputs of describe and catalogue with unique ids, the user's columns and band files grouped."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from astropy.io import fits
 from PIL import Image
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.imagefiles import find_images, image_stem, read_fits_rgb, read_path_list
-from galaxy_llava.records import load_image
+from galaxy_llava.imagefiles import (find_images, gather_images, group_bands, image_stem,
+                                     read_path_list)
 
 
 def _png(path, value=128):
@@ -76,6 +76,7 @@ def test_path_list_resolves_against_its_folder_and_stays_inside(tmp_path):
                                                                            index=False)
     listed = read_path_list(tmp_path / "l.csv")
     assert listed.paths == [str(tmp_path / "imgs" / "a.png")] and listed.ids == ["587722"]
+    assert list(listed.columns.columns) == []
     pd.DataFrame({"path": ["../x.png"]}).to_csv(tmp_path / "imgs" / "out.csv", index=False)
     with pytest.raises(UserError, match="outside the folder"):
         read_path_list(tmp_path / "imgs" / "out.csv")
@@ -87,39 +88,68 @@ def test_path_list_resolves_against_its_folder_and_stays_inside(tmp_path):
         read_path_list(tmp_path / "empty.csv")
 
 
-def test_fits_one_band_is_grey_and_oriented_like_the_image(tmp_path):
-    data = np.zeros((16, 24), np.float32)
-    data[-1, 0] = 100.0  # FITS row -1 is the top row of the picture
-    data[0, :] = 1.0
-    fits.PrimaryHDU(data).writeto(tmp_path / "a.fits")
-    im = load_image(tmp_path / "a.fits")
-    px = np.asarray(im)
-    assert im.mode == "RGB" and im.size == (24, 16)
-    assert (px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all()
-    assert px[0, 0, 0] == 255 and px[1:-1].max() == 0 and px[-1, 5, 0] > 0
+def test_colliding_stems_get_paths_relative_to_their_folder(tmp_path):
+    """sdss/J1234.png, legacy/J1234.png and legacy/J1234.fits all had the id J1234."""
+    _png(tmp_path / "s" / "sdss" / "J1234.png")
+    _png(tmp_path / "s" / "legacy" / "J1234.png")
+    fits.PrimaryHDU(np.eye(4, dtype=np.float32)).writeto(tmp_path / "s" / "legacy" / "J1234.fits")
+    _png(tmp_path / "s" / "legacy" / "J9999.png")
+    found = gather_images([tmp_path / "s"])
+    assert found.ids == ["legacy/J1234.fits", "legacy/J1234.png", "J9999", "sdss/J1234.png"]
+    # The same folder twice: the same relative paths, refused naming them
+    with pytest.raises(UserError, match="two inputs get one id.*legacy/J1234.fits"):
+        gather_images([tmp_path / "s", tmp_path / "s"])
 
 
-def test_fits_three_bands_map_blue_to_red_and_extension_hdus_are_found(tmp_path):
-    cube = np.zeros((3, 8, 8), np.float32)
-    cube[0] = 1.0  # the bluest band (g) -> blue
-    hdus = fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(cube)])
-    hdus.writeto(tmp_path / "c.fits.gz")
-    px = np.asarray(read_fits_rgb(tmp_path / "c.fits.gz"))
-    assert px[..., 2].min() == 255 and px[..., :2].max() == 0
+def test_a_path_list_with_repeated_ids_is_refused_naming_them(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    pd.DataFrame({"path": ["a.png", "b.png"], "id": ["NGC1300", "NGC1300"]}).to_csv(
+        tmp_path / "l.csv", index=False)
+    with pytest.raises(UserError, match=r"ids must be unique; repeated: NGC1300 \(rows 1, 2\)"):
+        read_path_list(tmp_path / "l.csv")
 
 
-def test_fits_guard_and_bad_files_are_user_errors(tmp_path):
-    fits.PrimaryHDU(np.zeros((20, 20), np.float32)).writeto(tmp_path / "big.fits")
-    with pytest.raises(UserError, match="decompression-bomb guard"):
-        read_fits_rgb(tmp_path / "big.fits", max_pixels=100)
-    assert read_fits_rgb(tmp_path / "big.fits", decode=False) is None
-    fits.PrimaryHDU(np.zeros((5, 4, 4), np.float32)).writeto(tmp_path / "five.fits")
-    with pytest.raises(UserError, match="1 or 3 planes"):
-        read_fits_rgb(tmp_path / "five.fits")
-    with pytest.raises(UserError, match="1 or 3 planes"):  # from the header alone
-        read_fits_rgb(tmp_path / "five.fits", decode=False)
-    (tmp_path / "junk.fits").write_text("not fits")
-    with pytest.raises(UserError, match="junk.fits"):
-        load_image(tmp_path / "junk.fits")
-    with pytest.raises(UserError, match="not found"):
-        load_image(tmp_path / "missing.fits")
+def test_a_path_list_brings_its_own_columns_with_their_types(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    pd.DataFrame({"path": ["a.png", "b.png"], "ra": [150.1, 150.2], "dec": [2.5, -2.5],
+                  "survey": ["sdss", "legacy"], "id": ["007", "NA"]}).to_csv(
+        tmp_path / "l.csv", index=False)
+    found = gather_images([tmp_path / "l.csv", tmp_path / "a.png"], allow_outside=True)
+    assert found.ids == ["007", "NA", "a"]  # ids as written (no number or NaN guessing)
+    assert found.columns["ra"].tolist()[:2] == [150.1, 150.2]
+    assert found.columns["dec"].dtype == float and found.columns["survey"][1] == "legacy"
+    assert found.columns["ra"].isna().tolist() == [False, False, True]
+
+
+def test_single_band_files_group_by_object_and_band_columns_in_a_list(tmp_path):
+    for obj in ("J1", "J2"):
+        for band in "grz":
+            fits.PrimaryHDU(np.eye(4, dtype=np.float32)).writeto(
+                tmp_path / "euclid" / f"{obj}-{band}.fits" if (tmp_path / "euclid").is_dir()
+                else _mkdir(tmp_path / "euclid") / f"{obj}-{band}.fits")
+    (tmp_path / "euclid" / "J2-z.fits").unlink()  # a missing band: named when read
+    _png(tmp_path / "euclid" / "other.png")
+    found = gather_images([tmp_path / "euclid"], bands=("g", "r", "z"))
+    folder = tmp_path / "euclid"
+    assert found.ids == ["J1", "J2", "other"]
+    assert found.images[0] == tuple(str(folder / f"J1-{b}.fits") for b in "grz")
+    assert found.images[1][2] == str(folder / "J2-z.fits")
+    assert group_bands([folder / "J1-g.fits"], ()) == [folder / "J1-g.fits"]  # no names: files
+    pd.DataFrame({"path_g": ["J1-g.fits"], "path_r": ["J1-r.fits"], "path_z": ["J1-z.fits"],
+                  "ra": [1.0]}).to_csv(folder / "list.csv", index=False)
+    listed = read_path_list(folder / "list.csv", bands=("g", "r", "z"))
+    assert listed.paths == [found.images[0]] and list(listed.columns.columns) == ["ra"]
+    with pytest.raises(UserError, match="path_g, path_r, path_z"):
+        read_path_list(folder / "list.csv", bands=("g", "r", "i"))
+    # Euclid-like band names with underscores: the object is what precedes the band
+    for band in ("NIR_Y", "NIR_J", "NIR_H"):
+        fits.PrimaryHDU(np.eye(4, dtype=np.float32)).writeto(
+            _mkdir(tmp_path / "nisp") / f"EUC_J3-{band}.fits")
+    assert gather_images([tmp_path / "nisp"], bands=("NIR_Y", "NIR_J", "NIR_H")).ids == ["EUC_J3"]
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -146,3 +146,39 @@ def test_dataset_folder_is_the_folder_of_a_jsonl_path(tmp_path):
     (tmp_path / "d").mkdir()
     assert dataset_folder(tmp_path / "d") == tmp_path / "d"
     assert dataset_folder(tmp_path / "d" / "dataset.jsonl") == tmp_path / "d"
+
+
+def _photo() -> Image.Image:
+    """A real photograph shipped with matplotlib (8-bit), as grey: the 8-bit export."""
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return Image.open(f).convert("L")
+
+
+@pytest.mark.parametrize("kind", ["png16", "tiff16", "tiff_float"])
+def test_deep_rasters_equal_their_8_bit_export(tmp_path, kind):
+    """A 16-bit PNG came out pure white (PIL's convert("RGB") clips mode I;16); 16-bit and float
+    rasters are scaled to 8 bits and equal the 8-bit export of the same picture."""
+    grey = _photo()
+    eight = np.asarray(grey)
+    if kind == "tiff_float":
+        deep, path = Image.fromarray(eight.astype(np.float32) / 255), tmp_path / "p.tif"
+    else:
+        deep = Image.fromarray(eight.astype(np.uint16) * 257)  # 0..255 -> 0..65535
+        path = tmp_path / ("p.png" if kind == "png16" else "p.tiff")
+    deep.save(path)
+    assert Image.open(path).mode in ("I;16", "I", "F")
+    assert np.array_equal(np.asarray(load_image(path)), np.asarray(grey.convert("RGB")))
+
+
+def test_empty_and_truncated_files_are_one_line_errors(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(UserError, match="empty.png is an empty file"):
+        load_image(tmp_path / "empty.png", decode=False)
+    _photo().convert("RGB").save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    assert load_image(tmp_path / "cut.jpg", decode=False) is None  # the header is whole
+    with pytest.raises(UserError, match="cannot read image .*cut.jpg"):
+        load_image(tmp_path / "cut.jpg")

@@ -59,6 +59,8 @@ PATH_COLUMN = "file_loc"
 SPLIT_PATH_COLUMNS = ("subfolder", "filename")
 IMAGES_FOLDER = "images"
 _IMAGE_SOURCES = ((IMAGE_COLUMN,), (PATH_COLUMN,), SPLIT_PATH_COLUMNS)
+# Columns a catalogue carries through to what is made from it (galaxy-llava catalogue's rows).
+CARRIED = ("ra", "dec", "dataset_name")
 # PIL's own default, used only if a caller has unset Image.MAX_IMAGE_PIXELS: the guard stays on.
 _DEFAULT_MAX_PIXELS = 89_478_485
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -72,11 +74,14 @@ class ImageError(ValueError):
 
 class Catalog:
     """A GZ2 catalogue: ``votes`` (``id_str`` + the rule set's columns, float64, one row per
-    galaxy, positional index) and images fetched on demand by row position."""
+    galaxy, positional index), ``carried`` (those of :data:`CARRIED` it has, such as ra and
+    dec) and images fetched on demand by row position."""
 
     def __init__(self, source: str, kind: str, votes: pd.DataFrame, fetch: Fetch,
                  base_dir: Path | None = None, allow_outside: bool = False):
-        self.source, self.kind, self.votes = source, kind, votes
+        carried = [c for c in CARRIED if c in votes.columns]
+        self.carried = votes[carried].reset_index(drop=True)
+        self.source, self.kind, self.votes = source, kind, votes.drop(columns=carried)
         self._fetch, self._base_dir, self._allow_outside = fetch, base_dir, allow_outside
 
     def __len__(self) -> int:
@@ -245,6 +250,9 @@ class _Wanted:
                 stored = derived if stored is None else np.where(np.isnan(derived), stored,
                                                                  derived)
             out[c] = np.full(len(df), np.nan) if stored is None else stored
+        for c in CARRIED:  # the user's columns, as they are
+            if c in names:
+                out[c] = df[c]
         return out
 
 
@@ -290,7 +298,14 @@ def _votes_frame(table: pa.Table, read: list[str], needed: _Wanted) -> pd.DataFr
                                    for v in table.column(ID_COLUMN).to_pylist()]})
     for c in read:
         df[c] = table.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    for c in _carried(table.schema):
+        df[c] = table.column(c).to_pandas()
     return needed.finish(df)
+
+
+def _carried(schema: pa.Schema) -> list[str]:
+    """The :data:`CARRIED` columns a schema has."""
+    return [c for c in CARRIED if c in schema.names]
 
 
 # ---------------------------------------------------------------- image payloads
@@ -363,7 +378,8 @@ def _from_parquet(where: Path, files: list[Path], needed: _Wanted,
             raise UserError(f"parquet shards under {where} disagree on the image column")
         image_cols = cols
         # Only id_str and the vote columns are read here; the image column stays on disk.
-        frames.append(_votes_frame(pf.read(columns=[ID_COLUMN, *read]), read, needed))
+        frames.append(_votes_frame(pf.read(columns=[ID_COLUMN, *read, *_carried(schema)]), read,
+                                   needed))
         for rg in range(pf.metadata.num_row_groups):
             groups.append((f, rg))
             starts.append(total)
@@ -397,7 +413,7 @@ def _from_dataset(ds: Any, source: str, kind: str, needed: _Wanted,
     read = _check_schema(schema, needed, source)
     image_cols = _image_columns(schema.names, source)
     # The arrow format hands back raw columns: no Image feature is decoded, no row iterated.
-    table = ds.select_columns([ID_COLUMN, *read]).with_format("arrow")[:]
+    table = ds.select_columns([ID_COLUMN, *read, *_carried(schema)]).with_format("arrow")[:]
     images = ds.select_columns(list(image_cols)).with_format("arrow")
 
     def fetch(rows: list[int]) -> Iterator[tuple[int, Any]]:
@@ -482,7 +498,8 @@ def _from_csv(path: Path, needed: _Wanted, root: Path | None = None) -> Catalog:
         _raise_bad_columns(str(path), missing, [])
         read = needed.read(header)
         # Read only what selection needs; ids and paths stay text (GZ2 ids overflow float).
-        df = pd.read_csv(path, usecols=[ID_COLUMN, *image_cols, *read],
+        df = pd.read_csv(path, usecols=[ID_COLUMN, *image_cols, *read,
+                                        *[c for c in CARRIED if c in header]],
                          dtype={ID_COLUMN: str, **{c: str for c in image_cols}})
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise UserError(f"cannot read CSV {path}: {str(e).splitlines()[0]}") from None

@@ -5,33 +5,46 @@ every input image with beam search (exactly as ``describe`` does) and, unless ``
 scores every caption of the grammar (:mod:`galaxy_llava.scoring`): the most probable caption,
 each attribute's predicted value and marginal probabilities, and the entropy.
 
-Inputs, in a fixed order:
+Inputs, in a fixed order (:func:`galaxy_llava.imagefiles.gather_images`):
 
-* ``--images DIR|LIST|FILE ...``: each folder searched recursively for images (``.jpg``,
-  ``.jpeg``, ``.png`` and FITS cutouts ``.fits``/``.fits.gz``, stretched to RGB; hidden entries
-  skipped), sorted by their path inside the folder; a prepared dataset contributes only its
-  ``images/`` folder, so its ``preview.png`` is never catalogued
-  (:func:`galaxy_llava.imagefiles.find_images`). A ``.csv``/``.parquet`` path list (column
-  ``path``, ``file_loc`` or ``image``; optional ``id``/``id_str``) gives its rows, relative paths
-  resolved against the list's folder. The id is the list's id, else the file name without its
-  suffix. A list's paths that leave its folder need ``--allow-outside-paths``.
+* ``--images DIR|LIST|FILE ...``: each folder searched recursively for images (JPEG, PNG, TIFF
+  and FITS cutouts, made RGB by :mod:`galaxy_llava.fitscutouts`; hidden entries skipped), sorted
+  by their path inside the folder; a prepared dataset contributes only its ``images/`` folder,
+  so its ``preview.png`` is never catalogued. A ``.csv``/``.parquet`` path list (column
+  ``path``, ``file_loc`` or ``image``, or ``path_<band>`` per band; optional ``id``/``id_str``)
+  gives its rows, relative paths resolved against the list's folder, and its other columns
+  (ra, dec, ...) come through to the rows. The id is the dataset's ``id_str`` or the list's
+  id, else the file name without its suffix; stems that collide become the path relative to
+  their folder, and ids that still collide (or repeat in a list) are refused in one line. A
+  list's paths that leave its folder need ``--allow-outside-paths``.
 * ``--source CATALOGUE``: a GZ2-schema catalogue (:func:`galaxy_llava.catalog.load_catalog`:
-  parquet shards, ``save_to_disk`` folder, CSV with ``file_loc``, Hub id); only ``id_str`` and
-  the vote columns are held in memory, images are read a batch at a time and decoded one by one.
-  The id is ``id_str``; ``image`` is the catalogue row.
+  parquet shards, ``save_to_disk`` folder, CSV with ``file_loc``, Hub id); only ``id_str``, the
+  vote columns and ra, dec, dataset_name (carried to the rows) are held in memory, images are
+  read a batch at a time and decoded one by one. The id is ``id_str``; ``image`` is the row.
 
-Output: ``OUT/manifest.json`` (written first: the inputs' identity and the settings) and
-``OUT/part-XXXXX.parquet``, part ``i`` holding inputs ``[i * part_size, (i + 1) * part_size)``
-in input order, each written atomically. ``datasets.load_dataset("parquet",
-data_files="OUT/*.parquet")`` reads them as one dataset. Each file's schema metadata
-(``galaxy_llava``) records the model, prompt, rules, decoding settings and package version.
+An input that cannot be read (no image HDU, zero-size, blank, truncated, empty...) is skipped:
+its part records it (image, id, reason) and ``OUT/_failures.csv`` lists every finished part's;
+the command says how many and exits with :data:`~galaxy_llava.errors.EXIT_SKIPPED`. With
+``strict`` the first one stops the run (header problems before any model loads).
+
+Output: ``OUT/_manifest.json`` (written first: the inputs' identity, the settings and each
+part's stamp) and ``OUT/part-XXXXX.parquet``, part ``i`` holding inputs
+``[i * part_size, (i + 1) * part_size)`` in input order (less the skipped ones), each written
+atomically. The leading underscore makes ``pandas.read_parquet("OUT")`` and
+``pyarrow.dataset.dataset("OUT")`` skip the manifest and the failures table, so both read the
+folder as one table, as does ``datasets.load_dataset("parquet", data_files="OUT/*.parquet")``.
+Each file's schema metadata (``galaxy_llava``) records the model, prompt, rules, decoding
+settings, package version and the inputs it skipped. Yes/no attributes are boolean columns.
 
 Scale-out: part ``i`` belongs to process ``i % world == rank``, where (rank, world) comes from
 ``RANK``/``WORLD_SIZE`` (torchrun, accelerate launch) and ``--shard I/N`` (a job array), combined
-as rank ``I * WORLD_SIZE + RANK`` of ``N * WORLD_SIZE``. A part whose file exists with the
-manifest's fingerprint is skipped, so a killed job loses at most the parts it was writing. Batches
-never straddle parts: with ``part_size`` a multiple of ``batch_size`` (the defaults) the batches,
-and so the captions, are exactly ``describe``'s.
+as rank ``I * WORLD_SIZE + RANK`` of ``N * WORLD_SIZE``. A part whose file exists with its stamp
+(a hash of the settings and of that part's own inputs) is skipped, so a killed job loses at most
+the parts it was writing, and a retry after a failure with other inputs or settings continues an
+unfinished catalogue, keeping the parts whose inputs did not change (a finished one needs
+``--overwrite``, which also keeps them). Batches never straddle parts: with ``part_size`` a
+multiple of ``batch_size`` (the defaults) the batches, and so the captions, are exactly
+``describe``'s.
 """
 
 from __future__ import annotations
@@ -40,26 +53,18 @@ import hashlib
 import json
 import os
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from galaxy_llava import __version__, outputs
-from galaxy_llava.errors import UserError
-from galaxy_llava.io import atomic_path, read_json_object, temp_pattern, write_json
-from galaxy_llava.morphology import ATTRIBUTES, value_label
-
-MANIFEST = "manifest.json"
-COMMAND = "catalogue"
-META_KEY = b"galaxy_llava"
-_PART = re.compile(r"^part-(\d{5,})\.parquet$")
-_STALE_TEMP_S = 60  # a manifest temporary older than this belongs to no live process
-
-
-def part_name(i: int) -> str:
-    """The file name of part ``i``."""
-    return f"part-{i:05d}.parquet"
+from galaxy_llava import __version__
+from galaxy_llava.catalogue_folder import (COMMAND, FAILURES, LEGACY_MANIFEST, MANIFEST,
+                                           META_KEY, claim_catalogue, fingerprint, part_failures,
+                                           part_fingerprint, part_name, part_stamps,
+                                           read_manifest, remove_stale, write_failures)
+from galaxy_llava.errors import EXIT_SKIPPED, UserError
+from galaxy_llava.io import atomic_path, write_json
+from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
 
 
 def value_column(attribute: str, value: str) -> str:
@@ -101,12 +106,15 @@ def process_slot(shard: tuple[int, int], env: dict | None = None) -> tuple[int, 
 
 @dataclass
 class Inputs:
-    """What to catalogue: ``ids`` and ``images`` (paths, or catalogue rows) in input order, and
-    ``identity``, what a manifest records of them."""
+    """What to catalogue: ``ids`` and ``images`` (paths, band-file tuples, or catalogue rows) in
+    input order, ``keys`` (what each item's part stamp covers), ``columns`` (the user's own,
+    one row per item) and ``identity``, what a manifest records of them."""
 
     ids: list
     images: list
     identity: dict
+    keys: list
+    columns: Any = None
     catalog: Any = None  # the open Catalog for --source
 
 
@@ -117,52 +125,22 @@ def _digest(items: Sequence) -> str:
     return h.hexdigest()[:16]
 
 
-def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = False) -> Inputs:
-    """The images of ``--images`` entries, in order: a folder's images
-    (:func:`galaxy_llava.imagefiles.find_images`), a CSV/parquet path list's
-    (:func:`galaxy_llava.imagefiles.read_path_list`), or one image file. The id is the prepared
-    dataset's ``id_str`` or the path list's id column, else the file name without its suffix."""
-    from galaxy_llava.imagefiles import (LIST_SUFFIXES, find_images, image_stem, is_image_name,
-                                         read_path_list)
-
-    paths: list[str] = []
-    ids: list[str] = []
-    for entry in images:
-        p = Path(entry)
-        if p.is_dir():
-            found = [os.path.abspath(f) for f in find_images(p)]
-            known = _dataset_ids(p)
-            paths += found
-            ids += [known.get(os.path.realpath(f)) or image_stem(f) for f in found]
-        elif p.is_file() and p.name.lower().endswith(LIST_SUFFIXES):
-            listed = read_path_list(p, allow_outside)
-            paths += listed.paths
-            ids += listed.ids
-        elif p.is_file() and is_image_name(p.name):
-            paths.append(os.path.abspath(p))
-            ids.append(image_stem(p))
-        else:
-            raise UserError(f"--images {entry}: not a folder, an image or a .csv/.parquet list "
-                            "of paths" if p.exists() else f"--images {entry}: not found")
-    sizes = [os.stat(f).st_size if os.path.exists(f) else -1 for f in paths]
-    identity = {"images": [os.path.abspath(d) for d in images], "n": len(paths),
-                "files": _digest(list(zip(paths, sizes, ids)))}
-    return Inputs(ids, paths, identity)
+def _size(path: str) -> int:
+    return os.stat(path).st_size if os.path.exists(path) else -1
 
 
-def _dataset_ids(folder: Path) -> dict[str, str]:
-    """Real image path -> ``id_str`` of the prepared dataset ``folder`` is, or whose
-    ``images/`` it is (empty for any other folder, or records without ids)."""
-    from galaxy_llava.imagefiles import is_prepared_dataset
+def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = False,
+                  bands: tuple[str, ...] = ()) -> Inputs:
+    """The images of ``--images`` entries, in order, with unique ids and the path lists' own
+    columns (:func:`galaxy_llava.imagefiles.gather_images`)."""
+    from galaxy_llava.imagefiles import gather_images, image_label
 
-    for root in (folder, folder.parent if folder.name == "images" else None):
-        if root is not None and is_prepared_dataset(root) and (root / "dataset.jsonl").is_file():
-            from galaxy_llava.records import load_records
-
-            return {os.path.realpath(r["image"]): str(r["id_str"])
-                    for r in load_records(root, allow_outside=True)
-                    if r.get("id_str") is not None}
-    return {}
+    found = gather_images(images, allow_outside, bands)
+    keys = [[image_label(x), [_size(f) for f in x] if isinstance(x, tuple) else _size(x), i]
+            for x, i in zip(found.images, found.ids)]
+    identity = {"images": [os.path.abspath(d) for d in images], "n": len(found.images),
+                "files": _digest(keys)}
+    return Inputs(found.ids, found.images, identity, keys, found.columns)
 
 
 def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Inputs:
@@ -173,66 +151,15 @@ def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Input
     if len(cat) == 0:
         raise UserError(f"--source {source}: the catalogue has no rows")
     ids = cat.votes[ID_COLUMN].tolist()
+    from galaxy_llava.imagefiles import refuse_duplicate_ids
+
+    refuse_duplicate_ids(ids, f"--source {source}: ids ({ID_COLUMN}) must be unique; "
+                         "repeated", "row")
     where = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() \
         else str(source)
     return Inputs(ids, list(range(len(cat))),
-                  {"source": where, "n": len(cat), "ids": _digest(ids)}, cat)
-
-
-# ----------------------------------------------------------------- the output folder
-
-def _read_manifest(out: Path) -> dict:
-    return read_json_object(out / MANIFEST)
-
-
-def fingerprint(identity: dict) -> str:
-    """A short hash of a catalogue's identity, stamped on each part."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def claim_catalogue(out: Path, identity: dict, overwrite: bool) -> str:
-    """The outputs contract for OUT: ``"new"``, ``"same"`` (a re-run or another shard) or
-    ``"replace"`` (different inputs or settings, with ``overwrite``). Refuses, in one line,
-    anything else: another kind of output, a prepared dataset, another catalogue without
-    ``--overwrite``. Changes nothing."""
-    found = outputs.check_kind(out, "morphology")  # refuses datasets and everything else
-    if found in (None, "empty"):
-        return "new"
-    old = _read_manifest(out)
-    diffs = outputs.differences(old.get("identity") or {}, identity)
-    if not diffs:
-        return "same"
-    if overwrite:
-        return "replace"
-    raise UserError(f"--out {out} holds a different catalogue: {'; '.join(diffs[:3])}; pass "
-                    "--overwrite to replace it, or choose another --out")
-
-
-def part_fingerprint(path: Path) -> str | None:
-    """The fingerprint stamped on a part file (None when unreadable or unstamped)."""
-    import pyarrow.parquet as pq
-
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[META_KEY]).get("fingerprint")
-    except Exception:  # a damaged or foreign file: treat as missing, it will be rewritten
-        return None
-
-
-def _remove_stale(out: Path, stamp: str, parts: Sequence[int]) -> None:
-    """Remove the leftovers of interrupted writes of ``parts`` (this process's), manifest
-    temporaries older than a minute, and, on replacement, parts of another catalogue."""
-    mine = [temp_pattern(part_name(i)) for i in parts]
-    manifest_tmp = temp_pattern(MANIFEST)
-    now = time.time()
-    for e in os.scandir(out):
-        path = Path(e.path)
-        if any(p.match(e.name) for p in mine):
-            outputs.remove(path)
-        elif manifest_tmp.match(e.name) and now - e.stat().st_mtime > _STALE_TEMP_S:
-            outputs.remove(path)
-        elif _PART.match(e.name) and part_fingerprint(path) != stamp:
-            outputs.remove(path)
+                  {"source": where, "n": len(cat), "ids": _digest(ids)},
+                  [[row, i] for row, i in enumerate(ids)], cat.carried, cat)
 
 
 # ----------------------------------------------------------------- rows
@@ -248,13 +175,18 @@ def _columns(rules: str) -> tuple[dict, list[str]]:
             [value_column(a, v) for a in ATTRIBUTES for v in values[a]])
 
 
+# Yes/no attributes (bar, prominent_bulge, ...): boolean columns, as in the prepared dataset.
+BOOLEAN = tuple(f.name for f in fields(Morphology) if isinstance(f.default, bool))
+
+
 def score_columns(scores, by_caption: dict) -> dict:
     """The scored columns of one row: ``best_caption``, each attribute's predicted value (that
-    of the best caption), ``p_<attribute>_<value>`` and ``entropy``."""
+    of the best caption; a boolean for yes/no attributes), ``p_<attribute>_<value>`` and
+    ``entropy``."""
     best = by_caption[scores.best]
     row: dict[str, Any] = {"best_caption": scores.best}
     for a in ATTRIBUTES:
-        row[a] = value_label(best, a)
+        row[a] = getattr(best, a) if a in BOOLEAN else value_label(best, a)
     for a in ATTRIBUTES:
         for v, p in scores.marginals[a].items():
             row[value_column(a, v)] = p
@@ -265,21 +197,39 @@ def score_columns(scores, by_caption: dict) -> dict:
 def _schema(scores: bool, p_columns: list[str], image_is_path: bool):
     import pyarrow as pa
 
-    fields = [("id", pa.string()), ("image", pa.string() if image_is_path else pa.int64()),
-              ("caption", pa.string())]
+    columns = [("id", pa.string()), ("image", pa.string() if image_is_path else pa.int64()),
+               ("caption", pa.string())]
     if scores:
-        fields += [("best_caption", pa.string())] + [(a, pa.string()) for a in ATTRIBUTES]
-        fields += [(c, pa.float64()) for c in p_columns] + [("entropy", pa.float64())]
-    return pa.schema(fields)
+        columns += [("best_caption", pa.string())] + [
+            (a, pa.bool_() if a in BOOLEAN else pa.string()) for a in ATTRIBUTES]
+        columns += [(c, pa.float64()) for c in p_columns] + [("entropy", pa.float64())]
+    return pa.schema(columns)
 
 
-def write_part(path: Path, rows: list[dict], schema, provenance: dict) -> None:
-    """One part file, written atomically, its provenance in the schema metadata."""
+def user_columns(columns, ours) -> tuple[Any, Any]:
+    """The user's columns as a frame renamed clear of the catalogue's own (a clash such as
+    ``caption`` or ``type`` becomes ``input_caption``), and their arrow schema."""
+    import pyarrow as pa
+
+    if columns is None or not len(columns.columns):
+        return None, pa.schema([])
+    taken = set(ours.names)
+    renamed = columns.rename(columns=lambda c: f"input_{c}" if str(c) in taken else str(c))
+    return renamed, pa.Schema.from_pandas(renamed, preserve_index=False).remove_metadata()
+
+
+def write_part(path: Path, rows: list[dict], schema, provenance: dict, extra=None) -> None:
+    """One part file, written atomically, its provenance in the schema metadata; ``extra``:
+    the user's columns of its rows (a pandas frame and its schema)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
-        {META_KEY: json.dumps(provenance).encode()})
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if extra is not None and extra[0] is not None:
+        theirs = pa.Table.from_pandas(extra[0], schema=extra[1], preserve_index=False)
+        for name in theirs.column_names:
+            table = table.append_column(theirs.schema.field(name), theirs.column(name))
+    table = table.replace_schema_metadata({META_KEY: json.dumps(provenance).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -290,17 +240,21 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
                     source: str | None = None, rules: str = "reference", batch_size: int = 16,
                     num_beams: int = 3, max_new_tokens: int = 40, scores: bool = True,
                     shard: str | None = None, part_size: int = 256, overwrite: bool = False,
-                    allow_outside_paths: bool = False, device=None, progress: bool = True) -> dict:
+                    allow_outside_paths: bool = False, device=None, progress: bool = True,
+                    fits=None, strict: bool = False) -> dict:
     """Write this process's parts of the catalogue of ``images`` folders or a ``source``
     catalogue into ``out`` (see the module's docstring); returns a summary.
 
     Everything is checked before anything is written or a model loads: settings, the inputs,
-    ``out``."""
+    ``out``, each image's header. An input that cannot be read is skipped and recorded in the
+    part and in ``OUT/_failures.csv``; with ``strict`` it stops the run instead."""
     from galaxy_llava.checks import check_generation, number
+    from galaxy_llava.fitscutouts import FitsOptions
     from galaxy_llava.models.folders import abs_if_local, is_local, read_prompt, run_kind
     from galaxy_llava.rules import rule_set
 
     out = Path(out)
+    fits = fits or FitsOptions()
     number("--part-size", part_size, 1, integer=True)
     slot, slots = process_slot(parse_shard(shard))
     rule_set(rules)  # an unknown name is one line
@@ -313,40 +267,61 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     for d in images or []:  # a missing input is named before anything is listed
         if not Path(d).exists():
             raise UserError(f"--images {d}: not found")
-    inputs = (folder_inputs(images, allow_outside_paths) if images is not None
+    inputs = (folder_inputs(images, allow_outside_paths, fits.band_names) if images is not None
               else source_inputs(source, rules, allow_outside_paths))
     model_id = abs_if_local(str(model))
     settings = {"model": model_id, "prompt": read_prompt(model) if Path(model).is_dir() else None,
                 "rules": rules if scores else None, "scores": scores, "batch_size": batch_size,
                 "num_beams": num_beams, "max_new_tokens": max_new_tokens,
                 "part_size": part_size, "version": __version__}
+    if images is not None:  # how FITS files become pictures is part of what a row says
+        settings["fits"] = fits.to_dict()
     identity = {**inputs.identity, **settings}
     status = claim_catalogue(out, identity, overwrite)
-    stamp = fingerprint(identity)
-    n_parts = -(-len(inputs.ids) // part_size)
+    stamps = part_stamps(inputs, settings, part_size)
+    n_parts = len(stamps)
     mine = [i for i in range(n_parts) if i % slots == slot]
-    done = [i for i in mine if status == "same" and part_fingerprint(out / part_name(i)) == stamp]
+    done = [i for i in mine if status != "new"
+            and part_fingerprint(out / part_name(i)) == stamps[i]]
     todo = [i for i in mine if i not in done]
-    if inputs.catalog is None:  # a stray text file fails now, by name, before any model loads
-        from galaxy_llava.records import load_image
-
-        for i in todo:
-            for p in inputs.images[i * part_size:(i + 1) * part_size]:
-                load_image(p, decode=False)
-    if _read_manifest(out).get("identity") != identity:
-        write_json(out / MANIFEST, {"command": COMMAND, "identity": identity,
-                                    "fingerprint": stamp, "parts": n_parts,
-                                    "items": len(inputs.ids)})
-    _remove_stale(out, stamp, mine)
+    bad: dict[int, str] = {}
+    if inputs.catalog is None:  # unreadable headers are found now, before any model loads
+        bad = _check_headers(inputs, todo, part_size, fits, strict)
+    manifest = {"command": COMMAND, "identity": identity, "fingerprint": fingerprint(identity),
+                "parts": n_parts, "items": len(inputs.ids), "stamps": stamps}
+    if read_manifest(out) != manifest or (out / LEGACY_MANIFEST).exists():
+        write_json(out / MANIFEST, manifest)
+    remove_stale(out, stamps, mine)
     summary = {"out": str(out), "items": len(inputs.ids), "parts": n_parts, "mine": len(mine),
-               "skipped": len(done), "written": 0}
+               "skipped": len(done), "written": 0, "kept": len(done) if status == "continue"
+               else None}
     if todo:
-        _write_parts(model, out, inputs, todo, part_size, settings, stamp, rules, batch_size,
-                     num_beams, max_new_tokens, scores, device, progress)
+        _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, batch_size,
+                     num_beams, max_new_tokens, scores, device, progress, fits, strict, bad)
         summary["written"] = len(todo)
-    summary["complete"] = sum(part_fingerprint(out / part_name(i)) == stamp
+    summary["complete"] = sum(part_fingerprint(out / part_name(i)) == stamps[i]
                               for i in range(n_parts))
+    summary["failed"] = sum(len(part_failures(out / part_name(i))) for i in mine)
+    summary["failed_total"] = write_failures(out, stamps)
     return summary
+
+
+def _check_headers(inputs: Inputs, todo: list[int], part_size: int, fits, strict: bool
+                   ) -> dict[int, str]:
+    """Each unreadable input of the ``todo`` parts (index -> reason), from its header alone;
+    with ``strict`` the first one is the error."""
+    from galaxy_llava.records import load_image
+
+    bad = {}
+    for i in todo:
+        for k in range(i * part_size, min((i + 1) * part_size, len(inputs.ids))):
+            try:
+                load_image(inputs.images[k], decode=False, options=fits)
+            except UserError as e:
+                if strict:
+                    raise
+                bad[k] = str(e)
+    return bad
 
 
 def _device(device):
@@ -359,13 +334,19 @@ def _device(device):
     return None
 
 
-def _batch_images(inputs: Inputs, items: list):
-    """Decoded RGB images of ``items`` (paths, or catalogue rows read together, decoded one by
-    one), in order."""
+def _batch_images(inputs: Inputs, items: list, fits) -> list:
+    """Each of ``items`` decoded as RGB, or the UserError saying why it cannot be (paths, or
+    catalogue rows read together and decoded one by one), in order."""
     from galaxy_llava.records import load_image
 
     if inputs.catalog is None:
-        return [load_image(p) for p in items]
+        out = []
+        for p in items:
+            try:
+                out.append(load_image(p, options=fits))
+            except UserError as e:
+                out.append(e)
+        return out
     from galaxy_llava.catalog import ID_COLUMN, ImageError, decode_image
 
     payload = {row: (data, err) for row, data, err in inputs.catalog.image_bytes(items)}
@@ -377,18 +358,19 @@ def _batch_images(inputs: Inputs, items: list):
                 raise ImageError(err)
             out.append(decode_image(data).convert("RGB"))
         except ImageError as e:
-            raise UserError(f"--source row {row} (galaxy "
-                            f"{inputs.catalog.votes[ID_COLUMN].iat[row]}): {e}") from None
+            out.append(UserError(f"--source row {row} (galaxy "
+                                 f"{inputs.catalog.votes[ID_COLUMN].iat[row]}): {e}"))
     return out
 
 
-def _write_parts(model, out, inputs, todo, part_size, settings, stamp, rules, batch_size,
-                 num_beams, max_new_tokens, scores, device, progress) -> None:
+def _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, batch_size,
+                 num_beams, max_new_tokens, scores, device, progress, fits, strict, bad) -> None:
     import warnings
 
     from tqdm.auto import tqdm
 
     from galaxy_llava.generate import describe_images
+    from galaxy_llava.imagefiles import image_label
     from galaxy_llava.models.loading import load_for_inference
     from galaxy_llava.scoring import grammar_scores
 
@@ -397,41 +379,70 @@ def _write_parts(model, out, inputs, todo, part_size, settings, stamp, rules, ba
         net, processor, prompt = load_for_inference(model, device=_device(device))
     by_caption, p_columns = _columns(rules)
     schema = _schema(scores, p_columns, inputs.catalog is None)
+    theirs, their_schema = user_columns(inputs.columns, schema)
     provenance = {**settings, "prompt": prompt, "rules": rules if scores else None,
                   "decoding": {"num_beams": num_beams, "max_new_tokens": max_new_tokens,
                                "batch_size": batch_size, "do_sample": False},
-                  "package": f"galaxy-llava {__version__}", "fingerprint": stamp}
+                  "package": f"galaxy-llava {__version__}"}
     total = sum(len(inputs.ids[i * part_size:(i + 1) * part_size]) for i in todo)
     with tqdm(total=total, desc="catalogue", unit="img", disable=not progress) as bar:
         for i in todo:
             lo, hi = i * part_size, min((i + 1) * part_size, len(inputs.ids))
-            rows = []
+            rows, kept, failures = [], [], []
             for start in range(lo, hi, batch_size):
-                items = inputs.images[start:min(start + batch_size, hi)]
-                batch = _batch_images(inputs, items)
+                ks = range(start, min(start + batch_size, hi))
+                todo_ks = [k for k in ks if k not in bad]
+                decoded = dict(zip(todo_ks, _batch_images(
+                    inputs, [inputs.images[k] for k in todo_ks], fits)))
+                for k in ks:
+                    problem = bad.get(k) or decoded[k]
+                    if isinstance(problem, (str, UserError)):
+                        if strict:
+                            raise problem if isinstance(problem, UserError) else UserError(problem)
+                        failures.append([image_label(inputs.images[k]), str(inputs.ids[k]),
+                                         str(problem)])
+                good = [k for k in ks if not isinstance(decoded.get(k, ""), (str, UserError))]
+                batch = [decoded[k] for k in good]
+                bar.update(len(ks))
+                if not batch:
+                    continue
                 texts = describe_images(net, processor, batch, prompt, batch_size=batch_size,
                                         num_beams=num_beams, max_new_tokens=max_new_tokens,
                                         progress=False)
                 found = grammar_scores(net, processor, batch, rules, prompt) if scores else None
-                for k, text in enumerate(texts):
-                    row = {"id": None if inputs.ids[start + k] is None
-                           else str(inputs.ids[start + k]),
-                           "image": items[k], "caption": text}
+                for n, (k, text) in enumerate(zip(good, texts)):
+                    row = {"id": None if inputs.ids[k] is None else str(inputs.ids[k]),
+                           "image": (image_label(inputs.images[k]) if inputs.catalog is None
+                                     else inputs.images[k]), "caption": text}
                     if found is not None:
-                        row.update(score_columns(found[k], by_caption))
+                        row.update(score_columns(found[n], by_caption))
                     rows.append(row)
-                bar.update(len(items))
-            write_part(out / part_name(i), rows, schema, {**provenance, "part": i})
+                    kept.append(k)
+            extra = None if theirs is None else (theirs.iloc[kept].reset_index(drop=True),
+                                                  their_schema)
+            write_part(out / part_name(i), rows, schema,
+                       {**provenance, "part": i, "fingerprint": stamps[i],
+                        "failures": failures}, extra)
 
 
-def catalogue_cli(args: Any) -> dict:
-    """Handler of ``galaxy-llava catalogue``."""
+def catalogue_cli(args: Any) -> int | None:
+    """Handler of ``galaxy-llava catalogue``: the exit code is
+    :data:`~galaxy_llava.errors.EXIT_SKIPPED` when this process skipped inputs."""
+    from galaxy_llava.fitscutouts import options_from_args
+
     s = build_catalogue(args.model, args.out, images=args.images, source=args.source,
                         rules=args.rules, batch_size=args.batch_size, num_beams=args.num_beams,
                         max_new_tokens=args.max_new_tokens, scores=not args.no_scores,
                         shard=args.shard, part_size=args.part_size, overwrite=args.overwrite,
-                        allow_outside_paths=args.allow_outside_paths)
+                        allow_outside_paths=args.allow_outside_paths,
+                        fits=options_from_args(args), strict=args.strict)
+    kept = (f"; continued an unfinished catalogue of other inputs or settings, keeping "
+            f"{s['kept']} part(s) still valid" if s["kept"] is not None else "")
     print(f"catalogue {s['out']}: {s['items']} images in {s['parts']} part(s); this process "
-          f"wrote {s['written']} and skipped {s['skipped']} already written; "
+          f"wrote {s['written']} and skipped {s['skipped']} already written{kept}; "
           f"{s['complete']}/{s['parts']} parts done")
-    return s
+    if s["failed"]:
+        print(f"skipped {s['failed']} input(s) that could not be read (image, id, reason: "
+              f"{Path(s['out']) / FAILURES}); exit code {EXIT_SKIPPED}")
+        return EXIT_SKIPPED
+    return None

@@ -125,21 +125,30 @@ def export_summary(run: Path, out: Path) -> str:
             f"to {out}")
 
 
-def _cmd_describe(args: argparse.Namespace) -> None:
+def _cmd_describe(args: argparse.Namespace) -> int | None:
     from galaxy_llava.checks import check_generation
+    from galaxy_llava.errors import EXIT_SKIPPED
+    from galaxy_llava.fitscutouts import options_from_args
 
     check_generation(args.model, args.batch_size, args.num_beams, args.max_new_tokens)
     from galaxy_llava.generate import describe_paths
 
+    skipped = 0
     for result in describe_paths(
         args.model, args.paths, batch_size=args.batch_size, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, prompt=args.prompt,
-        scores_rules=args.rules if args.scores else None,
+        scores_rules=args.rules if args.scores else None, fits=options_from_args(args),
+        strict=args.strict,
     ):
-        if args.json or args.scores:
+        if "error" in result:  # an unreadable file: one line on stderr, the others go on
+            skipped += 1
+            print(f"galaxy-llava describe: skipped {result['image']}: {result['error']}",
+                  file=sys.stderr)
+        elif args.json or args.scores:
             print(json.dumps(result))
         else:
             print(f"{result['image']}\t{result['caption']}")
+    return EXIT_SKIPPED if skipped else None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -154,10 +163,10 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     probe_cli(args)
 
 
-def _cmd_catalogue(args: argparse.Namespace) -> None:
+def _cmd_catalogue(args: argparse.Namespace) -> int | None:
     from galaxy_llava.catalogue import catalogue_cli
 
-    catalogue_cli(args)
+    return catalogue_cli(args)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -183,6 +192,16 @@ def _overwrite(s: argparse.ArgumentParser) -> None:
     s.add_argument("--overwrite", action="store_true",
                    help="replace an output of the same kind made from other inputs (never a "
                         "folder by a file, nor one kind of output by another)")
+
+
+def _survey(s: argparse.ArgumentParser) -> None:
+    from galaxy_llava.errors import EXIT_SKIPPED
+    from galaxy_llava.fitscutouts import add_flags
+
+    s.add_argument("--strict", action="store_true",
+                   help="stop at the first input that cannot be read (default: skip it, say "
+                        f"so, and exit with code {EXIT_SKIPPED} at the end)")
+    add_flags(s)
 
 
 def _outside(s: argparse.ArgumentParser) -> None:
@@ -278,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("describe", help="describe galaxy images")
     s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
-    s.add_argument("paths", nargs="+", type=Path, help="images or folders of images")
+    s.add_argument("paths", nargs="+", type=Path,
+                   help="images, folders of images, or .csv/.parquet lists of paths (their "
+                        "other columns, such as ra and dec, come through in --json)")
     s.add_argument("--batch-size", type=int, default=16, help="images per batch")
     s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
     s.add_argument("--max-new-tokens", type=int, default=40,
@@ -293,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "entropy (JSONL)")
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
                    help="the caption grammar scored with --scores")
+    _survey(s)
+    _outside(s)
     s.set_defaults(func=_cmd_describe)
 
     s = sub.add_parser("evaluate", help="describe a split and score the answers")
@@ -335,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="folder of part-XXXXX.parquet files")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="folders searched recursively for .jpg/.png/"
-                     ".fits(.gz) images (a prepared dataset: its images/ only), .csv/.parquet "
-                     "lists of paths (column path, file_loc or image; optional id), or images")
+                     ".tif/.fits(.gz) images (a prepared dataset: its images/ only), .csv/.parquet "
+                     "lists of paths (column path, file_loc or image, or path_<band> per band; "
+                     "optional id; other columns are kept), or images")
     src.add_argument("--source", help="GZ2-schema catalogue: parquet file/folder, save_to_disk "
                      "folder, CSV with file_loc, or Hub id")
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
@@ -355,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per part file (the unit of resume and sharding)")
     _overwrite(s)
     _outside(s)
+    _survey(s)
     s.set_defaults(func=_cmd_catalogue)
 
     s = sub.add_parser("report", help="one self-contained HTML report of evaluations")
@@ -399,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `galaxy-llava` console script (and of ``python -m galaxy_llava``).
 
     Exit codes: 0 done, 2 a problem the user can fix (one line), 1 an unexpected error (one line;
-    ``--debug`` re-raises it with its traceback), 130 interrupted."""
+    ``--debug`` re-raises it with its traceback), 3 done but some inputs skipped as unreadable
+    (``describe``, ``catalogue``), 130 interrupted."""
     argv = sys.argv[1:] if argv is None else list(argv)
     options, argv = _global_options(argv)
     debug, out = options.debug, None
@@ -417,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         use_threads(options.threads)
         if quiet:
             quiet_libraries(options.verbose)
-        run()
+        code = run()  # a handler may say it finished with inputs skipped
     except KeyboardInterrupt:
         print(f"galaxy-llava {command}: interrupted", file=sys.stderr)
         return 130
@@ -430,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         code, message = _one_line(e, out)
         print(f"galaxy-llava {command}: {message}", file=sys.stderr)
         return code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _global_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -109,34 +109,77 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 16,
                    num_beams: int = 3, max_new_tokens: int = 40, prompt: str | None = None,
-                   device=None, scores_rules: str | None = None) -> list[dict]:
-    """Describe image files and folders with a run, model folder or Hub id:
-    ``[{image, caption}]``; with ``scores_rules``, each also gets the scored columns of a
-    ``catalogue`` row, by the same names (:func:`galaxy_llava.catalogue.score_columns`:
-    ``best_caption``, each attribute's value, ``p_<attribute>_<value>``, ``entropy``) from the
-    posterior over that rule set's captions (see :mod:`galaxy_llava.scoring`).
+                   device=None, scores_rules: str | None = None, fits=None, strict: bool = True,
+                   allow_outside: bool = False) -> list[dict]:
+    """Describe image files, folders and path lists with a run, model folder or Hub id:
+    ``[{image, caption}]`` in input order, with a path list's own columns (ra, dec, ...; one
+    named like ours becomes ``input_<name>``); with ``scores_rules``, each also gets the scored
+    columns of a ``catalogue`` row, by the same names
+    (:func:`galaxy_llava.catalogue.score_columns`: ``best_caption``, each attribute's value,
+    ``p_<attribute>_<value>``, ``entropy``) from the posterior over that rule set's captions
+    (see :mod:`galaxy_llava.scoring`). ``fits``: how FITS cutouts become RGB
+    (:class:`galaxy_llava.fitscutouts.FitsOptions`).
 
-    Uses the prompt stored with the model unless ``prompt`` is given."""
-    files = expand_image_paths(paths)
-    # Validate every file before loading the model, so a stray text file fails fast and by name.
-    for f in files:
-        load_image(f, decode=False)
+    An unreadable file is a UserError with ``strict``; without, it gets ``{image, error}`` in
+    its place and the others are described. Uses the prompt stored with the model unless
+    ``prompt`` is given."""
+    from galaxy_llava.imagefiles import gather_images, image_label
+
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"{p} does not exist")
+    found = gather_images(paths, allow_outside, fits.band_names if fits else (), flag="input",
+                          absolute=False, unique_ids=False)
+    # Every header is checked before the model loads, so a stray file fails fast and by name.
+    errors: dict[int, str] = {}
+    for k, f in enumerate(found.images):
+        try:
+            load_image(f, decode=False, options=fits)
+        except UserError as e:
+            if strict:
+                raise
+            errors[k] = str(e)
     from galaxy_llava.models.loading import load_for_inference
 
     with warnings.catch_warnings():
         if prompt is not None:  # the stored prompt is not needed, so neither is its warning
             warnings.simplefilter("ignore", UserWarning)
         net, processor, stored = load_for_inference(model, device=device)
-    texts = describe_images(net, processor, files, prompt or stored, batch_size=batch_size,
-                            num_beams=num_beams, max_new_tokens=max_new_tokens)
-    results = [{"image": str(f), "caption": t} for f, t in zip(files, texts, strict=True)]
+    columns = found.columns.astype(object).where(found.columns.notna(), None).rename(
+        columns=lambda c: f"input_{c}" if c in ("image", "caption", "error") else c)
+    by_caption = None
     if scores_rules:
         from galaxy_llava.catalogue import score_columns
         from galaxy_llava.rules import rule_set
         from galaxy_llava.scoring import grammar_scores
 
         by_caption = {m.caption(): m for m in rule_set(scores_rules).reachable()}
-        for result, scores in zip(results, grammar_scores(net, processor, files, scores_rules,
-                                                          prompt or stored), strict=True):
-            result.update(score_columns(scores, by_caption))
+    results: list[dict] = []
+    starts = range(0, len(found.images), batch_size)
+    for start in tqdm(starts, desc="describing", unit="batch", disable=len(starts) < 2):
+        batch, where = [], []
+        for k in range(start, min(start + batch_size, len(found.images))):
+            result = {"image": image_label(found.images[k]), **columns.iloc[k].to_dict()}
+            results.append(result)
+            try:
+                if k not in errors:
+                    batch.append(load_image(found.images[k], options=fits))
+                    where.append(result)
+            except UserError as e:
+                if strict:
+                    raise
+                errors[k] = str(e)
+            if k in errors:
+                result["error"] = errors[k]
+        if not batch:
+            continue
+        texts = describe_images(net, processor, batch, prompt or stored, batch_size=batch_size,
+                                num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                progress=False)
+        for result, text in zip(where, texts, strict=True):
+            result["caption"] = text
+        if by_caption is not None:
+            for result, scores in zip(where, grammar_scores(net, processor, batch, scores_rules,
+                                                            prompt or stored), strict=True):
+                result.update(score_columns(scores, by_caption))
     return results

@@ -1,32 +1,35 @@
-"""Which files are galaxy images, and how to open the survey kinds (FITS cutouts).
+"""Which files are galaxy images, and what ``describe`` and ``catalogue`` read as inputs.
 
-One home for what ``describe``, ``catalogue`` and ``serve`` read as images:
-
-* :func:`find_images`: a folder searched recursively for image files (hidden entries skipped,
-  sorted by their path inside the folder). A prepared dataset (``galaxy-llava prepare``: it
-  holds ``dataset.jsonl``, or a ``manifest.json`` that is not a catalogue's) contributes only its
-  ``images/`` folder, so its ``preview.png`` and other non-galaxy files are never read, by
-  design rather than by luck.
+* :func:`find_images`: a folder searched recursively for image files (JPEG, PNG, TIFF, FITS;
+  hidden entries skipped, sorted by their path inside the folder). A prepared dataset
+  (``galaxy-llava prepare``: it holds ``dataset.jsonl``, or a ``manifest.json`` of prepare's
+  format) contributes only its ``images/`` folder, so its ``preview.png`` and other non-galaxy
+  files are never read, by design rather than by luck.
 * :func:`read_path_list`: a CSV or parquet file listing image paths (column ``path``,
-  ``file_loc`` or ``image``; optional ``id``/``id_str``), relative paths resolved against the
-  list's folder and kept inside it unless the caller allows otherwise.
-* :func:`read_fits_rgb`: a ``.fits``/``.fits.gz`` cutout as an RGB image: an asinh stretch
-  between the 0.5th and 99.5th percentiles (astropy.visualization), one band as grey, three
-  bands (planes in order of increasing wavelength, such as g, r, i) as blue, green, red, the
-  way SDSS colour composites map them. The pixel count is checked from the header before any
-  data is read (the decompression-bomb guard, as for PNG/JPEG).
+  ``file_loc`` or ``image``, or one ``path_<band>`` column per band; optional ``id``/``id_str``),
+  relative paths resolved against the list's folder and kept inside it unless the caller allows
+  otherwise; its other columns (ra, dec, anything) come along.
+* :func:`gather_images`: folders, lists and files together, with unique ids, single-band FITS
+  files of one object grouped (:func:`group_bands`).
+
+FITS cutouts become RGB in :mod:`galaxy_llava.fitscutouts`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import read_json_object
 
-RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
+if TYPE_CHECKING:
+    import pandas as pd
+
+RASTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + FITS_SUFFIXES
 LIST_SUFFIXES = (".csv", ".parquet")
@@ -89,105 +92,232 @@ def find_images(folder: str | os.PathLike, flag: str = "--images") -> list[Path]
 
 @dataclass
 class PathList:
-    """The images a path list names: absolute paths and ids (the id column, else the stem)."""
+    """The images a path list names: absolute paths (a tuple of one path per band where the list
+    has ``path_<band>`` columns), ids (the id column, else None), and the list's other columns."""
 
-    paths: list[str]
-    ids: list[str]
+    paths: list
+    ids: list
+    columns: pd.DataFrame
+
+
+def _read_table(file: Path, flag: str, text_columns: tuple[str, ...]):
+    """A CSV or parquet table; in a CSV the path and id columns stay text exactly as written,
+    the others get pandas' types (ra, dec as numbers)."""
+    import pandas as pd
+
+    try:
+        if file.suffix.lower() == ".parquet":
+            return pd.read_parquet(file)
+        table = pd.read_csv(file)
+        text = [c for c in table.columns if c in text_columns]
+        if text:  # read again as written: an id "NA" or "007" is not a number or missing
+            table[text] = pd.read_csv(file, usecols=text, dtype=str, keep_default_na=False)
+        return table
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"{flag} {file}: cannot read the path list: {e}") from None
 
 
 def read_path_list(file: str | os.PathLike, allow_outside: bool = False,
-                   flag: str = "--images") -> PathList:
+                   flag: str = "--images", bands: tuple[str, ...] = ()) -> PathList:
     """The images listed in a CSV or parquet file (see the module's docstring). Missing columns,
-    empty lists and paths leaving the list's folder are one-line UserErrors."""
-    import pandas as pd
-
+    empty lists, duplicate ids and paths leaving the list's folder are one-line UserErrors."""
     from galaxy_llava.checks import contained
 
     file = Path(file)
-    try:
-        table = (pd.read_parquet(file) if file.suffix.lower() == ".parquet"
-                 else pd.read_csv(file, dtype=str, keep_default_na=False))
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"{flag} {file}: cannot read the path list: {e}") from None
+    band_columns = tuple(f"path_{b}" for b in bands)
+    table = _read_table(file, flag, PATH_COLUMNS + ID_COLUMNS + band_columns)
     column = next((c for c in PATH_COLUMNS if c in table.columns), None)
-    if column is None:
-        raise UserError(f"{flag} {file}: a path list needs a column named one of "
-                        f"{', '.join(PATH_COLUMNS)} (it has {', '.join(map(str, table.columns))})")
+    columns = [column] if column else [c for c in band_columns if c in table.columns]
+    if not columns or (column is None and len(columns) < len(band_columns)):
+        wanted = ", ".join(PATH_COLUMNS) + (f" (or {', '.join(band_columns)})"
+                                            if band_columns else "")
+        raise UserError(f"{flag} {file}: a path list needs a column named one of {wanted} "
+                        f"(it has {', '.join(map(str, table.columns))})")
     if len(table) == 0:
         raise UserError(f"{flag} {file}: the path list has no rows")
     root = file.resolve().parent
     paths = []
-    for i, value in enumerate(table[column].tolist()):
-        if not isinstance(value, str) or not value.strip():
-            raise UserError(f"{flag} {file}: row {i + 1} has no path in column {column!r}")
-        paths.append(str(contained(value.strip(), root, allow_outside, f"{flag} {file}")))
+    for i, values in enumerate(zip(*(table[c].tolist() for c in columns))):
+        row = []
+        for c, value in zip(columns, values):
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"{flag} {file}: row {i + 1} has no path in column {c!r}")
+            row.append(str(contained(value.strip(), root, allow_outside, f"{flag} {file}")))
+        paths.append(row[0] if column else tuple(row))
     id_column = next((c for c in ID_COLUMNS if c in table.columns), None)
-    ids = ([str(v) for v in table[id_column].tolist()] if id_column
-           else [image_stem(p) for p in paths])
-    return PathList(paths, ids)
+    ids = [str(v) for v in table[id_column].tolist()] if id_column else [None] * len(paths)
+    if id_column:
+        refuse_duplicate_ids(ids, f"{flag} {file}: ids must be unique; repeated", "row")
+    extra = table.drop(columns=[*columns, *([id_column] if id_column else [])])
+    return PathList(paths, ids, extra.reset_index(drop=True))
 
 
-def _fits_data(path: str | os.PathLike, max_pixels: int, read: bool = True):
-    """The first HDU with 2-D or 3-D image data, its pixel count checked against ``max_pixels``
-    from the header before the data is read (``read=False``: the header check only)."""
-    from astropy.io import fits
-
-    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdus:
-        for hdu in hdus:
-            header = hdu.header
-            naxis = int(header.get("NAXIS", 0) or header.get("ZNAXIS", 0) or 0)
-            if naxis not in (2, 3):
-                continue
-            key = "ZNAXIS" if "ZNAXIS" in header else "NAXIS"
-            width, height = int(header[f"{key}1"]), int(header[f"{key}2"])
-            planes = int(header[f"{key}3"]) if naxis == 3 else 1
-            if planes not in (1, 3):  # refused from the header: a deep cube is never read
-                raise UserError(f"{path}: a FITS cube needs 1 or 3 planes, it has {planes}")
-            if width * height > max_pixels:
-                raise UserError(f"{path} is too large to open safely ({width}x{height}; "
-                                "decompression-bomb guard)")
-            if not read:
-                return None
-            data = hdu.data
-            if data is not None:
-                return data
-    raise UserError(f"{path} has no 2-D image or 3-band cube in any HDU")
+def refuse_duplicate_ids(ids: list, what: str, unit: str, where: list | None = None) -> None:
+    """One line naming each repeated id and where it occurs (rows, or the paths in ``where``)."""
+    seen: dict = {}
+    for k, i in enumerate(ids):
+        seen.setdefault(i, []).append(k)
+    repeated = {i: ks for i, ks in seen.items() if len(ks) > 1}
+    if repeated:
+        shown = [f"{i} ({unit}s {', '.join(str(k + 1) for k in ks)})" if where is None
+                 else f"{i} ({', '.join(_shown(where[k]) for k in ks)})"
+                 for i, ks in list(repeated.items())[:5]]
+        raise UserError(f"{what}: {'; '.join(shown)}"
+                        + (f"; and {len(repeated) - 5} more" if len(repeated) > 5 else ""))
 
 
-def read_fits_rgb(path: str | os.PathLike, max_pixels: int | None = None, decode: bool = True):
-    """A FITS cutout as an RGB PIL image (asinh stretch; see the module's docstring); with
-    ``decode=False`` only its headers are checked (None). Unreadable files are UserErrors."""
-    import numpy as np
-    from astropy.visualization import AsinhStretch, PercentileInterval
-    from PIL import Image
+def _shown(image) -> str:
+    return " + ".join(map(str, image)) if isinstance(image, tuple) else str(image)
 
-    if max_pixels is None:
-        max_pixels = Image.MAX_IMAGE_PIXELS
-    try:
-        data = _fits_data(path, max_pixels, read=decode)
-        if not decode:
-            return None
-        data = np.asarray(data, dtype=np.float64)
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"image file not found: {path}") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read FITS image {path}: {e}") from None
-    if data.ndim == 3:
-        if data.shape[0] == 1:
-            data = data[0]
-        elif data.shape[0] == 3:
-            data = data[::-1]  # planes blue -> red in wavelength order; RGB wants red first
+
+def image_label(image) -> str:
+    """How an image input is named in rows and messages: its path, or its band files joined
+    with ``;``."""
+    return ";".join(map(str, image)) if isinstance(image, tuple) else str(image)
+
+
+# ----------------------------------------------------------------- every input, with ids
+
+@dataclass
+class ImageInputs:
+    """What ``describe`` and ``catalogue`` read, in input order: ``images`` (a path, or a tuple
+    of one path per band), their unique ``ids`` and the user's own ``columns`` (a frame with one
+    row per image; no columns when nobody gave any)."""
+
+    images: list
+    ids: list[str]
+    columns: pd.DataFrame
+
+
+_BAND_SUFFIX = "[-_.]"
+
+
+def group_bands(files: list[Path], bands: tuple[str, ...]) -> list:
+    """Single-band FITS files of one object (``J1234-g.fits``, ``J1234_r.fits``: the object's
+    name, ``-``, ``_`` or ``.``, then the band) as one tuple per object in band order, placed
+    where its first file was; a missing band is the file it would be (refused when read: not
+    found). Other files pass through. Only with band names: indices name planes, not files."""
+    if not bands:
+        return list(files)
+    pattern = re.compile(rf"^(.+){_BAND_SUFFIX}({'|'.join(map(re.escape, bands))})$",
+                         re.IGNORECASE)
+    out: list = []
+    groups: dict[tuple[Path, str], list] = {}
+    for f in files:
+        m = pattern.match(image_stem(f)) if is_fits(f) else None
+        if m is None:
+            out.append(f)
+            continue
+        key = (f.parent, m.group(1))
+        if key not in groups:
+            groups[key] = [None] * len(bands)
+            out.append(key)
+        slot = [b.lower() for b in bands].index(m.group(2).lower())
+        groups[key][slot] = f
+    for slots in groups.values():  # a missing band: the file it would be (not found)
+        first = next(f for f in slots if f is not None)
+        stem = image_stem(first)
+        name = pattern.match(stem).group(1)
+        for k, f in enumerate(slots):
+            if f is None:
+                sep, suffix = stem[len(name)], first.name[len(stem):]
+                slots[k] = first.parent / f"{name}{sep}{bands[k]}{suffix}"
+    return [tuple(groups[x]) if isinstance(x, tuple) and x in groups else x for x in out]
+
+
+def gather_images(entries, allow_outside: bool = False, bands: tuple[str, ...] = (),
+                  flag: str = "--images", absolute: bool = True,
+                  unique_ids: bool = True) -> ImageInputs:
+    """Every image of ``entries`` in order: a folder's (:func:`find_images`, single-band files
+    of one object grouped by :func:`group_bands`), a path list's (:func:`read_path_list`) or one
+    image file. Ids: a prepared dataset's ``id_str``, a path list's id column, else the file
+    name without its suffix; ids that collide become the path relative to the folder or list
+    they came from, and ids that still collide (or repeat in a list) are refused in one line.
+    ``absolute``: paths made absolute (else a folder's and a file's stay as given);
+    ``unique_ids=False`` (``describe``: the same file may be named twice) skips the id checks
+    across entries."""
+    import pandas as pd
+
+    images, ids, given, roots, frames = [], [], [], [], []
+    for entry in entries:
+        p = Path(entry)
+        if p.is_dir():
+            known = _dataset_ids(p)
+            root = p / "images" if is_prepared_dataset(p) else p
+            found = group_bands([Path(os.path.abspath(f)) if absolute else f
+                                 for f in find_images(p, flag)], bands)
+            for f in found:
+                own = None if isinstance(f, tuple) else known.get(os.path.realpath(f))
+                images.append(tuple(map(str, f)) if isinstance(f, tuple) else str(f))
+                ids.append(own or _object_stem(f, bands))
+                given.append(own is not None)
+                roots.append(root)
+            frames.append(pd.DataFrame(index=range(len(found))))
+        elif p.is_file() and p.name.lower().endswith(LIST_SUFFIXES):
+            listed = read_path_list(p, allow_outside, flag, bands)
+            images += listed.paths
+            ids += [i if i is not None else _object_stem(x, bands)
+                    for i, x in zip(listed.ids, listed.paths)]
+            given += [i is not None for i in listed.ids]
+            roots += [p.resolve().parent] * len(listed.paths)
+            frames.append(listed.columns)
+        elif p.is_file() and is_image_name(p.name):
+            images.append(os.path.abspath(p) if absolute else str(p))
+            ids.append(image_stem(p))
+            given.append(False)
+            roots.append(Path(os.path.abspath(p)).parent)
+            frames.append(pd.DataFrame(index=range(1)))
         else:
-            raise UserError(f"{path}: a FITS cube needs 1 or 3 planes, it has {data.shape[0]}")
-    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    # One interval over all bands keeps the colours; asinh shows faint outskirts and bright cores.
-    lo, hi = PercentileInterval(99.0).get_limits(data)
-    scaled = np.clip((data - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(data)
-    stretched = AsinhStretch(a=0.1)(scaled)
-    pixels = (np.clip(stretched, 0, 1) * 255).round().astype(np.uint8)
-    if pixels.ndim == 2:
-        pixels = np.stack([pixels] * 3)
-    # FITS rows run bottom-up; images top-down.
-    return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)[::-1]))
+            raise UserError(f"{flag} {entry}: not a folder, an image or a .csv/.parquet list "
+                            "of paths" if p.exists() else f"{flag} {entry}: not found")
+    columns = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not unique_ids:
+        return ImageInputs(images, ids, columns.reset_index(drop=True))
+    refuse_duplicate_ids([i for i, g in zip(ids, given) if g],
+                         f"{flag}: ids must be unique; repeated", "",
+                         [x for x, g in zip(images, given) if g])
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    ids = [i if given[k] or counts[i] == 1 else _relative_id(images[k], roots[k], bands)
+           for k, i in enumerate(ids)]
+    refuse_duplicate_ids(ids, f"{flag}: two inputs get one id even as paths relative to their "
+                         "folders; rename one, or catalogue them separately", "", images)
+    return ImageInputs(images, ids, columns.reset_index(drop=True))
+
+
+def _object_stem(image, bands: tuple[str, ...]) -> str:
+    """A path's stem; for one object's band files, the stem without the band (``J1234``)."""
+    if not isinstance(image, tuple):
+        return image_stem(image)
+    stem = image_stem(image[0])
+    m = re.match(rf"^(.+){_BAND_SUFFIX}{re.escape(bands[0])}$", stem, re.IGNORECASE) \
+        if bands else None
+    return m.group(1) if m else stem
+
+
+def _relative_id(image, root: Path, bands: tuple[str, ...]) -> str:
+    """The id of an image whose stem collides: its path relative to its folder, POSIX style
+    (an object's band files: their common name without the band)."""
+    if isinstance(image, tuple):
+        path = Path(image[0]).parent / _object_stem(image, bands)
+    else:
+        path = Path(image)
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _dataset_ids(folder: Path) -> dict[str, str]:
+    """Real image path -> ``id_str`` of the prepared dataset ``folder`` is, or whose
+    ``images/`` it is (empty for any other folder, or records without ids)."""
+    for root in (folder, folder.parent if folder.name == "images" else None):
+        if root is not None and is_prepared_dataset(root) and (root / "dataset.jsonl").is_file():
+            from galaxy_llava.records import load_records
+
+            return {os.path.realpath(r["image"]): str(r["id_str"])
+                    for r in load_records(root, allow_outside=True)
+                    if r.get("id_str") is not None}
+    return {}

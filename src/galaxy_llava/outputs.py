@@ -37,7 +37,7 @@ KINDS: dict[str, tuple[str, str, str, str]] = {
     "catalogue": ("a synthetic catalogue", "catalogue", SYNTH_MARKER, "synth"),
     "dataset": ("a prepared dataset", "dataset", "manifest.json", "prepare"),
     "morphology": ("a morphology catalogue", "morphology catalogue",
-                   "manifest.json (command: catalogue)", "catalogue"),
+                   "_manifest.json (command: catalogue)", "catalogue"),
     "model": ("a model folder", "model", "config.json", "tiny-model or export"),
     "run": ("a training run", "training run", "config.yaml or checkpoint-N/", "train"),
     "eval": ("an EVAL folder", "evaluation", "metrics.json", "evaluate or probe"),
@@ -76,8 +76,10 @@ def kind_of(path: str | os.PathLike) -> str | None:
     names = _entries(p)
     if not names:
         return "empty"
-    if names & {"manifest.json", "dataset.jsonl"}:
-        manifest = read_json_object(p / "manifest.json") if "manifest.json" in names else {}
+    if names & {"manifest.json", "dataset.jsonl", "_manifest.json"}:
+        # a catalogue's manifest: _manifest.json (manifest.json before 2026-12)
+        manifest = read_json_object(p / "_manifest.json") or (
+            read_json_object(p / "manifest.json") if "manifest.json" in names else {})
         return "morphology" if manifest.get("command") == "catalogue" else "dataset"
     if SYNTH_MARKER in names:
         return "catalogue"

@@ -16,7 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from galaxy_llava.checks import contained
 from galaxy_llava.errors import UserError
-from galaxy_llava.imagefiles import is_fits, read_fits_rgb
+from galaxy_llava.fitscutouts import FitsOptions, read_fits_rgb
+from galaxy_llava.imagefiles import is_fits
 
 # A prepared dataset's splits, by Hugging Face's names (``load_dataset`` gives these too).
 SPLITS = ("train", "validation", "test")
@@ -29,28 +30,56 @@ def split_name(name: str) -> str:
     return SPLIT_ALIASES.get(name, name)
 
 
-def load_image(path: str | os.PathLike, decode: bool = True) -> Image.Image | None:
-    """Open an image as RGB; a missing, non-image or decompression-bomb file is a UserError.
+def load_image(path, decode: bool = True, options: FitsOptions | None = None
+               ) -> Image.Image | None:
+    """Open an image as RGB; a missing, non-image, empty or decompression-bomb file is a
+    UserError.
 
     With ``decode=False`` only the header is read (a cheap check that the file is an image).
-    FITS cutouts (``.fits``, ``.fits.gz``) are stretched to RGB
-    (:func:`galaxy_llava.imagefiles.read_fits_rgb`)."""
-    if is_fits(path):
-        return read_fits_rgb(path, decode=decode)
+    FITS cutouts (``.fits``, ``.fits.gz``; a tuple of one object's single-band files) become RGB
+    by ``options`` (:func:`galaxy_llava.fitscutouts.read_fits_rgb`); 16-bit and float rasters are
+    scaled to 8 bits (:func:`to_rgb8`)."""
+    if isinstance(path, (tuple, list)) or is_fits(path):
+        return read_fits_rgb(path, options, decode=decode)
     try:
         with Image.open(path) as im:
             # PIL only refuses above twice MAX_IMAGE_PIXELS; refuse above it, like the catalogue.
             if im.width * im.height > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"{im.width}x{im.height}")
-            return im.convert("RGB") if decode else None
+            if im.width * im.height == 0:
+                raise UserError(f"{path}: the image has no pixels (zero-size image)")
+            return to_rgb8(im) if decode else None
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}") from None
     except UnidentifiedImageError:
-        raise UserError(f"{path} is not an image file PIL can read") from None
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        raise UserError(f"{path} is {'an empty file' if empty else 'not an image file PIL can read'}"
+                        ) from None
     except Image.DecompressionBombError:
         raise UserError(f"{path} is too large to open safely (decompression-bomb guard)") from None
     except OSError as e:
         raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An RGB image with 8 bits a channel. 16-bit integers (PNG, TIFF) are scaled from their
+    full range (the value / 257: what an 8-bit export gives); floats in [0, 1] from that range,
+    other floats and wider integers from their own minimum and maximum. PIL's ``convert("RGB")``
+    clips 16-bit values instead, turning a deep picture white."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im.convert("RGB")
+    import numpy as np
+
+    data = np.asarray(im, dtype=np.float64)
+    finite = data[np.isfinite(data)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+        lo, hi = 0.0, 65535.0
+    elif im.mode == "F" and lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    scaled = np.clip((np.nan_to_num(data, nan=lo) - lo) / ((hi - lo) or 1.0), 0, 1)
+    grey = (scaled * 255).round().astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _jsonl_path(data: str | os.PathLike) -> Path:
