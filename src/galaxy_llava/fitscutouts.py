@@ -294,7 +294,8 @@ def add_flags(parser) -> None:
     g.add_argument("--bands", default=None, metavar="B,B,B",
                    help="1 or 3 bands, bluest first, by plane index (0 = first) or by the "
                         "header's BAND<k>/FILTER<k> names, e.g. g,r,z; names also group "
-                        "single-band files of one object (J1234-g.fits, J1234-r.fits, ...)")
+                        "single-band files of one object (J1234-g.fits, J1234-r.fits, ...); "
+                        "default: a file's 1 or 3 planes as they are")
     g.add_argument("--scaling", default="lupton", choices=SCALINGS,
                    help="how bands become colours: lupton (Lupton et al. 2004, the SDSS "
                         "images GZ2 was classified on) or percentile (asinh between the 0.5th "

@@ -58,10 +58,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def add_mutually_exclusive_group(self, **kwargs):
         """A group whose flags also take both spellings."""
-        group = super().add_mutually_exclusive_group(**kwargs)
-        add = group.add_argument
-        group.add_argument = lambda *names, **kw: _both(add, names, kw)
-        return group
+        return _with_both(super().add_mutually_exclusive_group(**kwargs))
+
+    def add_argument_group(self, *args, **kwargs):
+        """A titled group of flags (a section of ``--help``), each with both spellings."""
+        return _with_both(super().add_argument_group(*args, **kwargs))
+
+
+def _with_both(group):
+    add = group.add_argument
+    group.add_argument = lambda *names, **kw: _both(add, names, kw)
+    return group
 
 
 def _both(add, names: tuple[str, ...], kwargs: dict) -> argparse.Action:
