@@ -122,6 +122,7 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
     (:func:`galaxy_llava.imagefiles.find_images`), a CSV/parquet path list's
     (:func:`galaxy_llava.imagefiles.read_path_list`), or one image file. The id is the prepared
     dataset's ``id_str`` or the path list's id column, else the file name without its suffix."""
+    from galaxy_llava.checks import contained
     from galaxy_llava.imagefiles import (LIST_SUFFIXES, find_images, image_stem, is_image_name,
                                          read_path_list)
 
@@ -130,7 +131,8 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
     for entry in images:
         p = Path(entry)
         if p.is_dir():
-            found = [os.path.abspath(f) for f in find_images(p)]
+            found = [str(contained(os.path.abspath(f), p, allow_outside, f"--images {entry}"))
+                     for f in find_images(p)]  # a link in the folder may lead out of it
             known = _dataset_ids(p)
             paths += found
             ids += [known.get(os.path.realpath(f)) or image_stem(f) for f in found]
