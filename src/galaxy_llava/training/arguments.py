@@ -56,10 +56,14 @@ def _check_keys(keys, parser, source: str) -> None:
 
 
 def saved_settings(output_dir: str | Path | None) -> dict[str, Any]:
-    """The settings a run was started with (``OUTPUT_DIR/config.yaml``), or {}."""
-    if output_dir is None or not (Path(output_dir) / CONFIG_FILE).is_file():
+    """The settings the run ``--resume_from_checkpoint last`` continues was started with
+    (``config.yaml`` of ``OUTPUT_DIR``, or of the new run being built beside it), or {}."""
+    from galaxy_llava.training.run_folder import resumable
+
+    path = None if output_dir is None else resumable(Path(output_dir)) / CONFIG_FILE
+    if path is None or not path.is_file():
         return {}
-    return read_yaml(Path(output_dir) / CONFIG_FILE)
+    return read_yaml(path)
 
 
 def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None,
@@ -176,7 +180,7 @@ def precheck(argv: list[str], resume: bool = True) -> argparse.Namespace:
     run = Path(known.output_dir) if known.output_dir else None
     if run is not None and known.resume_from_checkpoint is None:
         check_kind(run, "run", flag="--output_dir", overwrite_flag="--overwrite_output_dir")
-    elif resume and run is not None and not (run / run_folder.BACKUP).exists():
+    elif resume and run is not None and not run_folder.interrupted(run):
         run_folder.checkpoint_to_resume(run, known.resume_from_checkpoint)
     return known
 
