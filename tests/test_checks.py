@@ -41,8 +41,16 @@ def test_containment(tmp_path):
         with pytest.raises(UserError, match="w: image .* is outside the folder"):
             checks.contained(bad, root, False, "w")
     assert checks.contained("../x.jpg", root, True, "w") == tmp_path / "x.jpg"
-    (root / "link").symlink_to(tmp_path)  # a symlink the user put there is followed
-    assert checks.inside(root / "link" / "x.jpg", root)
+    (root / "link").symlink_to(tmp_path)  # links are followed: this one leads out
+    assert not checks.inside(root / "link" / "x.jpg", root)
+    with pytest.raises(UserError, match="image link/x.jpg leads through a link to .*x.jpg, "
+                                         "outside the folder"):
+        checks.contained("link/x.jpg", root, False, "w")
+    assert checks.contained("link/x.jpg", root, True, "w") == root / "link" / "x.jpg"
+    (root / "inner").symlink_to(root / "images")  # a link that stays inside is inside
+    assert checks.inside(root / "inner" / "a.jpg", root)
+    (tmp_path / "alias").symlink_to(root)  # the folder itself named through a link
+    assert checks.contained("images/a.jpg", tmp_path / "alias", False, "w")
 
 
 def _safetensors(path, n=4):

@@ -72,7 +72,8 @@ def leftovers(folder: Path) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
-            if is_temporary(name) or name in (run_folder.BACKUP, ".adapter.partial",
+            if is_temporary(name) or name in (run_folder.BACKUP, run_folder.NEXT,
+                                              run_folder.REPLACED, ".adapter.partial",
                                               ".model.partial"):
                 found.append(str(Path(root, name).relative_to(folder)))
     return found
@@ -210,6 +211,46 @@ def _dead_start(w: Path) -> None:
         (w / "dead-run" / "checkpoint-4" / "optimizer.pt").write_bytes(b"PK\x03\x04 cut")
 
 
+def _random_optimizer(w: Path) -> None:
+    """A LoRA run whose last checkpoint's optimizer.pt is random bytes (not a zip, not a
+    pickle the weights-only loader takes)."""
+    if not (w / "randopt-run").exists():
+        run = _copy(w, "run", "randopt-run")
+        optimizer = run_folder.checkpoints(run)[-1] / "optimizer.pt"
+        optimizer.write_bytes(random.Random(0).randbytes(optimizer.stat().st_size))
+
+
+def _full_run(w: Path) -> None:
+    """A short full fine-tune (``full-run``) and a copy of its checkpoint (``full-ckpt``)."""
+    if not (w / "full-run").exists():
+        argv = ["train", "--method", "full", "--model", w / "model", "--data", w / "data",
+                "--output_dir", w / "full-run", "--max_steps", "2", "--save_steps", "2",
+                "--per_device_train_batch_size", "4", "--seed", "0"]
+        assert cli_main([str(a) for a in argv]) == 0
+        shutil.copytree(run_folder.checkpoints(w / "full-run")[-1], w / "full-ckpt")
+
+
+def _linked_dataset(w: Path) -> None:
+    """A copy of the dataset whose first image is a link to a file outside its folder."""
+    if not (w / "linkdata").exists():
+        shutil.copytree(w / "data", w / "linkdata")
+        (w / "outside").mkdir(exist_ok=True)
+        shutil.copy(w / "x.jpg", w / "outside" / "private.jpg")
+        image = w / "linkdata" / _records(w)[0]["image"]
+        image.unlink()
+        image.symlink_to(os.path.relpath(w / "outside" / "private.jpg", image.parent))
+
+
+def _linked_folder(w: Path) -> None:
+    """A folder of images (one a link out of it) and a path list naming that link."""
+    if not (w / "linkimages").exists():
+        _linked_dataset(w)
+        (w / "linkimages").mkdir()
+        shutil.copy(w / "x.jpg", w / "linkimages" / "a.jpg")
+        (w / "linkimages" / "b.jpg").symlink_to("../outside/private.jpg")
+        (w / "linkimages" / "list.csv").write_text("file_loc\nb.jpg\n")
+
+
 def _leftover(w: Path, rel: str) -> None:
     (w / rel).parent.mkdir(parents=True, exist_ok=True)
     (w / rel).write_text("half")
@@ -276,6 +317,25 @@ CASES = [
     ("unchanged", "tiny-model-bad-steps-makes-nothing",
      ["tiny-model", "--out", "newmodel", "--pretrain-steps", "-1"], None,
      "--pretrain-steps must be >= 0"),
+    # a resume that cannot work is refused before anything changes (config.yaml included)
+    ("unchanged", "resume-optimizer-of-random-bytes",
+     ["train", "--output_dir", "randopt-run", "--resume_from_checkpoint", "last",
+      "--num_train_epochs", "4"], _random_optimizer,
+     "cannot resume from .*checkpoint-\\d+: optimizer.pt cannot be loaded"),
+    ("unchanged", "resume-a-full-run-as-lora",
+     ["train", "--output_dir", "full-run", "--resume_from_checkpoint", "last", "--method",
+      "lora"], _full_run, "full-run/checkpoint-2 holds a full fine-tune, not a LoRA adapter; "
+     "resume it with --method full"),
+    ("unchanged", "new-lora-run-from-a-full-checkpoint",
+     ["train", *E, "--method", "lora", "--output_dir", "newrun", "--resume_from_checkpoint",
+      "full-ckpt"], _full_run, "full-ckpt holds a full fine-tune, not a LoRA adapter"),
+    ("unchanged", "resume-a-lora-run-as-full",
+     ["train", "--output_dir", "run", "--resume_from_checkpoint", "last", "--method", "full"],
+     None, "run/checkpoint-\\d+ holds a LoRA adapter, not a full fine-tune; resume it with "
+     "--method lora"),
+    ("unchanged", "resume-a-lora-run-with-another-rank",
+     ["train", "--output_dir", "run", "--resume_from_checkpoint", "last", "--lora_r", "4"],
+     None, "cannot resume from .*checkpoint-\\d+: its adapter's .* has shape .* this run's"),
     # 3. leftovers of interrupted runs: a refused run touches nothing, leftovers included
     ("leftovers", "prepare-refused-keeps-its-leftovers",
      ["prepare", "--source", SYNTH, "--out", "data", "--seed", "9", *PREP],
@@ -372,6 +432,17 @@ CASES = [
      ["prepare", "--source", "pathcat", "--out", "newdata", *PREP],
      lambda w: _catalogue(w, "pathcat", lambda i: {"bytes": None, "path": str(w / "x.jpg")}),
      "catalogue image /.*x.jpg is outside the catalogue's folder"),
+    ("outside", "record-image-links-out",
+     ["train", *E[:2], "--data", "linkdata", "--method", "lora", "--output_dir", "newrun"],
+     _linked_dataset, "linkdata/dataset.jsonl:1: image .* leads through a link to "
+     ".*outside/private.jpg, outside the folder .*--allow-outside-paths"),
+    ("outside", "catalogue-folder-image-links-out",
+     ["catalogue", *E[:2], "--images", "linkimages", "--out", "newcat"], _linked_folder,
+     "--images linkimages: image .*b.jpg leads through a link to .*outside/private.jpg, "
+     "outside the folder"),
+    ("outside", "catalogue-path-list-links-out",
+     ["catalogue", *E[:2], "--images", "linkimages/list.csv", "--out", "newcat"],
+     _linked_folder, "list.csv: image b.jpg leads through a link to .*outside/private.jpg"),
     # 7. real layouts: a whole dataset repository, a model type transformers lacks
     ("layouts", "repo-unknown-config", ["prepare", "--source", "repo", "--out", "newdata",
                                         "--hub-config", "nope", *PREP], _repo,
@@ -530,6 +601,57 @@ def test_train_overwrite_that_fails_keeps_the_previous_run(world, tmp_path, caps
     assert cli_main([str(a) for a in argv]) == 2  # fails inside the Trainer: Hub offline
     assert "cannot reach the Hugging Face Hub" in capsys.readouterr().err
     assert tree(tmp_path) == before
+
+
+def _visible(run: Path) -> dict[str, str]:
+    """``tree(run)`` without the hidden folder a new run is built in."""
+    return {k: v for k, v in tree(run).items() if not k.startswith(run_folder.NEXT)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["before-its-first-checkpoint", "after-its-first-checkpoint"])
+def test_an_overwrite_killed_leaves_the_previous_run_readable(when, world, tmp_path):
+    """kill -9 of ``train --overwrite_output_dir``: the previous run stays whole where readers
+    look until the new one has finished; then the same command (or a resume) completes it and
+    replaces the previous run."""
+    w = world["w"]
+    run = shutil.copytree(w / "run", tmp_path / "run")
+    before = tree(run)
+    image = next((w / "data" / "images").iterdir())
+    describe = ["describe", "--model", run, image, "--max-new-tokens", "8"]
+    old = galaxy_llava(*describe, cwd=tmp_path)
+    assert old.returncode == 0, old.stderr[-2000:]
+    argv = ["train", "--method", "lora", "--model", w / "model", "--data", w / "data",
+            "--output_dir", run, "--overwrite_output_dir", "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "4", "--learning_rate", "3e-2", "--seed", "1"]
+    argv += ["--save_steps", "1"] if when.startswith("after") else ["--save_strategy", "no"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "galaxy_llava", *map(str, argv)],
+                                env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        if when.startswith("before"):
+            _wait_for(log, "effective batch", proc)
+        else:
+            t0 = time.time()
+            while proc.poll() is None and time.time() - t0 < 300 and not any(
+                    run_folder._complete(p) for p in run.glob("**/checkpoint-*")
+                    if str(p.relative_to(run)) not in before):  # the new run's first
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    assert _visible(run) == before  # the previous run, whole, where every reader looks
+    killed = galaxy_llava(*describe, cwd=tmp_path)
+    assert killed.returncode == 0 and killed.stdout == old.stdout, killed.stderr[-2000:]
+    again = (["train", "--output_dir", run, "--resume_from_checkpoint", "last"]
+             if when.startswith("after") else argv)
+    r = galaxy_llava(*again, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert leftovers(tmp_path) == []
+    assert (tree(run / "adapter") != {k[len("adapter/"):]: v for k, v in before.items()
+                                      if k.startswith("adapter/")})
+    last = max(int(k.split("-")[1]) for k in before if re.fullmatch(r"checkpoint-\d+", k))
+    assert f"checkpoint-{last}" not in tree(run)  # the previous run's checkpoints went with it
 
 
 # ----------------------------------------------------------------- kill -9, then again

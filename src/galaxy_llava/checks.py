@@ -54,22 +54,22 @@ def seed(flag: str, value: Any) -> None:
 # ----------------------------------------------------------------- containment
 
 def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
-    """Whether ``path`` lies under ``root``, as written (``..`` resolved) or after symlinks."""
-    p, r = os.path.abspath(path), os.path.abspath(root)
-    if os.path.commonpath([p, r]) == r:
-        return True
+    """Whether ``path`` lies under ``root`` once links are followed: a link inside ``root`` to a
+    file elsewhere is outside (``root`` may itself be reached through a link)."""
     rp, rr = os.path.realpath(path), os.path.realpath(root)
     return os.path.commonpath([rp, rr]) == rr
 
 
-def contained(path: str, root: Path, allow_outside: bool, where: str) -> Path:
+def contained(path: str | os.PathLike, root: Path, allow_outside: bool, where: str) -> Path:
     """``path`` resolved against ``root`` (absolute, ``..`` collapsed); a path that leaves
-    ``root`` is a UserError unless ``allow_outside``."""
+    ``root``, as written or through a link, is a UserError unless ``allow_outside``."""
     p = Path(os.path.expanduser(path))
     p = Path(os.path.normpath(p if p.is_absolute() else root / p))
     if not allow_outside and not inside(p, root):
-        raise UserError(f"{where}: image {path} is outside the folder {root}; images are read "
-                        "only from inside it unless you pass --allow-outside-paths")
+        as_written = os.path.commonpath([p, os.path.abspath(root)]) == os.path.abspath(root)
+        leaves = (f"leads through a link to {os.path.realpath(p)}," if as_written else "is")
+        raise UserError(f"{where}: image {path} {leaves} outside the folder {root}; images are "
+                        "read only from inside it unless you pass --allow-outside-paths")
     return p
 
 

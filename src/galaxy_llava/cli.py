@@ -138,7 +138,7 @@ def _cmd_describe(args: argparse.Namespace) -> int | None:
         args.model, args.paths, batch_size=args.batch_size, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, prompt=args.prompt,
         scores_rules=args.rules if args.scores else None, fits=options_from_args(args),
-        strict=args.strict,
+        strict=args.strict, allow_outside=args.allow_outside_paths,
     ):
         if "error" in result:  # an unreadable file: one line on stderr, the others go on
             skipped += 1

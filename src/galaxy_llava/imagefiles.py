@@ -238,14 +238,19 @@ def gather_images(entries, allow_outside: bool = False, bands: tuple[str, ...] =
     across entries."""
     import pandas as pd
 
+    from galaxy_llava.checks import contained
+
     images, ids, given, roots, frames = [], [], [], [], []
     for entry in entries:
         p = Path(entry)
         if p.is_dir():
             known = _dataset_ids(p)
             root = p / "images" if is_prepared_dataset(p) else p
-            found = group_bands([Path(os.path.abspath(f)) if absolute else f
-                                 for f in find_images(p, flag)], bands)
+            files = find_images(p, flag)
+            for f in files:  # a link in the folder may lead out of it
+                contained(os.path.abspath(f), p, allow_outside, f"{flag} {entry}")
+            found = group_bands([Path(os.path.abspath(f)) if absolute else f for f in files],
+                                bands)
             for f in found:
                 own = None if isinstance(f, tuple) else known.get(os.path.realpath(f))
                 images.append(tuple(map(str, f)) if isinstance(f, tuple) else str(f))

@@ -143,20 +143,23 @@ def portable_settings(settings: dict[str, Any], run: str | os.PathLike) -> dict[
     return out
 
 
-def run_settings(run: str | os.PathLike) -> dict[str, Any]:
+def run_settings(run: str | os.PathLike,
+                 relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
     """A run's settings (``RUN/config.yaml``, {} when absent) with its relative paths made
-    absolute against the run folder (a run written before paths were stored so keeps a path
-    relative to where it was started, which only resolves from there)."""
+    absolute against the run folder, or ``relative_to`` (the run a ``RUN/.next-run/`` being
+    built will become). A run written before paths were stored so keeps a path relative to
+    where it was started, which only resolves from there."""
     from galaxy_llava.config import read_yaml
 
     run = Path(run)
     if not (run / SETTINGS).is_file():
         return {}
     settings = read_yaml(run / SETTINGS)
+    base = Path(relative_to if relative_to is not None else run).resolve()
     for key in PATH_SETTINGS:
         value = settings.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            inside = run.resolve() / value
+            inside = base / value
             if inside.exists() or not Path(value).expanduser().exists():
                 settings[key] = str(inside)
     return settings

@@ -46,13 +46,15 @@ def save_run_model(model, processor, run: str | os.PathLike, prompt: str = DEFAU
 
 
 def install_weights(run: Path, partial: Path, processor, prompt: str, base_model: str | None,
-                    kind: str, *, model, training: dict | None = None) -> Path:
+                    kind: str, *, model, training: dict | None = None,
+                    name: str | None = None) -> Path:
     """Complete a saved weights folder ``partial`` (processor with the prompt's chat template,
     ``describe``'s generation config, prompt and base model, model card) and rename it to
     ``RUN/adapter`` or ``RUN/model`` in one step; the other kind, if any, is removed (it would
     shadow this one), and ``RUN/galaxy_llava.json`` names the run. ``model``: the trained model
     (its family and generation config); ``training``: the card's training settings
-    (:func:`galaxy_llava.modelcard.training_settings`)."""
+    (:func:`galaxy_llava.modelcard.training_settings`); ``name``: the run's, when ``run`` is
+    the folder it is built in."""
     from galaxy_llava.models.base import unwrap
     from galaxy_llava.models.registry import family_for
 
@@ -60,7 +62,8 @@ def install_weights(run: Path, partial: Path, processor, prompt: str, base_model
     (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
     method = "lora" if kind == "adapter" else "full"
     finish_folder(partial, kind, processor, family_for(model), prompt,
-                  getattr(unwrap(model), "generation_config", None), base_model, run.name,
+                  getattr(unwrap(model), "generation_config", None), base_model,
+                  name or run.name,
                   method=method, training=training)
     for stale in (run / "adapter", run / "model"):
         shutil.rmtree(stale, ignore_errors=True)

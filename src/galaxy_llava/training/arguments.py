@@ -93,9 +93,14 @@ def _by_field(settings: dict[str, Any], parser, source: str) -> dict[str, Any]:
 
 
 def saved_settings(output_dir: str | Path | None) -> dict[str, Any]:
-    """The settings a run was started with (``OUTPUT_DIR/config.yaml``, its paths absolute:
-    :func:`~galaxy_llava.models.folders.run_settings`), or {}."""
-    return {} if output_dir is None else run_settings(output_dir)
+    """The settings the run ``--resume_from_checkpoint last`` continues was started with
+    (``config.yaml`` of ``OUTPUT_DIR``, or of the new run being built beside it, its paths
+    absolute: :func:`~galaxy_llava.models.folders.run_settings`), or {}."""
+    from galaxy_llava.training.run_folder import resumable
+
+    if output_dir is None:
+        return {}
+    return run_settings(resumable(Path(output_dir)), relative_to=output_dir)
 
 
 def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None,
@@ -211,7 +216,7 @@ def precheck(argv: list[str], resume: bool = True) -> argparse.Namespace:
     run = Path(known.output_dir) if known.output_dir else None
     if run is not None and known.resume_from_checkpoint is None:
         check_kind(run, "run", flag="--output_dir", overwrite_flag="--overwrite_output_dir")
-    elif resume and run is not None and not (run / run_folder.BACKUP).exists():
+    elif resume and run is not None and not run_folder.interrupted(run):
         run_folder.checkpoint_to_resume(run, known.resume_from_checkpoint)
     return known
 

@@ -1,15 +1,18 @@
 """The RUN folder around the Trainer's own files: refusing to clobber a run, finding the
-checkpoint to resume, setting a previous run aside until the new one has made something, the
-loss log and curve, and the final weights saved atomically.
+checkpoint to resume, building a new run beside the previous one, the loss log and curve, and
+the final weights saved atomically.
 
 Layout: ``config.yaml`` (every setting), ``checkpoint-N/`` (the Trainer's, resumable),
 ``loss_log.jsonl``, ``loss_curve.png``, ``train_metrics.json``, ``adapter/`` (LoRA) or ``model/``
 (full), ``galaxy_llava.json``; ``runs/`` holds TensorBoard events when ``report_to`` asks.
 
 A checkpoint counts once its ``trainer_state.json`` (the Trainer writes it last) reads back;
-one cut short by a crash is a leftover. A run started over (or started where a killed attempt
-left no checkpoint) first moves what was there into ``.previous-run/``: a failure before the
-new run's first checkpoint puts it back, so the folder is as it was.
+one cut short by a crash is a leftover. A run started over where a run is
+(``--overwrite_output_dir``) is built in ``RUN/.next-run/`` and moved in when it has finished
+(:func:`publish`): until then every reader finds the previous run whole in ``RUN``, and
+``--resume_from_checkpoint last`` continues the new one. What a killed start left without a
+checkpoint is moved into ``.previous-run/`` of the folder the new start writes in: a failure
+before the new start's first checkpoint puts it back, so the folder is as it was.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import shutil
 from pathlib import Path
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import atomic_path, write_jsonl
+from galaxy_llava.io import atomic_path, write_json, write_jsonl
 from galaxy_llava.outputs import clean_leftovers
 
 # What a previous run leaves; set aside on a fresh start (cache/ is kept: still valid).
 RUN_OUTPUTS = ("config.yaml", "train_metrics.json", "loss_log.jsonl", "loss_curve.png",
                "adapter", "model", "galaxy_llava.json", "runs")
 BACKUP = ".previous-run"
+NEXT = ".next-run"  # a new run built beside the previous one
+REPLACED = ".replaced-run"  # the previous run's outputs while the new one is moved in
 _PARTIAL_WEIGHTS = (".adapter.partial", ".model.partial")  # models.runs.install_weights'
 
 
@@ -51,17 +56,41 @@ def checkpoints(run: Path) -> list[Path]:
 
 
 def holds_a_run(run: Path) -> bool:
-    """Whether ``run`` holds something of value: a finished checkpoint or a finished run's
-    weights and metrics (a start killed before its first checkpoint does not count)."""
+    """Whether ``run`` holds something of value: a finished checkpoint (its own or a new run's
+    being built beside it) or a finished run's weights and metrics (a start killed before its
+    first checkpoint does not count)."""
     run = Path(run)
     return run.is_dir() and (any((run / f).exists() for f in ("train_metrics.json", "adapter",
                                                               "model"))
-                             or bool(checkpoints(run)))
+                             or bool(checkpoints(run)) or bool(checkpoints(run / NEXT)))
+
+
+def _outputs(folder: Path) -> list[Path]:
+    """A run's outputs and checkpoints present in ``folder``."""
+    folder = Path(folder)
+    return [p for p in (*(folder / n for n in RUN_OUTPUTS), *sorted(folder.glob("checkpoint-*")))
+            if p.exists()]
 
 
 def _started(run: Path) -> bool:
-    return Path(run).is_dir() and (any((Path(run) / f).exists() for f in RUN_OUTPUTS)
-                                   or bool(list(Path(run).glob("checkpoint-*"))))
+    return Path(run).is_dir() and bool(_outputs(run) or _outputs(Path(run) / NEXT))
+
+
+def resumable(run: Path) -> Path:
+    """The folder whose checkpoints ``--resume_from_checkpoint last`` continues: the new run
+    being built in ``RUN/.next-run/`` once it has one, else ``run`` itself."""
+    return Path(run) / NEXT if checkpoints(Path(run) / NEXT) else Path(run)
+
+
+def work_folder(run: Path, resume: Path | None) -> Path:
+    """Where this start writes: ``RUN/.next-run/`` for a new run where ``run`` holds one (kept
+    whole for readers until :func:`publish`) or when continuing the run being built there;
+    ``run`` itself otherwise. Decided from what no start changes before it, so that every
+    process of a distributed run decides alike."""
+    run = Path(run)
+    if resume is not None:
+        return run / NEXT if Path(resume).resolve().parent == (run / NEXT).resolve() else run
+    return run / NEXT if holds_a_run(run) else run
 
 
 def checkpoint_to_resume(run: Path, resume_from_checkpoint: str | None) -> Path | None:
@@ -75,7 +104,7 @@ def checkpoint_to_resume(run: Path, resume_from_checkpoint: str | None) -> Path 
     if str(resume_from_checkpoint).lower() in ("last", "true"):
         if not Path(run).is_dir():
             raise UserError(f"cannot resume: run folder {run} does not exist")
-        found = checkpoints(run)
+        found = checkpoints(resumable(run))
         if found:
             check_checkpoint(found[-1])
             return found[-1]
@@ -110,9 +139,11 @@ def clear_previous(run: Path) -> None:
 
 
 def tidy(run: Path) -> None:
-    """Remove what crashes left in ``run``: unfinished checkpoints, half-saved weights and
-    temporary files of atomic writes."""
+    """Remove what crashes left in ``run``: unfinished checkpoints, half-saved weights,
+    temporary files of atomic writes and a new run's folder that never reached a checkpoint."""
     run = Path(run)
+    if not checkpoints(run / NEXT) and not (run / NEXT / BACKUP).exists():
+        shutil.rmtree(run / NEXT, ignore_errors=True)
     for p in run.glob("checkpoint-*"):
         if p.is_dir() and not _complete(p):
             shutil.rmtree(p, ignore_errors=True)
@@ -151,10 +182,51 @@ def drop_aside(run: Path) -> None:
 
 
 def recover(run: Path) -> None:
-    """After a start that was killed: keep the new run if it reached a checkpoint, else put
-    the previous one back."""
-    if (Path(run) / BACKUP).is_dir():
-        drop_aside(run) if checkpoints(run) else restore_aside(run)
+    """After a start that was killed: finish moving in a new run that had finished (or was
+    being moved in); in each folder a start writes in, keep what it wrote if it reached a
+    checkpoint, else put back what it had set aside."""
+    run = Path(run)
+    if (run / REPLACED).exists() or (run / NEXT / "train_metrics.json").is_file():
+        publish(run)
+    for folder in (run, run / NEXT):
+        if (folder / BACKUP).is_dir():
+            drop_aside(folder) if checkpoints(folder) else restore_aside(folder)
+
+
+def interrupted(run: Path) -> bool:
+    """Whether a killed start left ``run`` for :func:`recover` to put in order."""
+    run = Path(run)
+    return any(p.exists() for p in (run / REPLACED, run / NEXT / "train_metrics.json",
+                                    run / BACKUP, run / NEXT / BACKUP))
+
+
+def publish(run: Path) -> None:
+    """Move the finished run in ``RUN/.next-run/`` into ``RUN`` in place of the previous run's
+    outputs, which are then removed. What comes in is listed first
+    (``.replaced-run/incoming.json``), so that :func:`recover` can finish a move cut short;
+    each output is renamed whole, so a reader finds the previous run's or the new run's."""
+    run = Path(run)
+    new, old = run / NEXT, run / REPLACED
+    listing = old / "incoming.json"
+    if not listing.is_file():
+        if not (new / "train_metrics.json").is_file():  # cut before the listing: nothing moved
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        shutil.rmtree(old, ignore_errors=True)
+        drop_aside(new)
+        old.mkdir()
+        write_json(listing, [p.name for p in _outputs(new)])
+    incoming = json.loads(listing.read_text())
+    for name in incoming:  # name by name: the previous output out, the new one in
+        if (new / name).exists():
+            if (run / name).exists():
+                os.replace(run / name, old / name)
+            os.replace(new / name, run / name)
+    for p in _outputs(run):
+        if p.name not in incoming:  # the previous run's, with no new counterpart
+            os.replace(p, old / p.name)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old)
 
 
 def loss_log(log_history: list[dict]) -> list[dict]:

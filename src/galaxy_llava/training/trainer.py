@@ -98,6 +98,19 @@ class GalaxyTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class SettingsCallback(TrainerCallback):
+    """Write the run's settings (``config.yaml``) as its first step begins: a start or resume
+    that fails before training really starts leaves the saved settings as they were."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text = path, text
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.text is not None:
+            write_text(self.path, self.text)
+            self.text = None
+
+
 class LossLogCallback(TrainerCallback):
     """Append each logged loss to ``RUN/loss_log.jsonl`` as it comes (main process only)."""
 
@@ -219,16 +232,21 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     """Train under parsed settings; writes the RUN folder (see :mod:`.run_folder`)."""
     from galaxy_llava.models.adapt import count_parameters
     from galaxy_llava.training.arguments import CONFIG_FILE, settings_to_save
+    from galaxy_llava.training.resume import check_fits, read_checkpoint
 
     t_start = time.time()
     run, main, world = Path(args.output_dir), args.process_index == 0, args.world_size
     if main:
-        run_folder.recover(run)  # a start killed while a previous run was set aside
+        run_folder.recover(run)  # a start killed while setting aside or moving in a run
     resume = run_folder.checkpoint_to_resume(run, args.resume_from_checkpoint)
     if resume is None:  # never into a file, a dataset, a model or someone's folder
         outputs.check_kind(run, "run", flag="--output_dir",
                            overwrite_flag="--overwrite_output_dir")
         run_folder.check_fresh(run, ft.overwrite_output_dir)
+    # Every file the Trainer will load from the checkpoint, as it loads them: one line now,
+    # not an internal error once the run has started writing.
+    checkpoint = read_checkpoint(resume, ft.method) if resume is not None else None
+    work = run_folder.work_folder(run, resume)  # RUN, or RUN/.next-run beside a previous run
     preflight_model(ft.model_name_or_path)  # damaged weights: one line, before any loading
     train_recs, val_recs = _load_data(ft, main)
     if not val_recs:
@@ -237,6 +255,8 @@ def run_training(ft: FinetuneArguments, args) -> dict:
 
     set_seed(args.seed)  # before the LoRA weights are drawn, as the Trainer seeds only itself
     model, processor, family = _setup_model(ft, args)
+    if checkpoint is not None:  # Trainer.get_decay_parameter_names reads no instance state
+        check_fits(checkpoint, model, GalaxyTrainer.get_decay_parameter_names(None, model))
     ft.prompt = ft.prompt or family.default_prompt(processor)
     paths = list(dict.fromkeys(r["image"] for r in train_recs + val_recs))
     t_feat = time.time()
@@ -246,16 +266,23 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     train_set = CaptionDataset(train_recs, processor, family, ft.prompt, store, rows)
     val_set = CaptionDataset(val_recs, processor, family, ft.prompt, store, rows) if val_recs else None
 
-    # The folder changes only now that data and model have loaded: a typo leaves nothing behind.
-    existed = run.exists()
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        run_folder.tidy(run)  # unfinished checkpoints and temporaries of killed runs
-        if resume is None:  # kept until this run has a checkpoint: a failure puts it back
-            run_folder.set_aside(run)
-        import yaml
+    import yaml
 
-        write_text(run / CONFIG_FILE, yaml.safe_dump(settings_to_save(ft, args), sort_keys=False))
+    settings = yaml.safe_dump(settings_to_save(ft, args), sort_keys=False)  # output_dir: RUN
+    if args.push_to_hub and not args.hub_model_id:
+        args.hub_model_id = run.absolute().name  # the Trainer names the repository by its folder
+    # The folder changes only now that data and model have loaded: a typo leaves nothing behind.
+    if main:
+        for folder in dict.fromkeys((run, work)):
+            run_folder.tidy(folder)  # unfinished checkpoints and temporaries of killed runs
+    existed = work.exists()
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        if resume is None:  # kept until this start has a checkpoint: a failure puts it back
+            run_folder.set_aside(work)
+    # The Trainer's checkpoints and TensorBoard events go there; absolute, the checkpoint paths
+    # it records (the best one, for --load_best_model_at_end) hold when resumed from elsewhere.
+    args.output_dir = str(work.resolve())
     start = _start_step(resume)
     hook = family.cached_features(model) if store is not None else contextlib.nullcontext()
     try:
@@ -270,37 +297,38 @@ def run_training(ft: FinetuneArguments, args) -> dict:
                   f"effective batch {effective} = {args.per_device_train_batch_size} per device x "
                   f"{args.gradient_accumulation_steps} accumulation x {world}")
 
-        # The Trainer records checkpoint paths (the best one, for --load_best_model_at_end) under
-        # output_dir: absolute, they hold when the run is resumed from another folder.
-        args.output_dir = str(run.resolve())
         trainer = GalaxyTrainer(
             model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
             data_collator=Collator(processor.tokenizer.pad_token_id, family=family,
                                     processor=processor), processing_class=processor,
-            callbacks=[LossLogCallback(run)], label_only_loss=ft.label_only_loss)
+            callbacks=[SettingsCallback(work / CONFIG_FILE, settings), LossLogCallback(work)],
+            label_only_loss=ft.label_only_loss)
         with hook:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as e:
-        if main and resume is None and not run_folder.checkpoints(run):
+        if main and resume is None and not run_folder.checkpoints(work):
             # Nothing resumable was made: leave the folder as it was, so the retry just works.
-            run_folder.restore_aside(run)
-            if not existed and not any(run.iterdir()):
-                run.rmdir()
+            run_folder.restore_aside(work)
+            if not existed and not any(work.iterdir()):
+                work.rmdir()
         elif main and resume is None:
-            run_folder.drop_aside(run)  # the new run is resumable: it replaces the old one
+            run_folder.drop_aside(work)  # the new start is resumable: it replaces the killed one
         if type(e).__name__ in HUB_ERRORS:  # push_to_hub with the Hub unreachable
             raise UserError(f"cannot reach the Hugging Face Hub ({type(e).__name__}); "
                             "train without --push_to_hub or go online") from None
         raise
     if main and resume is None:
-        run_folder.drop_aside(run)
-    metrics_path = run / "train_metrics.json"
+        run_folder.drop_aside(work)
+    metrics_path = work / "train_metrics.json"
     if resume is not None and trainer.state.global_step == start and metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
         if main:
+            if work != run:
+                run_folder.publish(run)  # finished before a kill could move it in
             print(f"{run} already finished {start} steps; raise --num_train_epochs or "
                   "--max_steps to train further")
-        return json.loads(metrics_path.read_text())
-    _save_final(trainer, processor, run, ft, main)  # the best checkpoint's weights, if asked
+        return metrics
+    _save_final(trainer, processor, work, ft, main, name=run.name)  # the best checkpoint's, if asked
     best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
     log = run_folder.loss_log(trainer.state.log_history)
     train_loss = [e["loss"] for e in log if e["split"] == "train"]
@@ -329,12 +357,14 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         if metrics["collapse_warning"]:
             print(metrics["collapse_warning"], file=sys.stderr, flush=True)
     if main:
-        run_folder.write_loss_log(run, log)
-        run_folder.plot_losses(log, run / "loss_curve.png")
+        run_folder.write_loss_log(work, log)
+        run_folder.plot_losses(log, work / "loss_curve.png")
         write_json(metrics_path, metrics)
         if best:
             print(f"kept the weights of the best checkpoint, {Path(best).name} "
                   f"({args.metric_for_best_model} {trainer.state.best_metric:.4g})")
+        if work != run:
+            run_folder.publish(run)  # the previous run's outputs replaced by this one's
         print(f"trained {metrics['steps']} steps in {metrics['train_seconds'] or 0:.0f} s "
               f"({metrics['samples_per_second'] or 0:.2f} samples/s); final train loss "
               f"{metrics['final_train_loss']}; wrote {run}")
@@ -362,11 +392,11 @@ def collapse_check(model, processor, val_recs: list[dict], prompt: str,
 
 
 def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArguments,
-                main: bool) -> None:
+                main: bool, name: str) -> None:
     """``RUN/adapter/`` (LoRA) or ``RUN/model/`` (full), written whole or not at all: every
     process takes part in ``save_model`` (FSDP gathers the shards), the main one completes the
     folder (chat template, ``describe``'s generation config, a model card with these training
-    settings) and renames it."""
+    settings; ``name``: the run's) and renames it."""
     from peft import PeftModel
 
     from galaxy_llava.models.runs import install_weights
@@ -386,5 +416,6 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
                                      train_samples=len(trainer.train_dataset),
                                      val_samples=len(val) if val is not None else 0)
         install_weights(run, partial, processor, ft.prompt, ft.model_name_or_path, kind,
-                        model=trainer.accelerator.unwrap_model(trainer.model), training=training)
+                        model=trainer.accelerator.unwrap_model(trainer.model), training=training,
+                        name=name)
     trainer.accelerator.wait_for_everyone()
