@@ -170,11 +170,14 @@ def test_collapse_check_warns_when_every_answer_is_alike(tiny_model_dir, prepare
     assert collapse_warning([r["text"] for r in val], [r["text"] for r in val]) is None
 
 
-def test_resume_ends_with_the_same_weights(tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
-    """LoRA with dropout (RNG matters), 3 epochs vs 1 epoch + crash + resume from the last
-    checkpoint; then resuming the finished run changes nothing."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_ends_with_the_same_weights(method, tiny_model_dir, prepared_dir, tmp_path,
+                                           monkeypatch):
+    """3 epochs vs 1 epoch + crash + resume from the last checkpoint (LoRA with dropout: RNG
+    matters; full: the checkpoint's weights must be loaded, which the Trainer's own load of a
+    transformers 5 checkpoint does not do); then resuming the finished run changes nothing."""
     kw = dict(num_train_epochs=3, lora_dropout=0.1, **FAST)
-    whole = train(str(tiny_model_dir), prepared_dir, "lora", tmp_path / "whole", **kw)
+    whole = train(str(tiny_model_dir), prepared_dir, method, tmp_path / "whole", **kw)
 
     real_save = GalaxyTrainer._save_checkpoint
 
@@ -184,16 +187,17 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, prepared_dir, tmp_pat
 
     monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train(str(tiny_model_dir), prepared_dir, "lora", tmp_path / "split", **kw)
+        train(str(tiny_model_dir), prepared_dir, method, tmp_path / "split", **kw)
     monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", real_save)
     split = tmp_path / "split"
     assert len(list(split.glob("checkpoint-*"))) == 1
     with pytest.raises(UserError, match="already holds a training run"):
-        train(str(tiny_model_dir), prepared_dir, "lora", split, **kw)
+        train(str(tiny_model_dir), prepared_dir, method, split, **kw)
     # Settings come from RUN/config.yaml.
     resumed = train(output_dir=split, resume_from_checkpoint="last")
 
-    a, b = (_weights(tmp_path / r / "adapter") for r in ("whole", "split"))
+    weights = "adapter" if method == "lora" else "model"
+    a, b = (_weights(tmp_path / r / weights) for r in ("whole", "split"))
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k

@@ -64,19 +64,34 @@ class GalaxyTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     def _load_best_model(self):
-        """``--load_best_model_at_end`` for a full model: the Trainer's own load matches none
-        of the keys ``save_pretrained`` wrote in transformers 5 (the checkpoint layout, such as
-        LLaVA's ``language_model.model.*``) and loads nothing, with only a log line to say so.
+        """``--load_best_model_at_end``: the best checkpoint's weights (see
+        :meth:`_load_full_checkpoint`)."""
+        if not self._load_full_checkpoint(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """``--resume_from_checkpoint``: the checkpoint's weights (see
+        :meth:`_load_full_checkpoint`); without this a resumed full fine-tune silently went on
+        from the base model's weights with the checkpoint's optimizer state."""
+        if model is not None or not self._load_full_checkpoint(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_full_checkpoint(self, folder) -> bool:
+        """Load a full model's checkpoint ``folder`` into the model and say whether it did.
+
+        The Trainer's own load (``load_state_dict(strict=False)``) matches none of the keys
+        ``save_pretrained`` wrote in transformers 5 (the checkpoint layout, such as LLaVA's
+        ``language_model.model.*``) and loads nothing, with only a log line to say so.
         ``from_pretrained`` maps them; its tensors are then copied in, every key required.
-        Adapters (peft loads its own) and sharded models keep the Trainer's way."""
+        Adapters (peft loads its own) and sharded models keep the Trainer's way (False)."""
         from peft import PeftModel
 
         model = self.accelerator.unwrap_model(self.model)
         if isinstance(model, PeftModel) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._load_best_model()
-        best = type(model).from_pretrained(self.state.best_model_checkpoint, dtype=model.dtype,
-                                           use_safetensors=True)
-        model.load_state_dict(best.state_dict(), strict=True)
+            return False
+        saved = type(model).from_pretrained(folder, dtype=model.dtype, use_safetensors=True)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        return True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
