@@ -5,6 +5,8 @@ within 4 standard errors; unanswered questions give the rule set's own answer.""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -233,3 +235,11 @@ def test_unknown_rule_set_is_a_one_line_error():
 def test_attributes_cover_the_grammar():
     """The oracles name every attribute, so no attribute goes untested."""
     assert set(tree_oracle(MIXED)) == set(reference_oracle(MIXED)) == set(ATTRIBUTES)
+
+
+def test_imports_no_model_code():
+    """A domain module: importable without torch or transformers (a fresh interpreter)."""
+    code = ("import sys, galaxy_llava.vote_captions\n"
+            "heavy = {'torch', 'transformers'} & set(sys.modules)\n"
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
