@@ -204,6 +204,32 @@ def test_samplers_read_only_the_rule_set_s_columns(rules):
     assert read <= set(RULE_SETS[rules].columns), read - set(RULE_SETS[rules].columns)
 
 
+@pytest.mark.parametrize("rules", ["tree", "reference"])
+def test_prepared_records_keep_every_column_a_draw_reads(synth_dir, tmp_path, rules):
+    """prepare's records (fractions, and the tree rules' totals) hold each column of the rule
+    set with the catalogue's value, and draws from them read nothing else."""
+    import pandas as pd
+
+    from galaxy_llava.prepare import prepare
+    from galaxy_llava.records import load_records
+
+    prepare(synth_dir, tmp_path / "d", n_per_class=6, seed=0, image_size=16, rules=rules,
+            workers=1)
+    records = load_records(tmp_path / "d")
+    check_records(records, rules)  # nothing missing
+    catalogue = pd.read_parquet(sorted((synth_dir / "data").glob("*.parquet")))
+    catalogue = catalogue.set_index("id_str")
+    drawer = VoteCaptions(records, rules, 5, seed=0)
+    for r, votes in zip(records, drawer.fractions):
+        assert set(votes) == set(RULE_SETS[rules].columns)
+        row = catalogue.loc[r["id_str"]]
+        assert all(v == row[c] or (v is None and math.isnan(row[c])) for c, v in votes.items())
+        tracked = _Reads(votes)
+        for k in range(200):
+            draw_morphology(tracked, rules, np.random.default_rng(k))
+        assert tracked.read <= set(votes)
+
+
 def test_vote_captions_are_a_function_of_seed_epoch_and_index():
     records = [{"fractions": {c: MIXED[c] for c in RULE_SETS["tree"].columns}}] * 3
     a = VoteCaptions(records, "tree", 5, seed=1)

@@ -4,9 +4,7 @@ captions under a rule set, stratified train/val/test splits, statistics and a pr
 Output folder::
 
     manifest.json   arguments and a fingerprint of the catalogue (guards against mixing datasets)
-    dataset.jsonl   {"image", "text", "id_str", "split", "morphology", "fractions"} per galaxy;
-                    ``fractions``: the rule set's vote columns (fractions; the tree rules'
-                    per-question total votes too), null where a question was unanswered
+    dataset.jsonl   {"image", "text", "id_str", "split", "morphology", "fractions"} per galaxy
     images/<md5(id_str)>.jpg
     stats.json      counts, caption lengths, skipped images
     preview.png     a grid of sample galaxies with their captions
@@ -288,9 +286,7 @@ def _usable_rows(votes: pd.DataFrame) -> tuple[pd.Index, dict]:
 
 def _records(votes: pd.DataFrame, sel: pd.DataFrame, rules: str, min_votes: int) -> list[dict]:
     ruleset = rule_set(rules)
-    # Every vote column the rule set reads (the tree rules' totals too): what
-    # --caption_targets votes draws captions from (galaxy_llava.vote_captions).
-    fraction_cols = list(ruleset.columns)
+    fraction_cols = [c for c in ruleset.columns if c.endswith("_fraction")]
     rows = votes.iloc[sel["row"].to_numpy()].to_dict("records")
     records = []
     for row, split in zip(rows, sel["split"]):
@@ -302,6 +298,9 @@ def _records(votes: pd.DataFrame, sel: pd.DataFrame, rules: str, min_votes: int)
             "split": split,
             "morphology": m.to_dict(),  # every key always present: one Arrow schema
             "fractions": {c: None if math.isnan(row[c]) else float(row[c]) for c in fraction_cols},
+            # the tree rules' per-question totals: what vote-drawn captions need (vote_captions)
+            "votes": {c: None if math.isnan(row[c]) else int(row[c]) for c in ruleset.columns
+                      if c.endswith("_total-votes")},
         })
     return records
 

@@ -72,7 +72,8 @@ def _parse_lines(path: Path, lines: Iterable[str], root: Path,
 
 
 # Optional fields and the type each must have when present.
-_OPTIONAL = {"split": str, "id_str": (str, int), "morphology": dict, "fractions": dict}
+_OPTIONAL = {"split": str, "id_str": (str, int), "morphology": dict, "fractions": dict,
+             "votes": dict}
 
 
 def _check_fields(record: dict, where: str) -> None:

@@ -14,7 +14,8 @@ an unanswered branching question takes the rules' "else" branch. A galaxy with e
 unanswered therefore draws the rule set's caption of that galaxy every time.
 
 :data:`SAMPLERS` holds one sampler per rule set of :data:`galaxy_llava.rules.RULE_SETS`; each
-reads only that rule set's ``columns`` (which ``prepare`` keeps in each record's ``fractions``).
+reads only that rule set's ``columns``, which ``prepare`` keeps in each record (fractions under
+``fractions``, total votes under ``fractions`` or ``votes``: :func:`record_votes`).
 Pure numpy, no torch.
 """
 
@@ -138,13 +139,19 @@ def _sampler(rules: str) -> Callable[..., Morphology]:
     return SAMPLERS[rules]
 
 
+def record_votes(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A prepared record's vote columns as one mapping: its ``fractions`` and, where the record
+    keeps them apart, its ``votes`` (each question's total votes)."""
+    return {**(record.get("fractions") or {}), **(record.get("votes") or {})}
+
+
 def check_records(records: Sequence[Mapping[str, Any]], rules: str) -> None:
     """Refuse, in one line, records that lack a vote column the sampler of ``rules`` reads (a
     hand-made dataset, or one prepared before the columns were kept)."""
     _sampler(rules)
     needed = rule_set(rules).columns
     for k, r in enumerate(records):
-        fractions = r.get("fractions") or {}
+        fractions = record_votes(r)
         missing = [c for c in needed if c not in fractions]
         if missing:
             what = "no vote fractions" if not fractions else f"no {missing[0]!r}"
@@ -163,7 +170,7 @@ class VoteCaptions:
         check_records(records, rules)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise UserError(f"--seed must be a non-negative integer (got {seed!r})")
-        self.fractions = [dict(r["fractions"]) for r in records]
+        self.fractions = [record_votes(r) for r in records]
         self.rules, self.min_votes, self.seed = rules, min_votes, seed
 
     def __len__(self) -> int:
