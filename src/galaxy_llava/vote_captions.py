@@ -154,7 +154,7 @@ def check_records(records: Sequence[Mapping[str, Any]], rules: str) -> None:
         fractions = record_votes(r)
         missing = [c for c in needed if c not in fractions]
         if missing:
-            what = "no vote fractions" if not fractions else f"no {missing[0]!r}"
+            what = "no vote fractions" if not r.get("fractions") else f"no {missing[0]!r}"
             raise UserError(f"record {k} ({r.get('id_str', r.get('image'))}) carries {what}: "
                             f"--caption_targets votes needs the {rules} rules' vote columns; "
                             "prepare the dataset again with `galaxy-llava prepare`")
