@@ -15,7 +15,7 @@ unanswered therefore draws the rule set's caption of that galaxy every time.
 
 :data:`SAMPLERS` holds one sampler per rule set of :data:`galaxy_llava.rules.RULE_SETS`; each
 reads only that rule set's ``columns``, which ``prepare`` keeps in each record (fractions under
-``fractions``, total votes under ``fractions`` or ``votes``: :func:`record_votes`).
+``fractions``, each question's total votes under ``votes``: :func:`record_votes`).
 Pure numpy, no torch.
 """
 
