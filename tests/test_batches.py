@@ -223,6 +223,73 @@ def test_cached_items_carry_the_stores_extra_inputs(processor, family, tmp_path)
     assert torch.equal(item["pixel_values"], store.row(1))
 
 
+class _Draw:
+    """A caption drawer over ``CAPTIONS``: a pure function of (epoch, index), every call recorded."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, epoch: int, index: int) -> str:
+        self.calls.append((epoch, index))
+        return CAPTIONS[(3 * epoch + index) % len(CAPTIONS)]
+
+
+class _AnswerCounter:
+    """The tiny model's family, with every ``answer_ids`` call's caption recorded."""
+
+    def __init__(self, family):
+        self.family, self.captions = family, []
+
+    def __getattr__(self, name):
+        return getattr(self.family, name)
+
+    def answer_ids(self, tok, caption):
+        self.captions.append(caption)
+        return self.family.answer_ids(tok, caption)
+
+
+def test_drawn_captions_follow_the_epoch_and_are_tokenised_once_each(processor, family,
+                                                                     tmp_path):
+    """Vote targets: each item's caption comes from the drawer for the epoch set; the record's
+    text is not used; each distinct caption is tokenised once; cached features as before."""
+    path = str(tmp_path / "0.png")
+    _image(0).save(path)
+    records = [{"image": path, "text": "not a caption the drawer gives"}] * 2
+    counting, draw, store = _AnswerCounter(family), _Draw(), _constant_store()
+    data = CaptionDataset(records, processor, counting, DEFAULT_PROMPT, features=store,
+                          rows={path: 5}, draw=draw)
+    assert counting.captions == []  # nothing is tokenised up front
+    seen = []
+    for epoch in (0, 1, 2, 0, 1):
+        data.set_epoch(epoch)
+        assert data.epoch == epoch
+        for i in range(2):
+            item = data[i]
+            want = encode_example(processor, family, path, draw(epoch, i))
+            assert torch.equal(item["labels"], want["labels"])
+            assert torch.equal(item["pixel_values"], store.row(5))
+            seen.append(draw(epoch, i))
+    assert sorted(counting.captions) == sorted(set(seen))  # once per distinct caption
+    assert len(set(seen)) == len(CAPTIONS)
+
+
+def test_dataloader_workers_see_the_epoch_set_after_they_started(processor, family, tmp_path):
+    """The epoch lives in shared memory: persistent workers, started in epoch 0, draw epoch 1's
+    captions once it is set."""
+    path = str(tmp_path / "0.png")
+    _image(0).save(path)
+    data = CaptionDataset([{"image": path, "text": SHORTEST}] * 2, processor, family,
+                          DEFAULT_PROMPT, features=_constant_store(), rows={path: 0},
+                          draw=_Draw())
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=1,
+                                         persistent_workers=True)
+    tok = processor.tokenizer
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        got = [tok.decode(_answer(item)[:-1]) for item in loader]
+        assert got == [_Draw()(epoch, i) for i in range(2)]
+
+
 # ----------------------------------------------------------------- prompt ids per image-token count
 
 

@@ -28,6 +28,11 @@ def test_check_accepts_defaults_and_names_the_bad_value():
         FinetuneArguments(method="lora", data="D", lora_projector="half").check()
     with pytest.raises(UserError, match="no data given"):
         FinetuneArguments(method="full").check()
+    assert FinetuneArguments(method="lora", data="D").caption_targets == "caption"
+    assert FinetuneArguments(method="lora", data="D", caption_targets="votes").check()
+    with pytest.raises(UserError, match="unknown caption_targets 'vote'; expected one of "
+                                        "caption, votes"):
+        FinetuneArguments(method="lora", data="D", caption_targets="vote").check()
 
 
 def test_read_yaml(tmp_path):

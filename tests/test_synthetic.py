@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -15,19 +16,24 @@ from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import QUESTIONS, col, count_col, votes_col
 from galaxy_llava.morphology import ATTRIBUTES, Morphology
 from galaxy_llava.rules import RULE_SETS, morphology_from_fractions
-from galaxy_llava.toy.synthetic import TRUTH_MIX, draw_truth, synthesize, truth_morphology
-from galaxy_llava.toy.votes import simulate_votes, unanimous_votes
+from galaxy_llava.toy.synthetic import (MIN_IMAGE_SIZE, TRUTH_MIX, draw_truth, render, synthesize,
+                                        truth_morphology)
+from galaxy_llava.toy.votes import (clarity, picture_measures, simulate_votes, true_answers,
+                                   unanimous_votes)
 
 
 def _frame(folder) -> pd.DataFrame:
     return pd.read_parquet(sorted((folder / "data").glob("train-*.parquet")))
 
 
+@functools.lru_cache(maxsize=1)
 def _truth_and_votes(n: int, seed: int = 7):
-    """Draw truths and votes without rendering (votes never depend on the image)."""
+    """Truths and votes as the catalogue draws them; the pictures the votes depend on are
+    rendered at the smallest size (what the votes read of them does not depend on it)."""
     out = []
     for i in range(n):
         truth = draw_truth(np.random.default_rng([seed, i, 0]))
+        render(truth, np.random.default_rng([seed, i, 1]), MIN_IMAGE_SIZE)
         out.append((truth, simulate_votes(truth, np.random.default_rng([seed, i, 2]))))
     return out
 
@@ -102,7 +108,7 @@ def test_loads_with_datasets_and_decodes_images(synth_dir, tmp_path):
 
 
 def test_reference_and_tree_captions_follow_the_drawn_truth():
-    rows = _truth_and_votes(1500)
+    rows = _truth_and_votes(1000)
     for rules, full_min in (("reference", 0.85), ("tree", 0.95)):
         type_ok = full_ok = 0
         for truth, votes in rows:
@@ -156,7 +162,7 @@ def test_unanimous_votes_walk_only_the_galaxy_s_branch():
 def test_stray_votes_exist_so_min_votes_matters():
     """Ellipticals get a few off-branch votes; reference rules sometimes read them, tree never."""
     strays, polluted, tree_right = 0, 0, []
-    for truth, votes in _truth_and_votes(1500):
+    for truth, votes in _truth_and_votes(1000):
         if truth["type"] != "elliptical":
             continue
         strays += 0 < votes["bulge-size-gz2_total-votes"] < 5
@@ -179,7 +185,7 @@ def test_rendered_catalogue_agrees_with_truth(synth_dir):
 
 
 def test_class_mix_follows_truth_mix():
-    truths = [t for t, _ in _truth_and_votes(2000)]
+    truths = [draw_truth(np.random.default_rng([7, i, 0])) for i in range(2000)]
     types = Counter(t["type"] for t in truths)
     for kind, share in TRUTH_MIX["type"].items():
         assert abs(types[kind] / len(truths) - share) < 0.04, kind
@@ -235,6 +241,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 def test_question_nobody_reached_has_zero_votes_and_nan_fractions():
     truth = draw_truth(np.random.default_rng(0))
     truth.update(type="elliptical", shape="round", axis_ratio=0.9)
+    render(truth, np.random.default_rng(0), MIN_IMAGE_SIZE)
     empty = 0
     for seed in range(20):
         votes = simulate_votes(truth, np.random.default_rng(seed))
@@ -244,3 +251,82 @@ def test_question_nobody_reached_has_zero_votes_and_nan_fractions():
                 empty += 1
                 assert all(math.isnan(votes[col(q, a)]) for a in answers)
     assert empty > 0
+
+
+# ----------------------------------------------------------------- votes that depend on the picture
+
+
+def _spiral(seed: int = 3) -> dict:
+    """A barred two-armed spiral with an obvious bulge, rendered (its picture sets its votes)."""
+    truth = draw_truth(np.random.default_rng(0))
+    truth.update(type="spiral", shape=None, bar=True, arms="2", bulge="obvious", boxy=False,
+                 winding="medium", artifact=None, disturbed=False, disturbance=None,
+                 axis_ratio=0.95)
+    render(truth, np.random.default_rng(seed), MIN_IMAGE_SIZE)
+    return truth
+
+
+def _true_share(truth: dict, seeds=range(200)) -> float:
+    """The mean share of votes that went to the true answer, over the questions of the
+    galaxy's branch (those most volunteers reached) and over ``seeds`` vote draws."""
+    true = true_answers(truth)
+    shares = []
+    for seed in seeds:
+        votes = simulate_votes(truth, np.random.default_rng(seed))
+        total = votes[votes_col(gz2.ROOT)]
+        shares += [votes[col(q, true[q])] for q in QUESTIONS if votes[votes_col(q)] > total / 2]
+    return float(np.mean(shares))
+
+
+def test_votes_are_a_function_of_the_rendered_picture_per_seed():
+    a, b = _spiral(seed=3), _spiral(seed=3)
+    assert a["render"] == b["render"] and clarity(a) == clarity(b)
+    assert simulate_votes(a, np.random.default_rng(1)) == simulate_votes(b, np.random.default_rng(1))
+    other = _spiral(seed=4)
+    assert clarity(other) != clarity(a)  # another picture, another clarity
+    del a["render"]
+    with pytest.raises(ValueError, match="render the galaxy first"):
+        simulate_votes(a, np.random.default_rng(1))
+
+
+def _scale(**factors):
+    def change(truth):
+        for key, f in factors.items():
+            if key == "axis_ratio":
+                truth[key] *= f
+            else:
+                truth["render"][key] *= f
+    return change
+
+
+# Each change alters one thing a volunteer sees and keeps the others (a smaller galaxy keeps its
+# surface brightness, so its flux shrinks with its area; so does a more inclined one's).
+@pytest.mark.parametrize("what, measure, change", [
+    ("fainter", "snr", _scale(flux=1 / 4)),
+    ("noisier", "snr", _scale(sky_sigma=4)),
+    ("smaller", "resolution", _scale(radius=1 / 3, flux=1 / 9)),
+    ("worse seeing", "resolution", _scale(psf_fwhm=4)),
+    ("more inclined", "axis_ratio", _scale(axis_ratio=0.5, flux=0.5)),
+])
+def test_harder_pictures_split_the_votes_more(what, measure, change):
+    """Everything else fixed (truth, the other measures, the vote draws), a fainter, noisier,
+    smaller, worse-seen or more inclined galaxy is less clear, and fewer volunteers give the
+    true answers."""
+    clear = _spiral()
+    hard = json.loads(json.dumps(clear))
+    change(hard)
+    before, after = picture_measures(clear), picture_measures(hard)
+    assert [k for k in before if not math.isclose(before[k], after[k])] == [measure]
+    assert after[measure] < before[measure]
+    assert clarity(hard) < clarity(clear) - 0.02, what
+    assert _true_share(hard) < _true_share(clear) - 0.01, what
+
+
+def test_edge_on_disks_and_faint_spirals_are_less_clear_than_bright_ellipticals():
+    """Over the catalogue's mix: the types the picture makes hard get lower clarity."""
+    by_type: dict[str, list[float]] = {}
+    for truth, _ in _truth_and_votes(1000):
+        by_type.setdefault(truth["type"], []).append(clarity(truth))
+    mean = {t: np.mean(c) for t, c in by_type.items()}
+    assert mean["edge-on disk"] < mean["elliptical"] and mean["spiral"] < mean["elliptical"]
+    assert 0.8 < np.mean([c for cs in by_type.values() for c in cs]) < 0.88

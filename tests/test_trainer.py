@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ import torch
 
 from galaxy_llava.cli import main as cli_main
 from galaxy_llava.errors import UserError
+from galaxy_llava.training.batches import IGNORE_INDEX
 from galaxy_llava.training.trainer import GalaxyTrainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,6 +212,50 @@ def test_resume_ends_with_the_same_weights(method, tiny_model_dir, prepared_dir,
     assert again == resumed  # a finished run keeps its outputs and timings
 
 
+def test_vote_targets_resume_trains_on_the_captions_the_uninterrupted_run_drew(
+        tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+    """--caption_targets votes: each epoch draws every galaxy's caption afresh from its votes; a
+    run killed mid-epoch (step 6 of 4 per epoch) and resumed trains, step by step, on the
+    captions the uninterrupted run trained on."""
+    trained: list[tuple[int, tuple[str, ...]]] = []
+    real_loss = GalaxyTrainer.compute_loss
+
+    def recording(self, model, inputs, *args, **kwargs):
+        if model.training:
+            tok = self.processing_class.tokenizer
+            trained.append((self.state.global_step, tuple(
+                tok.decode(row[row != IGNORE_INDEX][:-1]) for row in inputs["labels"])))
+        return real_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(GalaxyTrainer, "compute_loss", recording)
+    kw = dict(num_train_epochs=3, caption_targets="votes", save_strategy="steps", save_steps=6,
+              **FAST)
+    whole = train(str(tiny_model_dir), prepared_dir, "lora", tmp_path / "whole", **kw)
+    assert whole["caption_targets"] == "votes" and whole["steps"] == 12
+    uninterrupted, trained[:] = list(trained), []
+
+    real_save = GalaxyTrainer._save_checkpoint
+
+    def save_then_crash(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(tiny_model_dir), prepared_dir, "lora", tmp_path / "split", **kw)
+    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", real_save)
+    assert [step for step, _ in trained] == list(range(6))
+    train(output_dir=tmp_path / "split", resume_from_checkpoint="last")  # from config.yaml
+    assert trained == uninterrupted
+
+    records = [json.loads(x) for x in (prepared_dir / "dataset.jsonl").read_text().splitlines()]
+    per_epoch = [Counter(c for _, caps in uninterrupted[4 * e:4 * e + 4] for c in caps)
+                 for e in range(3)]
+    assert all(sum(c.values()) == 16 for c in per_epoch)  # every train galaxy once an epoch
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]  # drawn afresh
+    assert per_epoch[0] != Counter(r["text"] for r in records if r["split"] == "train")
+
+
 def test_yaml_with_hf_names_trains_and_writes_tensorboard_events(tiny_model_dir, prepared_dir,
                                                                  tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -282,6 +329,20 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, prepared_dir, tmp_pa
     assert "no train split" in _cli(capsys, *base, "--data", nosplit, "--method", "full",
                                     "--allow-outside-paths")
 
+    # vote targets need the votes (a dataset prepared before they were kept) and the rule set
+    novotes = tmp_path / "novotes"
+    shutil.copytree(prepared_dir, novotes)
+    recs = [json.loads(line) for line in good]
+    (novotes / "dataset.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "fractions"}) + "\n" for r in recs))
+    err = _cli(capsys, *base, "--data", novotes, "--method", "lora", "--caption_targets", "votes")
+    assert "carries no vote fractions: --caption_targets votes needs" in err
+    nomanifest = tmp_path / "nomanifest"
+    shutil.copytree(prepared_dir, nomanifest)
+    (nomanifest / "manifest.json").unlink()
+    err = _cli(capsys, *base, "--data", nomanifest, "--method", "lora", "--caption_targets",
+               "votes")
+    assert "--caption_targets votes needs the rule set" in err
     assert "unknown method 'sgd'" in _cli(capsys, *base, "--data", prepared_dir, "--method", "sgd")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("lr: 0.1\n")

@@ -29,6 +29,7 @@ DEFAULT_PROMPT = f"USER: <image>\n{DEFAULT_QUESTION}\nASSISTANT:"  # TinyLLaVA's
 # Hub tags of what galaxy-llava writes: model cards and prepared datasets' cards.
 TAGS = ("galaxy-llava", "galaxy-zoo", "astronomy", "galaxy-morphology", "image-captioning")
 METHODS = ("full", "lora", "qlora")
+CAPTION_TARGETS = ("caption", "votes")
 # torch's CPU threads when neither --threads nor OMP_NUM_THREADS says otherwise. Measured with
 # benchmarks/threads.py (BENCHMARKS.md, "CPU threads"): on the shared 2-core machine one thread
 # beat torch's default (one per core) on every workload, whole commands timed: pretraining the
@@ -105,6 +106,10 @@ class FinetuneArguments:
     feature_batch_size: int = field(default=32, metadata=_help("images per encoder batch"))
     label_only_loss: bool = field(default=True, metadata=_help(
         "apply lm_head only where a label is (exact; no [batch, length, vocab] logits)"))
+    caption_targets: str = field(default="caption", metadata=_help(
+        "what each galaxy teaches: caption (its one caption, by the rule set's thresholds) | "
+        "votes (each time it is seen, a caption drawn from its volunteers' vote fractions, so "
+        "the model's probabilities learn to match the votes; needs a prepared dataset)"))
     prompt: str | None = field(default=None, metadata=_help(
         "training prompt with one image placeholder; default: the model family's"))
     trust_remote_code: bool = field(default=False, metadata=_help(
@@ -118,7 +123,8 @@ class FinetuneArguments:
     def check(self) -> "FinetuneArguments":
         """Raise a one-line UserError for a value out of range; return self."""
         choices = {"method": METHODS, "lora_projector": ("lora", "full"),
-                   "feature_cache": ("memory", "disk", "off")}
+                   "feature_cache": ("memory", "disk", "off"),
+                   "caption_targets": CAPTION_TARGETS}
         if self.method is None:
             raise UserError("no training method given: use --method full, lora or qlora")
         for key, allowed in choices.items():

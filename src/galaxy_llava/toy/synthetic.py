@@ -3,7 +3,8 @@
 Every code path (catalogue reading, selection, captions, training, evaluation) can then run offline
 on data whose right answer is known. Each galaxy gets a drawn truth (:data:`TRUTH_MIX`), an SDSS-like
 gri colour image (GalSim profiles, a seeing PSF, sky noise, Lupton asinh stretch) and GZ2 volunteer
-votes that walk the decision tree with realistic confusion (votes.py). Spiral arms are an image-space
+votes that walk the decision tree with realistic confusion, split more where the picture is
+fainter, smaller or more inclined (votes.py). Spiral arms are an image-space
 log-spiral modulation of the GalSim disk (GalSim has no spiral profile). Colours come from
 per-component g:r:i flux ratios under one PSF (the PSF's colour dependence is ignored).
 """
@@ -271,6 +272,7 @@ def render(truth: dict, rng: np.random.Generator, image_size: int = 424) -> np.n
     flux, pa = float(10 ** rng.uniform(4.9, 5.4)), float(rng.uniform(0, math.pi))
     body = {"elliptical": _elliptical, "artifact": _artifact}.get(truth["type"], _disk)
     host_r, colour = body(c, truth, rng, flux, pa, p)
+    p["radius"] = host_r  # the half-light radius, near enough: what votes.clarity reads
     if truth["disturbed"]:
         _disturb(c, truth, rng, flux, host_r, colour, p)
     for _ in range(rng.integers(0, 4)):  # field stars away from the target
@@ -311,8 +313,9 @@ def lupton_rgb(gri: np.ndarray, q: float = 10.0, stretch: float = 12.0) -> np.nd
 # ---------------------------------------------------------------- catalogue
 
 def _galaxy(seed: int, index: int, image_size: int) -> dict:
-    """One catalogue row. Truth, image and votes use separate streams, so a change to the
-    renderer leaves every galaxy's truth and votes as they were."""
+    """One catalogue row. Truth, image and votes use separate streams: a change to the
+    renderer leaves every galaxy's truth as it was, and its votes too unless it changes what
+    the votes read of the picture (``votes.picture_measures``)."""
     truth = draw_truth(np.random.default_rng([seed, index, 0]))
     pixels = render(truth, np.random.default_rng([seed, index, 1]), image_size)
     votes = simulate_votes(truth, np.random.default_rng([seed, index, 2]))

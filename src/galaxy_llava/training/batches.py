@@ -74,21 +74,50 @@ class CaptionDataset(torch.utils.data.Dataset):
     """Prepared records as training items: ``input_ids``, ``labels`` and the image inputs, whose
     ``pixel_values`` are the image's cached encoder features when ``features`` is given (a
     :class:`~galaxy_llava.training.feature_cache.FeatureStore`, rows by ``rows[path]``), else the
-    processed image, loaded per item."""
+    processed image, loaded per item.
+
+    With ``draw`` (``(epoch, index) -> caption``, e.g.
+    :class:`~galaxy_llava.vote_captions.VoteCaptions`) an item's caption is drawn anew for the
+    epoch :meth:`set_epoch` last set, instead of the record's ``text``; each distinct caption is
+    tokenised once. The epoch is held in shared memory, so DataLoader workers (persistent ones
+    too) see what the main process sets."""
 
     def __init__(self, records: list[dict], processor, family, prompt: str, features=None,
-                 rows: dict[str, int] | None = None):
-        tok = processor.tokenizer
-        self.answers = [family.answer_ids(tok, r["text"]) for r in records]
-        if not all(self.answers):
-            raise UserError("a record has an empty caption")
-        self.end_ids = family.end_ids(tok)
-        self.paths = [r["image"] for r in records]
+                 rows: dict[str, int] | None = None, draw=None):
         self.processor, self.family, self.features, self.rows = processor, family, features, rows
+        self.draw = draw
+        self._ids: dict[str, list[int]] = {}  # caption -> answer ids
+        self.texts = [r["text"] for r in records]
+        if draw is None:  # tokenised up front: a bad caption fails before training starts
+            self.answers = [self._answer_ids(t) for t in self.texts]
+        self.end_ids = family.end_ids(processor.tokenizer)
+        self.paths = [r["image"] for r in records]
         self.prompt_ids = PromptIds(processor, family, prompt)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose captions ``draw`` gives (0 until :meth:`set_epoch`)."""
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the captions of ``epoch`` from now on (the Trainer's epoch callback sets it)."""
+        self._epoch.fill_(int(epoch))
+
+    def caption(self, i: int) -> str:
+        """Item ``i``'s caption: drawn for the current epoch, or the record's text."""
+        return self.texts[i] if self.draw is None else self.draw(self.epoch, i)
+
+    def _answer_ids(self, caption: str) -> list[int]:
+        ids = self._ids.get(caption)
+        if ids is None:
+            ids = self._ids[caption] = self.family.answer_ids(self.processor.tokenizer, caption)
+            if not ids:
+                raise UserError("a record has an empty caption")
+        return ids
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         from galaxy_llava.records import load_image
@@ -97,7 +126,8 @@ class CaptionDataset(torch.utils.data.Dataset):
             inputs = self.features.inputs(self.rows[self.paths[i]])
         else:
             inputs = self.family.image_inputs(self.processor, load_image(self.paths[i]))
-        text = encode_text(self.processor.tokenizer, self.prompt_ids(inputs), self.answers[i],
+        answer = self.answers[i] if self.draw is None else self._answer_ids(self.caption(i))
+        text = encode_text(self.processor.tokenizer, self.prompt_ids(inputs), answer,
                            self.end_ids)
         return {**text, **inputs}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -139,6 +140,19 @@ class LossLogCallback(TrainerCallback):
                 run_folder.append_loss_log(self.run, rows)
 
 
+class EpochCallback(TrainerCallback):
+    """Tell the training set which epoch begins, so vote-drawn captions
+    (``--caption_targets votes``) are a function of (seed, epoch, galaxy). The Trainer sets
+    ``state.epoch`` to ``epoch + steps done / steps per epoch`` and restores it on resume, so its
+    floor at an epoch's start is that epoch in a fresh and in a resumed run alike."""
+
+    def __init__(self, dataset: CaptionDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor(state.epoch or 0))
+
+
 # ----------------------------------------------------------------- entry points
 
 
@@ -179,6 +193,25 @@ def _load_data(ft: FinetuneArguments, main: bool) -> tuple[list[dict], list[dict
     if not val_recs and main:
         print("note: no validation split; validation loss is skipped")
     return train_recs, val_recs
+
+
+def _vote_captions(ft: FinetuneArguments, records: list[dict], seed: int):
+    """The caption drawer of ``--caption_targets votes`` (None for ``caption``): the dataset's
+    rule set and ``min_votes`` come from its ``manifest.json``; records without the rule set's
+    vote columns are refused in one line."""
+    if ft.caption_targets != "votes":
+        return None
+    from galaxy_llava.io import read_json_object
+    from galaxy_llava.records import dataset_folder
+    from galaxy_llava.vote_captions import VoteCaptions
+
+    manifest = read_json_object(dataset_folder(ft.data) / "manifest.json")
+    if not isinstance(manifest.get("rules"), str):
+        raise UserError(f"--caption_targets votes needs the rule set {ft.data} was prepared with "
+                        "(its manifest.json); prepare it with `galaxy-llava prepare`")
+    min_votes = manifest.get("min_votes")
+    return VoteCaptions(records, manifest["rules"], 5 if min_votes is None else int(min_votes),
+                        seed)
 
 
 def _setup_model(ft: FinetuneArguments, args):
@@ -264,6 +297,8 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     work = run_folder.work_folder(run, resume)  # RUN, or RUN/.next-run beside a previous run
     preflight_model(ft.model_name_or_path)  # damaged weights: one line, before any loading
     train_recs, val_recs = _load_data(ft, main)
+    # Vote targets: the val set keeps its epoch-0 draws, so its loss compares like with like.
+    train_draw, val_draw = (_vote_captions(ft, recs, args.seed) for recs in (train_recs, val_recs))
     if not val_recs:
         args.eval_strategy = "no"
     from transformers import set_seed
@@ -278,8 +313,9 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     store = _setup_features(ft, args, model, family, processor, paths, main)
     feature_seconds = time.time() - t_feat
     rows = {p: i for i, p in enumerate(paths)}
-    train_set = CaptionDataset(train_recs, processor, family, ft.prompt, store, rows)
-    val_set = CaptionDataset(val_recs, processor, family, ft.prompt, store, rows) if val_recs else None
+    train_set = CaptionDataset(train_recs, processor, family, ft.prompt, store, rows, train_draw)
+    val_set = (CaptionDataset(val_recs, processor, family, ft.prompt, store, rows, val_draw)
+               if val_recs else None)
 
     import yaml
 
@@ -316,7 +352,8 @@ def run_training(ft: FinetuneArguments, args) -> dict:
             model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
             data_collator=Collator(processor.tokenizer.pad_token_id, family=family,
                                     processor=processor), processing_class=processor,
-            callbacks=[SettingsCallback(work / CONFIG_FILE, settings), LossLogCallback(work)],
+            callbacks=[SettingsCallback(work / CONFIG_FILE, settings), LossLogCallback(work),
+                       EpochCallback(train_set)],
             label_only_loss=ft.label_only_loss)
         with hook:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -353,6 +390,7 @@ def run_training(ft: FinetuneArguments, args) -> dict:
         "distributed": trainer.accelerator.distributed_type.value,
         "sharded_parameters": _sharded(trainer.model),
         "feature_cache": ft.feature_cache, "label_only_loss": ft.label_only_loss,
+        "caption_targets": ft.caption_targets,
         "train_samples": len(train_recs), "val_samples": len(val_recs),
         "steps": trainer.state.global_step, "epochs": args.num_train_epochs,
         "batch_size": args.per_device_train_batch_size, "effective_batch_size": effective,
