@@ -50,8 +50,6 @@ class Qwen2VLFamily(ModelFamily):
     image_input_names = ("pixel_values", "image_grid_thw")
     image_placeholder = IMAGE_TOKEN
     answer_separator = ""  # the prompt ends with "assistant\n": the answer starts a new line
-    # Multimodal rotary positions of continuations depend on per-row deltas: score uncached.
-    prefix_cache_scoring = False
 
     def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:
         return chat_prompt(processor, question, "Qwen2-VL")
@@ -97,6 +95,18 @@ class Qwen2VLFamily(ModelFamily):
         """``mm_token_type_ids`` (1 at image tokens): the multimodal rotary positions need it."""
         image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         return {"mm_token_type_ids": (input_ids == image_id).int()}
+
+    def prefix_positions(self, model, input_ids, attention_mask, inputs: dict):
+        """The multimodal rotary positions (temporal, height, width) of the library's own
+        ``get_rope_index``; text after the image continues from the largest position + 1, the
+        same in all three sections, which is where a caption's tokens go."""
+        positions, deltas = unwrap(model).model.get_rope_index(
+            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=attention_mask)
+        return positions, attention_mask.sum(-1) + deltas.view(-1).to(attention_mask.device)
+
+    def continuation_positions(self, following, offsets):
+        return (following[:, None] + offsets[None, :]).expand(3, -1, -1)
 
     def vision_encoder(self, model):
         return unwrap(model).model.visual
@@ -153,11 +163,13 @@ class Qwen2VLFamily(ModelFamily):
 class Qwen25VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: Qwen2-VL's interface, but its ViT reorders patches into attention windows
     and back around the merger, so merger-only replay of cached states is not exact: it trains
-    uncached (``cacheable = False``)."""
+    uncached (``cacheable = False``). Its captions are scored by plain forwards
+    (``tree_scoring = False``): the tree's positions are tested on Qwen2-VL only."""
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     cacheable = False
+    tree_scoring = False
 
 
 QWEN2_VL = Qwen2VLFamily()
