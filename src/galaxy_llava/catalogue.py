@@ -1,9 +1,11 @@
 """A morphology catalogue for many images: one parquet row per galaxy, written part by part.
 
-``galaxy-llava catalogue --model RUN --out OUT (--images DIR... | --source CATALOGUE)`` describes
-every input image with beam search (exactly as ``describe`` does) and, unless ``--no-scores``,
-scores every caption of the grammar (:mod:`galaxy_llava.scoring`): the most probable caption,
-each attribute's predicted value and marginal probabilities, and the entropy.
+``galaxy-llava catalogue --model RUN --out OUT (--images DIR... | --source CATALOGUE)`` scores
+every caption of the grammar for each input image (:mod:`galaxy_llava.scoring`): the most probable
+caption, each attribute's predicted value and marginal probabilities, and the entropy. The row's
+``caption`` is that most probable caption (``--caption grammar``, the default), beam search's
+exactly as ``describe`` gives it (``--caption both``), or beam search's alone without scores
+(``--caption beam``, or ``--no-scores``).
 
 Inputs, in a fixed order:
 
@@ -55,6 +57,10 @@ COMMAND = "catalogue"
 META_KEY = b"galaxy_llava"
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 _STALE_TEMP_S = 60  # a manifest temporary older than this belongs to no live process
+CAPTIONS = ("grammar", "beam", "both")
+# The grammar's most probable caption by default: exact-match at least as often as beam search on
+# the demo, always inside the grammar, and one tree-scoring forward per batch (README, BENCHMARKS).
+DEFAULT_CAPTION = "grammar"
 
 
 def part_name(i: int) -> str:
@@ -69,6 +75,35 @@ def value_column(attribute: str, value: str) -> str:
 
 
 # ----------------------------------------------------------------- settings
+
+def caption_mode(caption: str | None, scores: bool = True) -> str:
+    """``--caption`` resolved against ``--no-scores``: beam search alone without scores, else
+    the default; grammar and both need the scores."""
+    if caption is None:
+        return DEFAULT_CAPTION if scores else "beam"
+    if caption not in CAPTIONS:
+        raise UserError(f"--caption must be one of {', '.join(CAPTIONS)} (got {caption!r})")
+    if caption != "beam" and not scores:
+        raise UserError(f"--caption {caption} needs the grammar scores; drop --no-scores or "
+                        "use --caption beam")
+    return caption
+
+
+def caption_batch(net, processor, images: list, prompt: str, caption: str, rules: str,
+                  batch_size: int, num_beams: int, max_new_tokens: int):
+    """``(captions, scores)`` of one batch of images in ``caption`` mode: the grammar's
+    most probable captions (one scoring forward, no beam search), or beam search's exactly as
+    ``describe`` gives them; scores are None for ``beam``."""
+    from galaxy_llava.generate import describe_images
+    from galaxy_llava.scoring import grammar_scores
+
+    found = None if caption == "beam" else grammar_scores(net, processor, images, rules, prompt)
+    if caption == "grammar":
+        return [s.best for s in found], found
+    return describe_images(net, processor, images, prompt, batch_size=batch_size,
+                           num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           progress=False), found
+
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"I/N"`` as ``(I, N)`` with ``0 <= I < N``; None is ``(0, 1)``."""
@@ -290,12 +325,13 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
                     source: str | None = None, rules: str = "reference", batch_size: int = 16,
                     num_beams: int = 3, max_new_tokens: int = 40, scores: bool = True,
                     shard: str | None = None, part_size: int = 256, overwrite: bool = False,
-                    allow_outside_paths: bool = False, device=None, progress: bool = True) -> dict:
+                    allow_outside_paths: bool = False, device=None, progress: bool = True,
+                    caption: str | None = None) -> dict:
     """Write this process's parts of the catalogue of ``images`` folders or a ``source``
     catalogue into ``out`` (see the module's docstring); returns a summary.
 
     Everything is checked before anything is written or a model loads: settings, the inputs,
-    ``out``."""
+    ``out``. ``caption``: grammar, beam or both (:func:`caption_mode`)."""
     from galaxy_llava.checks import check_generation, number
     from galaxy_llava.models.folders import abs_if_local, is_local, read_prompt, run_kind
     from galaxy_llava.rules import rule_set
@@ -304,6 +340,8 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     number("--part-size", part_size, 1, integer=True)
     slot, slots = process_slot(parse_shard(shard))
     rule_set(rules)  # an unknown name is one line
+    caption = caption_mode(caption, scores)
+    scores = caption != "beam"
     if (images is None) == (source is None):
         raise UserError("pass either --images DIR ... or --source CATALOGUE")
     check_generation(model, batch_size, num_beams, max_new_tokens)
@@ -319,7 +357,7 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     settings = {"model": model_id, "prompt": read_prompt(model) if Path(model).is_dir() else None,
                 "rules": rules if scores else None, "scores": scores, "batch_size": batch_size,
                 "num_beams": num_beams, "max_new_tokens": max_new_tokens,
-                "part_size": part_size, "version": __version__}
+                "part_size": part_size, "caption": caption, "version": __version__}
     identity = {**inputs.identity, **settings}
     status = claim_catalogue(out, identity, overwrite)
     stamp = fingerprint(identity)
@@ -342,7 +380,7 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
                "skipped": len(done), "written": 0}
     if todo:
         _write_parts(model, out, inputs, todo, part_size, settings, stamp, rules, batch_size,
-                     num_beams, max_new_tokens, scores, device, progress)
+                     num_beams, max_new_tokens, caption, device, progress)
         summary["written"] = len(todo)
     summary["complete"] = sum(part_fingerprint(out / part_name(i)) == stamp
                               for i in range(n_parts))
@@ -383,19 +421,18 @@ def _batch_images(inputs: Inputs, items: list):
 
 
 def _write_parts(model, out, inputs, todo, part_size, settings, stamp, rules, batch_size,
-                 num_beams, max_new_tokens, scores, device, progress) -> None:
+                 num_beams, max_new_tokens, caption, device, progress) -> None:
     import warnings
 
     from tqdm.auto import tqdm
 
-    from galaxy_llava.generate import describe_images
     from galaxy_llava.models.loading import load_for_inference
-    from galaxy_llava.scoring import grammar_scores
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the default prompt is in the provenance
         net, processor, prompt = load_for_inference(model, device=_device(device))
     by_caption, p_columns = _columns(rules)
+    scores = caption != "beam"
     schema = _schema(scores, p_columns, inputs.catalog is None)
     provenance = {**settings, "prompt": prompt, "rules": rules if scores else None,
                   "decoding": {"num_beams": num_beams, "max_new_tokens": max_new_tokens,
@@ -409,10 +446,8 @@ def _write_parts(model, out, inputs, todo, part_size, settings, stamp, rules, ba
             for start in range(lo, hi, batch_size):
                 items = inputs.images[start:min(start + batch_size, hi)]
                 batch = _batch_images(inputs, items)
-                texts = describe_images(net, processor, batch, prompt, batch_size=batch_size,
-                                        num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                        progress=False)
-                found = grammar_scores(net, processor, batch, rules, prompt) if scores else None
+                texts, found = caption_batch(net, processor, batch, prompt, caption, rules,
+                                             batch_size, num_beams, max_new_tokens)
                 for k, text in enumerate(texts):
                     row = {"id": None if inputs.ids[start + k] is None
                            else str(inputs.ids[start + k]),
@@ -429,6 +464,7 @@ def catalogue_cli(args: Any) -> dict:
     s = build_catalogue(args.model, args.out, images=args.images, source=args.source,
                         rules=args.rules, batch_size=args.batch_size, num_beams=args.num_beams,
                         max_new_tokens=args.max_new_tokens, scores=not args.no_scores,
+                        caption=getattr(args, "caption", None),
                         shard=args.shard, part_size=args.part_size, overwrite=args.overwrite,
                         allow_outside_paths=args.allow_outside_paths)
     print(f"catalogue {s['out']}: {s['items']} images in {s['parts']} part(s); this process "
