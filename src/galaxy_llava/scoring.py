@@ -104,13 +104,15 @@ class CaptionTree:
         return seen
 
     def inner(self) -> list[int]:
-        """The nodes with children, in order: the only ones whose next-token logits are used."""
+        """The nodes with children, in order: the only ones the model must run, since a
+        node's token is scored by its parent's logits (leaves are end tokens)."""
         return sorted(set(p for p in self.parents if p >= 0))
 
     def tensors(self, device, dtype) -> dict:
         """What :func:`tree_log_probs` feeds the model and reads back, built once per device
-        and dtype: tokens, depths, the additive attention mask inside the tree, the inner
-        nodes, each node's parent's row among the inner nodes, and candidates x nodes paths."""
+        and dtype: the inner nodes' tokens, depths and additive attention mask among
+        themselves; every node's token, the first tokens (``roots``) and the others with their
+        parent's row among the inner nodes; and the candidates x nodes path matrix."""
         key = (str(device), dtype)
         if key not in self._tensors:
             inner = self.inner()
@@ -118,13 +120,15 @@ class CaptionTree:
             on_path = torch.zeros((len(self.paths), len(self.tokens)), dtype=torch.float64)
             for c, path in enumerate(self.paths):
                 on_path[c, path] = 1.0
-            roots = [i for i, p in enumerate(self.parents) if p < 0]
             rest = [i for i, p in enumerate(self.parents) if p >= 0]
+            tokens, depths = torch.tensor(self.tokens), torch.tensor(self.depths())
             self._tensors[key] = {k: v.to(device) for k, v in {
-                "tokens": torch.tensor(self.tokens), "depths": torch.tensor(self.depths()),
-                "mask": _additive(self.ancestors(), dtype), "inner": torch.tensor(inner),
-                "roots": torch.tensor(roots), "rest": torch.tensor(rest),
-                "rest_rows": torch.tensor([row[self.parents[i]] for i in rest]),
+                "run_tokens": tokens[inner], "run_depths": depths[inner],
+                "mask": _additive(self.ancestors()[inner][:, inner], dtype),
+                "tokens": tokens, "rest": torch.tensor(rest, dtype=torch.long),
+                "roots": torch.tensor([i for i, p in enumerate(self.parents) if p < 0]),
+                "rest_rows": torch.tensor([row[self.parents[i]] for i in rest],
+                                          dtype=torch.long),
                 "on_path": on_path}.items()}
         return self._tensors[key]
 
@@ -191,13 +195,13 @@ def tree_log_probs(model, processor, family, per_image: list[dict], prefixes: li
                    tree: CaptionTree) -> list[list[float]]:
     """Every tree path's log-probability for each image (its inputs and prompt ids).
 
-    The prompts run left-padded as one batch, keeping their key/value cache; then every node
-    of the tree runs once per image, as one segment after that cache, with a mask that lets a
-    node see its own prompt and its ancestors only, at the position its token has in a plain
-    forward over prompt + caption (prompt length + depth; Qwen2-VL's multimodal rotary
-    positions through the family). A node's log-probability comes from its parent's logits
-    (the prompt's last position for a first token); a candidate's is the sum over its path.
-    Only nodes with children get logits: leaves are end tokens."""
+    The prompts run left-padded as one batch, keeping their key/value cache; then every inner
+    node of the tree (one with children) runs once per image, as one segment after that cache,
+    with a mask that lets a node see its own prompt and its ancestors only, at the position its
+    token has in a plain forward over prompt + caption (prompt length + depth; Qwen2-VL's
+    multimodal rotary positions through the family). A node's log-probability comes from its
+    parent's logits (the prompt's last position for a first token), so leaves (end tokens) never
+    run; a candidate's is the sum over its path."""
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     n_images, width = len(prefixes), max(map(len, prefixes))
@@ -223,20 +227,21 @@ def tree_log_probs(model, processor, family, per_image: list[dict], prefixes: li
     first = out.logits[:, -1].float()                                       # (images, vocab)
 
     t = tree.tensors(device, dtype)
-    n = len(tree.tokens)
-    seen = torch.cat([_additive(real, dtype)[:, None, :].expand(n_images, n, width),
-                      t["mask"].expand(n_images, n, n)], dim=2).unsqueeze(1)
-    logits = model(input_ids=t["tokens"].expand(n_images, n), attention_mask=seen,
-                   position_ids=family.continuation_positions(following, t["depths"]),
-                   cache=cache, use_cache=False, logits_to_keep=t["inner"]).logits.float()
     # A node's token is scored by its parent's logits: the prompt's last position for a first
     # token, else the parent's row among the inner nodes.
-    node_logp = torch.empty((n_images, n), dtype=torch.float32, device=device)
-    roots, rest = t["roots"], t["rest"]
+    node_logp = torch.empty((n_images, len(tree.tokens)), dtype=torch.float32, device=device)
+    roots, rest, rows = t["roots"], t["rest"], t["rest_rows"]
     node_logp[:, roots] = (first[:, t["tokens"][roots]]
                            - torch.logsumexp(first, dim=-1, keepdim=True))
-    node_logp[:, rest] = (logits[:, t["rest_rows"], t["tokens"][rest]]
-                          - torch.logsumexp(logits, dim=-1)[:, t["rest_rows"]])
+    if len(rest):
+        n = len(t["run_tokens"])
+        seen = torch.cat([_additive(real, dtype)[:, None, :].expand(n_images, n, width),
+                          t["mask"].expand(n_images, n, n)], dim=2).unsqueeze(1)
+        logits = model(input_ids=t["run_tokens"].expand(n_images, n), attention_mask=seen,
+                       position_ids=family.continuation_positions(following, t["run_depths"]),
+                       cache=cache, use_cache=False).logits.float()
+        node_logp[:, rest] = (logits[:, rows, t["tokens"][rest]]
+                              - torch.logsumexp(logits, dim=-1)[:, rows])
     return (node_logp.double() @ t["on_path"].T).tolist()
 
 
