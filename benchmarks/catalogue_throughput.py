@@ -15,7 +15,8 @@ Each recipe is warmed up first (not timed); ``--repeats`` alternates them and re
 wall-clock images/s and of images per CPU-second (the process's CPU time: on a shared CPU the
 wall clock also counts other jobs' time), and the peak memory (CUDA max allocated, or the
 process's peak resident set on a CPU, model included). It ends with ``speedup: X.XXx``, tree
-over flat scoring (the smaller over the presets run).
+over flat scoring (the smaller over the presets run). ``--profile`` instead runs torch.profiler
+over tree scoring once per preset and prints where its CPU time goes.
 """
 
 from __future__ import annotations
@@ -69,6 +70,30 @@ def flat_log_probs(model, processor, images, captions, prompt) -> list[list[floa
         return (scores + (follow * mask[:, 1:]).sum(dim=1)).view(n_images, n_cand).tolist()
 
 
+# torch.profiler op names -> the share of tree scoring's time they stand for.
+_KINDS = (("attention", ("scaled_dot_product", "attention")),
+          ("matrix products (projections, MLP, lm_head)", ("aten::mm", "aten::addmm", "aten::bmm")),
+          ("log-sum-exp and reductions", ("aten::logsumexp", "aten::exp", "aten::amax",
+                                          "aten::sub", "aten::sum", "aten::log")))
+
+
+def profile_tree(fn) -> dict:
+    """Shares of self CPU time of ``fn()`` by kind of op (the rest: norms, rotary, copies,
+    masks, the vision tower)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    shares: dict[str, float] = {}
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    for e in events:
+        kind = next((k for k, names in _KINDS if any(e.key.startswith(n) or n in e.key
+                                                      for n in names)), "other")
+        shares[kind] = shares.get(kind, 0.0) + e.self_cpu_time_total / total
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
 def _timed(fn, device: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of ``fn()``."""
     bc.sync(device)
@@ -112,9 +137,16 @@ def run_preset(preset: str, args, device: str) -> dict:
         "flat": lambda: [flat_log_probs(model, processor, images[i:i + flat_batch], captions,
                                         DEFAULT_PROMPT)
                          for i in range(0, len(images), flat_batch)],
-        "tree": lambda: grammar_scores(model, processor, images, args.rules, DEFAULT_PROMPT),
+        "tree": lambda: grammar_scores(model, processor, images, args.rules, DEFAULT_PROMPT,
+                                       batch_size=args.score_batch),
         **{f"catalogue_{m}": catalogue(m) for m in ("grammar", "beam", "both")}}
     head = images[:2]
+    if args.profile:
+        recipes["tree"]()  # warm-up
+        shares = profile_tree(recipes["tree"])
+        print(f"profile {preset}: tree scoring of {len(images)} images, self CPU time: "
+              + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+        return {"profile_tree": shares}
     with torch.no_grad():  # warm-up on two images: kernels, allocator
         describe_images(model, processor, head, DEFAULT_PROMPT, batch_size=2, num_beams=3,
                         max_new_tokens=args.max_new_tokens, progress=False)
@@ -156,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="presets run one after another in this process (default: --preset)")
     ap.add_argument("--flat-batch", type=int, default=None,
                     help="images per flat-scoring forward (default 1 on CPU, 2 on GPU)")
+    ap.add_argument("--score-batch", type=int, default=None,
+                    help="images per tree-scoring forward in 'tree' (default: grammar_scores')")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="describe's default")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile tree scoring (no timings, no speedup line)")
     ap.add_argument("--rules", default="reference")
     args = ap.parse_args(argv)
     device = bc.pick_device(args.device)
@@ -165,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     print(bc.machine_line(m))
     presets = args.presets or [args.preset]
     summary = {"presets": {p: run_preset(p, args, device) for p in presets}}
-    summary["speedup"] = min(r["tree_over_flat"] for r in summary["presets"].values())
+    if not args.profile:
+        summary["speedup"] = min(r["tree_over_flat"] for r in summary["presets"].values())
     bc.write_results(args.json, m, args, summary)
-    print(bc.speedup_line(summary["speedup"]))
+    if not args.profile:
+        print(bc.speedup_line(summary["speedup"]))
     return 0
 
 
