@@ -162,6 +162,16 @@ def test_posterior_summary_by_hand():
     assert [t["caption"] for t in top] == [a.caption(), b.caption()]
 
 
+def test_marginals_never_exceed_one():
+    """Summed softmax values can round past 1 (seed 4: 1.0000000000000002 for ``type``)."""
+    candidates = rule_set("reference").reachable()
+    g = torch.Generator().manual_seed(4)
+    s = posterior_summary(candidates, (torch.randn(len(candidates), generator=g,
+                                                   dtype=torch.float64) * 30).tolist())
+    for attribute in ATTRIBUTES:
+        assert all(0.0 <= p <= 1.0 for p in s.marginals[attribute].values()), attribute
+
+
 def test_describe_scores_through_the_cli(tiny_model_dir, prepared_dir, capsys):
     import json
 

@@ -47,7 +47,8 @@ def posterior_summary(morphologies: list[Morphology], log_probs: list[float]) ->
         sums: dict[str, float] = {}
         for m, p in zip(morphologies, post.tolist()):
             sums[value_label(m, attribute)] = sums.get(value_label(m, attribute), 0.0) + p
-        marginals[attribute] = dict(sorted(sums.items()))
+        # A sum of softmax values can exceed 1 by a rounding step; a probability cannot.
+        marginals[attribute] = {v: min(1.0, p) for v, p in sorted(sums.items())}
     logp = torch.log_softmax(t, dim=0)
     entropy = float(-(post * logp).sum())
     best = int(post.argmax())
