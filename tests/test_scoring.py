@@ -1,5 +1,6 @@
 """scoring: the posterior over the grammar's captions; tree scores exact against plain forwards
-for every family and rule set, one image or a padded batch, sdpa or eager attention."""
+for every family (and Qwen2.5-VL) and rule set, one image or a padded batch, sdpa or eager
+attention."""
 
 from __future__ import annotations
 
@@ -124,16 +125,47 @@ def test_caption_tree_shares_prefixes():
     assert seen[5].nonzero().flatten().tolist() == [5]
 
 
-def test_plain_fallback_equals_the_tree(family_model, monkeypatch):
-    """A family without tree scoring (Qwen2.5-VL) gets the same numbers from plain forwards."""
+@pytest.fixture(scope="module")
+def qwen2_5_vl():
+    """A tiny random Qwen2.5-VL (windowed ViT) with the tiny Qwen2-VL's processor."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from galaxy_llava.toy.tiny_qwen2_vl import MERGE, PATCH, SPECIAL, build_processor
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=-(-len(tok) // 64) * 64, hidden_size=128, intermediate_size=344,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=None,
+            eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [4, 6, 6]}),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                           out_hidden_size=128, patch_size=PATCH, spatial_merge_size=MERGE,
+                           temporal_patch_size=2, in_channels=3, window_size=32,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32,
+                                                           attn_implementation="sdpa")
+    return model.eval(), processor
+
+
+def test_qwen2_5_vl_tree_scores_equal_plain_forwards(qwen2_5_vl):
+    """Qwen2.5-VL's multimodal positions follow Qwen2-VL's: its tree scores are exact too."""
     from galaxy_llava.models.registry import family_for
 
-    model, processor = family_model
-    captions = [m.caption() for m in rule_set("reference").reachable()[::11]]
-    tree = batch_log_probs(model, processor, _IMAGES, captions)
-    monkeypatch.setattr(type(family_for(model)), "tree_scoring", False)
-    for fast, slow in zip(tree, batch_log_probs(model, processor, _IMAGES, captions)):
-        _assert_close(fast, slow)
+    model, processor = qwen2_5_vl
+    assert family_for(model).name == "qwen2_5_vl"
+    captions = [m.caption() for m in rule_set("reference").reachable()[::3]]
+    for fast, image in zip(batch_log_probs(model, processor, _IMAGES, captions), _IMAGES,
+                           strict=True):
+        _assert_close(fast, _plain_log_probs(model, processor, image, captions))
 
 
 def test_posterior_is_a_distribution_and_its_best_caption_parses(family_model):

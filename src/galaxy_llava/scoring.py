@@ -2,8 +2,9 @@
 
 A rule set's captions are a finite list (``rules.rule_set(name).reachable()``), so instead of
 decoding we can score them all: the prompt and the image run once (their key/value cache is
-shared), then every candidate caption (with the family's end token) is scored as a
-continuation of that prefix in one batch. The log-probabilities normalised over the candidates
+shared), then the candidates (with the family's end token) run once more as one prefix tree, each
+shared token once, as the tree attention of speculative decoding does (:func:`tree_log_probs`).
+The log-probabilities normalised over the candidates
 give a posterior; its argmax is the most probable caption (always inside the grammar), its sums
 per attribute value are that attribute's probabilities, and its entropy says how sure the model
 is.
@@ -152,9 +153,7 @@ class CaptionScorer:
     images: the prompt's ids and the captions' token tree are built once.
 
     Each call runs one forward over the batch's prompts and images (left-padded to one length)
-    and one over the caption tree (:func:`tree_log_probs`). Families that cannot continue a
-    cache as a tree (``tree_scoring = False``) get the same numbers from a plain forward per
-    candidate."""
+    and one over the caption tree (:func:`tree_log_probs`)."""
 
     def __init__(self, model, processor, captions: list[str], prompt: str | None = None):
         from galaxy_llava.models.registry import family_for
@@ -171,9 +170,6 @@ class CaptionScorer:
         """One list of the captions' log-probabilities per image (PIL images)."""
         per_image = [self.family.image_inputs(self.processor, im) for im in images]
         prefixes = [self.prompt_ids(x) for x in per_image]
-        if not self.family.tree_scoring:
-            return [_log_probs_plain(self.model, self.processor, self.family, x, p,
-                                     self.captions) for x, p in zip(per_image, prefixes)]
         return tree_log_probs(self.model, self.processor, self.family, per_image, prefixes,
                               self.tree)
 
@@ -192,6 +188,7 @@ def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+@torch.no_grad()
 def tree_log_probs(model, processor, family, per_image: list[dict], prefixes: list[list[int]],
                    tree: CaptionTree) -> list[list[float]]:
     """Every tree path's log-probability for each image (its inputs and prompt ids).
@@ -244,28 +241,6 @@ def tree_log_probs(model, processor, family, per_image: list[dict], prefixes: li
         node_logp[:, rest] = (logits[:, rows, t["tokens"][rest]]
                               - torch.logsumexp(logits, dim=-1)[:, rows])
     return (node_logp.double() @ t["on_path"].T).tolist()
-
-
-def _log_probs_plain(model, processor, family, image_inputs: dict, prefix: list[int],
-                     captions: list[str]) -> list[float]:
-    """One image's scores from one plain forward over prompt + candidate per candidate row:
-    the fallback for families whose positions cannot continue a cache as a tree."""
-    param = next(model.parameters())
-    device, tok = param.device, processor.tokenizer
-    seqs = [family.answer_ids(tok, c) + family.end_ids(tok) for c in captions]
-    n, p, width = len(seqs), len(prefix), max(map(len, seqs))
-    ids = torch.full((n, p + width), tok.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros((n, p + width), dtype=torch.long)
-    for i, s in enumerate(seqs):  # right-padded after one shared prompt
-        ids[i, :p + len(s)], mask[i, :p + len(s)] = torch.tensor(prefix + s), 1
-    ids, mask = ids.to(device), mask.to(device)
-    batch = {k: torch.cat([v] * n).to(device) for k, v in image_inputs.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(param.dtype)
-    batch.update({k: v.to(device) for k, v in family.token_inputs(ids, processor).items()})
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, **batch).logits.float()
-                             [:, p - 1:-1], dim=-1)
-    picked = logp.gather(-1, ids[:, p:, None]).squeeze(-1)
-    return (picked * mask[:, p:]).sum(dim=1).tolist()
 
 
 GPU_SCORE_IMAGES = 16  # images per scoring forward on a GPU (memory, see grammar_scores)

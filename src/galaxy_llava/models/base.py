@@ -27,7 +27,6 @@ class ModelFamily:
     name: str = ""
     model_types: tuple[str, ...] = ()
     cacheable: bool = True  # whether cached encoder output replays exactly (else: uncached)
-    tree_scoring: bool = True  # candidates may continue a prompt's cache as one token tree
 
     # --- prompt, answer and image inputs
     def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:

@@ -163,13 +163,12 @@ class Qwen2VLFamily(ModelFamily):
 class Qwen25VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: Qwen2-VL's interface, but its ViT reorders patches into attention windows
     and back around the merger, so merger-only replay of cached states is not exact: it trains
-    uncached (``cacheable = False``). Its captions are scored by plain forwards
-    (``tree_scoring = False``): the tree's positions are tested on Qwen2-VL only."""
+    uncached (``cacheable = False``). Its multimodal rotary positions are Qwen2-VL's for
+    images, so caption scoring's token tree uses the same position hooks."""
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     cacheable = False
-    tree_scoring = False
 
 
 QWEN2_VL = Qwen2VLFamily()
