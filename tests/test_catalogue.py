@@ -70,7 +70,7 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
     out = tmp_path / "cat"
     # The dataset folder itself: only images/ is catalogued, never preview.png.
     assert run("--model", model, "--images", prepared_dir, "--out", out, "--part-size", 4,
-               *FAST) == 0
+               "--caption", "both", *FAST) == 0
     rows = read(out)
     described = describe_paths(model, [prepared_dir / "images"], batch_size=2, num_beams=2,
                                max_new_tokens=8)
@@ -93,7 +93,9 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
     assert rows["caption"].tolist() == [d["caption"] for d in described]
 
     net, processor, prompt = load_for_inference(model)
-    scores = grammar_scores(net, processor, rows["image"].tolist(), "reference", prompt)
+    # The catalogue's batches of 2 (images scored together round alike, bit for bit).
+    scores = grammar_scores(net, processor, rows["image"].tolist(), "reference", prompt,
+                            batch_size=2)
     assert rows["best_caption"].tolist() == [s.best for s in scores]
     for (_, row), s in zip(rows.iterrows(), scores):
         assert row["entropy"] == pytest.approx(s.entropy, abs=1e-9)
@@ -114,6 +116,47 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
         best = parse_caption(row["best_caption"])
         assert [row[a] for a in ATTRIBUTES] == [
             getattr(best, a) if a in BOOLEAN else value_label(best, a) for a in ATTRIBUTES]
+
+
+def test_default_caption_is_the_grammars_best_without_beam_search(model, images, reference,
+                                                                  monkeypatch, tmp_path):
+    """``--caption grammar`` (the default): each row's caption is its best caption, and beam
+    search never runs; the scores are those of ``--caption both``."""
+    import galaxy_llava.generate
+
+    def no_beams(*args, **kwargs):
+        raise AssertionError("beam search ran")
+
+    monkeypatch.setattr(galaxy_llava.generate, "describe_images", no_beams)
+    out = tmp_path / "cat"
+    assert run("--model", model, "--images", images, "--out", out, "--part-size", 4, *FAST) == 0
+    rows = read(out)
+    assert rows["caption"].tolist() == rows["best_caption"].tolist()
+    both = tmp_path / "both"
+    monkeypatch.undo()
+    assert run("--model", model, "--images", images, "--out", both, "--part-size", 4,
+               "--caption", "both", *FAST) == 0
+    other = read(both)
+    assert rows.drop(columns="caption").equals(other.drop(columns="caption"))
+    assert rows["caption"].tolist() != other["caption"].tolist()  # the random model's beams
+
+
+def test_caption_modes_and_no_scores(model, images, tmp_path, capsys):
+    """``--no-scores`` is ``--caption beam``; asking for the grammar's caption without scores
+    is one line, exit 2, nothing written."""
+    beam, plain = tmp_path / "beam", tmp_path / "plain"
+    assert run("--model", model, "--images", images, "--out", beam, "--caption", "beam",
+               *FAST) == 0
+    assert run("--model", model, "--images", images, "--out", plain, "--no-scores", *FAST) == 0
+    pd.testing.assert_frame_equal(read(beam), read(plain))
+    assert "best_caption" not in read(beam).columns
+    out = tmp_path / "bad"
+    capsys.readouterr()
+    assert run("--model", model, "--images", images, "--out", out, "--caption", "grammar",
+               "--no-scores", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--caption grammar needs the grammar scores" in err and "\n" not in err
+    assert not out.exists()
 
 
 def test_output_is_a_parquet_dataset_with_provenance(reference):
@@ -219,7 +262,7 @@ def test_path_lists_and_fits_cutouts(model, images, tmp_path):
     fits.PrimaryHDU(grey[::-1]).writeto(cutouts / "one.fits.gz")  # FITS rows run bottom-up
     out = tmp_path / "cat"
     assert run("--model", model, "--images", lists / "list.csv", lists / "list.parquet",
-               cutouts, "--out", out, *FAST) == 0
+               cutouts, "--out", out, "--caption", "both", *FAST) == 0
     rows = read(out)
     expected = [str(lists / f"g{k}{f.suffix}") for k, f in enumerate(chosen)]
     assert rows["image"].tolist() == expected[::-1] + expected + [str(cutouts / "one.fits.gz")]

@@ -1,9 +1,11 @@
 """A morphology catalogue for many images: one parquet row per galaxy, written part by part.
 
-``galaxy-llava catalogue --model RUN --out OUT (--images DIR... | --source CATALOGUE)`` describes
-every input image with beam search (exactly as ``describe`` does) and, unless ``--no-scores``,
-scores every caption of the grammar (:mod:`galaxy_llava.scoring`): the most probable caption,
-each attribute's predicted value and marginal probabilities, and the entropy.
+``galaxy-llava catalogue --model RUN --out OUT (--images DIR... | --source CATALOGUE)`` scores
+every caption of the grammar for each input image (:mod:`galaxy_llava.scoring`): the most probable
+caption, each attribute's predicted value and marginal probabilities, and the entropy. The row's
+``caption`` is that most probable caption (``--caption grammar``, the default), beam search's
+exactly as ``describe`` gives it (``--caption both``), or beam search's alone without scores
+(``--caption beam``, or ``--no-scores``).
 
 Inputs, in a fixed order (:func:`galaxy_llava.imagefiles.gather_images`):
 
@@ -66,6 +68,11 @@ from galaxy_llava.errors import EXIT_SKIPPED, UserError
 from galaxy_llava.io import atomic_path, write_json
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
 
+CAPTIONS = ("grammar", "beam", "both")
+# The grammar's most probable caption by default: exact-match at least as often as beam search on
+# the demo, always inside the grammar, and one tree-scoring forward per batch (README, BENCHMARKS).
+DEFAULT_CAPTION = "grammar"
+
 
 def value_column(attribute: str, value: str) -> str:
     """``p_<attribute>_<value>`` with every run of non-alphanumerics in the value as ``_``
@@ -74,6 +81,35 @@ def value_column(attribute: str, value: str) -> str:
 
 
 # ----------------------------------------------------------------- settings
+
+def caption_mode(caption: str | None, scores: bool = True) -> str:
+    """``--caption`` resolved against ``--no-scores``: beam search alone without scores, else
+    the default; grammar and both need the scores."""
+    if caption is None:
+        return DEFAULT_CAPTION if scores else "beam"
+    if caption not in CAPTIONS:
+        raise UserError(f"--caption must be one of {', '.join(CAPTIONS)} (got {caption!r})")
+    if caption != "beam" and not scores:
+        raise UserError(f"--caption {caption} needs the grammar scores; drop --no-scores or "
+                        "use --caption beam")
+    return caption
+
+
+def caption_batch(net, processor, images: list, prompt: str, caption: str, rules: str,
+                  batch_size: int, num_beams: int, max_new_tokens: int):
+    """``(captions, scores)`` of one batch of images in ``caption`` mode: the grammar's
+    most probable captions (one scoring forward, no beam search), or beam search's exactly as
+    ``describe`` gives them; scores are None for ``beam``."""
+    from galaxy_llava.generate import describe_images
+    from galaxy_llava.scoring import grammar_scores
+
+    found = None if caption == "beam" else grammar_scores(net, processor, images, rules, prompt)
+    if caption == "grammar":
+        return [s.best for s in found], found
+    return describe_images(net, processor, images, prompt, batch_size=batch_size,
+                           num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           progress=False), found
+
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"I/N"`` as ``(I, N)`` with ``0 <= I < N``; None is ``(0, 1)``."""
@@ -241,13 +277,14 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
                     num_beams: int = 3, max_new_tokens: int = 40, scores: bool = True,
                     shard: str | None = None, part_size: int = 256, overwrite: bool = False,
                     allow_outside_paths: bool = False, device=None, progress: bool = True,
-                    fits=None, strict: bool = False) -> dict:
+                    fits=None, strict: bool = False, caption: str | None = None) -> dict:
     """Write this process's parts of the catalogue of ``images`` folders or a ``source``
     catalogue into ``out`` (see the module's docstring); returns a summary.
 
     Everything is checked before anything is written or a model loads: settings, the inputs,
     ``out``, each image's header. An input that cannot be read is skipped and recorded in the
-    part and in ``OUT/_failures.csv``; with ``strict`` it stops the run instead."""
+    part and in ``OUT/_failures.csv``; with ``strict`` it stops the run instead. ``caption``:
+    grammar, beam or both (:func:`caption_mode`)."""
     from galaxy_llava.checks import check_generation, number
     from galaxy_llava.fitscutouts import FitsOptions
     from galaxy_llava.models.folders import abs_if_local, is_local, read_prompt, run_kind
@@ -258,6 +295,8 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     number("--part-size", part_size, 1, integer=True)
     slot, slots = process_slot(parse_shard(shard))
     rule_set(rules)  # an unknown name is one line
+    caption = caption_mode(caption, scores)
+    scores = caption != "beam"
     if (images is None) == (source is None):
         raise UserError("pass either --images DIR ... or --source CATALOGUE")
     check_generation(model, batch_size, num_beams, max_new_tokens)
@@ -273,7 +312,7 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     settings = {"model": model_id, "prompt": read_prompt(model) if Path(model).is_dir() else None,
                 "rules": rules if scores else None, "scores": scores, "batch_size": batch_size,
                 "num_beams": num_beams, "max_new_tokens": max_new_tokens,
-                "part_size": part_size, "version": __version__}
+                "part_size": part_size, "caption": caption, "version": __version__}
     if images is not None:  # how FITS files become pictures is part of what a row says
         settings["fits"] = fits.to_dict()
     identity = {**inputs.identity, **settings}
@@ -297,7 +336,7 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
                else None}
     if todo:
         _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, batch_size,
-                     num_beams, max_new_tokens, scores, device, progress, fits, strict, bad)
+                     num_beams, max_new_tokens, caption, device, progress, fits, strict, bad)
         summary["written"] = len(todo)
     summary["complete"] = sum(part_fingerprint(out / part_name(i)) == stamps[i]
                               for i in range(n_parts))
@@ -364,20 +403,19 @@ def _batch_images(inputs: Inputs, items: list, fits) -> list:
 
 
 def _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, batch_size,
-                 num_beams, max_new_tokens, scores, device, progress, fits, strict, bad) -> None:
+                 num_beams, max_new_tokens, caption, device, progress, fits, strict, bad) -> None:
     import warnings
 
     from tqdm.auto import tqdm
 
-    from galaxy_llava.generate import describe_images
     from galaxy_llava.imagefiles import image_label
     from galaxy_llava.models.loading import load_for_inference
-    from galaxy_llava.scoring import grammar_scores
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the default prompt is in the provenance
         net, processor, prompt = load_for_inference(model, device=_device(device))
     by_caption, p_columns = _columns(rules)
+    scores = caption != "beam"
     schema = _schema(scores, p_columns, inputs.catalog is None)
     theirs, their_schema = user_columns(inputs.columns, schema)
     provenance = {**settings, "prompt": prompt, "rules": rules if scores else None,
@@ -406,10 +444,8 @@ def _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, b
                 bar.update(len(ks))
                 if not batch:
                     continue
-                texts = describe_images(net, processor, batch, prompt, batch_size=batch_size,
-                                        num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                        progress=False)
-                found = grammar_scores(net, processor, batch, rules, prompt) if scores else None
+                texts, found = caption_batch(net, processor, batch, prompt, caption, rules,
+                                             batch_size, num_beams, max_new_tokens)
                 for n, (k, text) in enumerate(zip(good, texts)):
                     row = {"id": None if inputs.ids[k] is None else str(inputs.ids[k]),
                            "image": (image_label(inputs.images[k]) if inputs.catalog is None
@@ -433,6 +469,7 @@ def catalogue_cli(args: Any) -> int | None:
     s = build_catalogue(args.model, args.out, images=args.images, source=args.source,
                         rules=args.rules, batch_size=args.batch_size, num_beams=args.num_beams,
                         max_new_tokens=args.max_new_tokens, scores=not args.no_scores,
+                        caption=getattr(args, "caption", None),
                         shard=args.shard, part_size=args.part_size, overwrite=args.overwrite,
                         allow_outside_paths=args.allow_outside_paths,
                         fits=options_from_args(args), strict=args.strict)

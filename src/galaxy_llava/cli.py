@@ -370,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=40,
                    help="longest answer, in tokens")
     s.add_argument("--no-scores", action="store_true",
-                   help="beam-search captions only (no grammar scores)")
+                   help="beam-search captions only (no grammar scores): --caption beam")
+    s.add_argument("--caption", choices=["grammar", "beam", "both"], default=None,
+                   help="the row's caption: the grammar's most probable (default; no beam "
+                        "search), beam search's (no scores), or beam search's beside the scores")
     s.add_argument("--shard", default=None, metavar="I/N",
                    help="this job's share: parts i with i %% N == I (e.g. "
                         "--shard $SLURM_ARRAY_TASK_ID/N); combines with torchrun's RANK "

@@ -2,8 +2,9 @@
 
 A rule set's captions are a finite list (``rules.rule_set(name).reachable()``), so instead of
 decoding we can score them all: the prompt and the image run once (their key/value cache is
-shared), then every candidate caption (with the family's end token) is scored as a
-continuation of that prefix in one batch. The log-probabilities normalised over the candidates
+shared), then the candidates (with the family's end token) run once more as one prefix tree, each
+shared token once, as the tree attention of speculative decoding does (:func:`tree_log_probs`).
+The log-probabilities normalised over the candidates
 give a posterior; its argmax is the most probable caption (always inside the grammar), its sums
 per attribute value are that attribute's probabilities, and its entropy says how sure the model
 is.
@@ -47,7 +48,8 @@ def posterior_summary(morphologies: list[Morphology], log_probs: list[float]) ->
         sums: dict[str, float] = {}
         for m, p in zip(morphologies, post.tolist()):
             sums[value_label(m, attribute)] = sums.get(value_label(m, attribute), 0.0) + p
-        marginals[attribute] = dict(sorted(sums.items()))
+        # A sum of softmax values can exceed 1 by a rounding step; a probability cannot.
+        marginals[attribute] = {v: min(1.0, p) for v, p in sorted(sums.items())}
     logp = torch.log_softmax(t, dim=0)
     entropy = float(-(post * logp).sum())
     best = int(post.argmax())
@@ -56,120 +58,215 @@ def posterior_summary(morphologies: list[Morphology], log_probs: list[float]) ->
                          entropy if math.isfinite(entropy) else 0.0)
 
 
-def _candidate_batch(family, tokenizer, captions: list[str]):
-    """Right-padded candidate ids (answer + end token) and their mask."""
-    seqs = [family.answer_ids(tokenizer, c) + family.end_ids(tokenizer) for c in captions]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return ids, mask
+@dataclass
+class CaptionTree:
+    """The candidates' token sequences (answer + end token) as a prefix tree: each distinct
+    prefix of a sequence is one node, in an order where a parent comes before its children."""
+
+    tokens: list[int]               # each node's token
+    parents: list[int]              # each node's parent (-1: the node follows the prompt)
+    paths: list[list[int]]          # each candidate's nodes, root first
+    _tensors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, sequences: list[list[int]]) -> CaptionTree:
+        """The tree of ``sequences`` (shared prefixes become shared nodes)."""
+        index: dict[tuple[int, ...], int] = {}
+        tokens: list[int] = []
+        parents: list[int] = []
+        paths = []
+        for seq in sequences:
+            path: list[int] = []
+            for t in range(len(seq)):
+                key = tuple(seq[:t + 1])
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(seq[t])
+                    parents.append(path[-1] if path else -1)
+                path.append(index[key])
+            paths.append(path)
+        return cls(tokens, parents, paths)
+
+    def depths(self) -> list[int]:
+        """Each node's distance from the prompt (0 for the first token of an answer)."""
+        out: list[int] = []
+        for p in self.parents:
+            out.append(0 if p < 0 else out[p] + 1)
+        return out
+
+    def ancestors(self) -> torch.Tensor:
+        """[nodes, nodes] bool: row i is true at i and at each of its ancestors, the tokens
+        node i may attend to inside the tree (its own caption so far)."""
+        n = len(self.tokens)
+        seen = torch.zeros((n, n), dtype=torch.bool)
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                seen[i] = seen[p]
+            seen[i, i] = True
+        return seen
+
+    def inner(self) -> list[int]:
+        """The nodes with children, in order: the only ones the model must run, since a
+        node's token is scored by its parent's logits (leaves are end tokens)."""
+        return sorted(set(p for p in self.parents if p >= 0))
+
+    def tensors(self, device, dtype) -> dict:
+        """What :func:`tree_log_probs` feeds the model and reads back, built once per device
+        and dtype: the inner nodes' tokens, depths and additive attention mask among
+        themselves; every node's token, the first tokens (``roots``) and the others with their
+        parent's row among the inner nodes; and the candidates x nodes path matrix."""
+        key = (str(device), dtype)
+        if key not in self._tensors:
+            inner = self.inner()
+            row = {node: k for k, node in enumerate(inner)}
+            on_path = torch.zeros((len(self.paths), len(self.tokens)), dtype=torch.float64)
+            for c, path in enumerate(self.paths):
+                on_path[c, path] = 1.0
+            rest = [i for i, p in enumerate(self.parents) if p >= 0]
+            tokens, depths = torch.tensor(self.tokens), torch.tensor(self.depths())
+            self._tensors[key] = {k: v.to(device) for k, v in {
+                "run_tokens": tokens[inner], "run_depths": depths[inner],
+                "mask": _additive(self.ancestors()[inner][:, inner], dtype),
+                "tokens": tokens, "rest": torch.tensor(rest, dtype=torch.long),
+                "roots": torch.tensor([i for i, p in enumerate(self.parents) if p < 0]),
+                "rest_rows": torch.tensor([row[self.parents[i]] for i in rest],
+                                          dtype=torch.long),
+                "on_path": on_path}.items()}
+        return self._tensors[key]
 
 
-@torch.no_grad()
+def caption_tree(family, tokenizer, captions: list[str]) -> CaptionTree:
+    """The tree of ``captions`` as the family writes answers (answer ids + end ids)."""
+    return CaptionTree.build([family.answer_ids(tokenizer, c) + family.end_ids(tokenizer)
+                              for c in captions])
+
+
 def caption_log_probs(model, processor, image, captions: list[str], prompt: str | None = None
                       ) -> list[float]:
-    """log p(caption + end token | prompt, image) for each caption: the prefix (prompt and
-    image) runs once; the candidates continue its key/value cache together."""
+    """log p(caption + end token | prompt, image) for each caption (:func:`batch_log_probs`
+    for one image)."""
     return batch_log_probs(model, processor, [image], captions, prompt)[0]
 
 
-@torch.no_grad()
+class CaptionScorer:
+    """log p(caption + end token | prompt, image) of a fixed list of captions, for batches of
+    images: the prompt's ids and the captions' token tree are built once.
+
+    Each call runs one forward over the batch's prompts and images (left-padded to one length)
+    and one over the caption tree (:func:`tree_log_probs`)."""
+
+    def __init__(self, model, processor, captions: list[str], prompt: str | None = None):
+        from galaxy_llava.models.registry import family_for
+        from galaxy_llava.training.batches import PromptIds
+
+        self.model, self.processor, self.captions = model, processor, list(captions)
+        self.family = family_for(model)
+        self.prompt_ids = PromptIds(processor, self.family,
+                                    prompt or self.family.default_prompt(processor))
+        self.tree = caption_tree(self.family, processor.tokenizer, self.captions)
+
+    @torch.no_grad()
+    def __call__(self, images: list) -> list[list[float]]:
+        """One list of the captions' log-probabilities per image (PIL images)."""
+        per_image = [self.family.image_inputs(self.processor, im) for im in images]
+        prefixes = [self.prompt_ids(x) for x in per_image]
+        return tree_log_probs(self.model, self.processor, self.family, per_image, prefixes,
+                              self.tree)
+
+
 def batch_log_probs(model, processor, images: list, captions: list[str],
                     prompt: str | None = None) -> list[list[float]]:
-    """:func:`caption_log_probs` for several images at once: their prefixes run as one batch
-    and every image's candidates continue its cache in one forward (``len(images) *
-    len(captions)`` rows), which is what keeps a GPU busy. Images whose prefixes differ in length
-    (tiled processors), and families that cannot continue a cache, are scored one by one."""
-    from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import PromptIds
+    """log p(caption + end token | prompt, image) of every caption for each image, all images
+    in one forward (:class:`CaptionScorer`)."""
+    return CaptionScorer(model, processor, captions, prompt)(images)
 
-    family = family_for(model)
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean attention pattern as the additive float mask eager and sdpa attention both
+    take: 0 where allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def tree_log_probs(model, processor, family, per_image: list[dict], prefixes: list[list[int]],
+                   tree: CaptionTree) -> list[list[float]]:
+    """Every tree path's log-probability for each image (its inputs and prompt ids).
+
+    The prompts run left-padded as one batch, keeping their key/value cache; then every inner
+    node of the tree (one with children) runs once per image, as one segment after that cache,
+    with a mask that lets a node see its own prompt and its ancestors only, at the position its
+    token has in a plain forward over prompt + caption (prompt length + depth; Qwen2-VL's
+    multimodal rotary positions through the family). A node's log-probability comes from its
+    parent's logits (the prompt's last position for a first token), so leaves (end tokens) never
+    run; a candidate's is the sum over its path."""
     param = next(model.parameters())
-    prompt_ids = PromptIds(processor, family, prompt or family.default_prompt(processor))
-    per_image = [family.image_inputs(processor, im) for im in images]
-    prefixes = [prompt_ids(x) for x in per_image]
-    ids, mask = _candidate_batch(family, processor.tokenizer, captions)
-    ids, mask = ids.to(param.device), mask.to(param.device)
-    if family.prefix_cache_scoring and len(set(map(len, prefixes))) == 1:
-        groups = [range(len(images))]
-    else:  # each image alone, from the inputs already prepared
-        groups = [range(i, i + 1) for i in range(len(images))]
-    return [row for g in groups for row in _score_group(
-        model, processor, family, [per_image[i] for i in g], [prefixes[i] for i in g], ids, mask)]
-
-
-def _score_group(model, processor, family, per_image: list[dict], prefixes: list[list[int]],
-                 ids, mask) -> list[list[float]]:
-    """Every candidate's log-probability for images whose prefixes have one length (one image
-    when the family cannot continue a cache)."""
-    param = next(model.parameters())
-    prefix = torch.tensor(prefixes, device=param.device)
-    inputs = {k: torch.cat([x[k] for x in per_image]).to(param.device) for k in per_image[0]}
-    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
-    inputs.update({k: v.to(param.device) for k, v in family.token_inputs(prefix, processor).items()})
-    if not family.prefix_cache_scoring:
-        return [_log_probs_uncached(model, prefix, inputs, ids, mask)]
-    n_images, n_cand = len(per_image), len(ids)
-    out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True, **inputs)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)            # (images, vocab)
+    device, dtype = param.device, param.dtype
+    n_images, width = len(prefixes), max(map(len, prefixes))
+    pad = processor.tokenizer.pad_token_id or 0
+    ids = torch.full((n_images, width), pad, dtype=torch.long)
+    real = torch.zeros((n_images, width), dtype=torch.bool)
+    for i, p in enumerate(prefixes):  # left-padded: every prompt ends at the last column
+        ids[i, width - len(p):], real[i, width - len(p):] = torch.tensor(p), True
+    ids, real = ids.to(device), real.to(device)
+    inputs = {k: torch.cat([x[k] for x in per_image]).to(device) for k in per_image[0]}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    inputs.update({k: v.to(device) for k, v in family.token_inputs(ids, processor).items()})
+    positions, following = family.prefix_positions(model, ids, real.long(), inputs)
+    if bool(real.all()):
+        mask = torch.ones_like(ids)  # the library's own causal mask
+    else:  # causal over real tokens; a padding row sees itself (finite, never seen)
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=device)
+        mask = _additive((causal & real[:, None, :]) | eye, dtype).unsqueeze(1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **inputs)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    cache.batch_repeat_interleave(n_cand)  # row i * n_cand + j: image i, candidate j
-    ids, mask = ids.repeat(n_images, 1), mask.repeat(n_images, 1)
-    full_mask = torch.cat([torch.ones((len(ids), prefix.shape[1]), dtype=torch.long,
-                                      device=param.device), mask], dim=1)
-    cont = model(input_ids=ids, attention_mask=full_mask, cache=cache, use_cache=False)
-    logp = torch.log_softmax(cont.logits.float(), dim=-1)
-    # Token t of a candidate is predicted by the prefix's last position (t = 0) or by the
-    # candidate's own position t - 1.
-    scores = first.repeat_interleave(n_cand, dim=0).gather(1, ids[:, :1]).squeeze(1)
-    follow = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    scores = scores + (follow * mask[:, 1:]).sum(dim=1)
-    return scores.view(n_images, n_cand).tolist()
+    first = out.logits[:, -1].float()                                       # (images, vocab)
+
+    t = tree.tensors(device, dtype)
+    # A node's token is scored by its parent's logits: the prompt's last position for a first
+    # token, else the parent's row among the inner nodes.
+    node_logp = torch.empty((n_images, len(tree.tokens)), dtype=torch.float32, device=device)
+    roots, rest, rows = t["roots"], t["rest"], t["rest_rows"]
+    node_logp[:, roots] = (first[:, t["tokens"][roots]]
+                           - torch.logsumexp(first, dim=-1, keepdim=True))
+    if len(rest):
+        n = len(t["run_tokens"])
+        seen = torch.cat([_additive(real, dtype)[:, None, :].expand(n_images, n, width),
+                          t["mask"].expand(n_images, n, n)], dim=2).unsqueeze(1)
+        logits = model(input_ids=t["run_tokens"].expand(n_images, n), attention_mask=seen,
+                       position_ids=family.continuation_positions(following, t["run_depths"]),
+                       cache=cache, use_cache=False).logits.float()
+        node_logp[:, rest] = (logits[:, rows, t["tokens"][rest]]
+                              - torch.logsumexp(logits, dim=-1)[:, rows])
+    return (node_logp.double() @ t["on_path"].T).tolist()
 
 
-def _log_probs_uncached(model, prefix, inputs, ids, mask) -> list[float]:
-    """The same scores from one plain forward over prefix + candidate per row (for families
-    whose positions cannot continue a shared cache, such as Qwen2-VL's multimodal rotary)."""
-    n, p = len(ids), prefix.shape[1]
-    batch = {k: torch.cat([v] * n) for k, v in inputs.items()}  # one image per row
-    full = torch.cat([prefix.repeat(n, 1), ids], dim=1)
-    attention = torch.cat([torch.ones((n, p), dtype=torch.long, device=ids.device), mask], dim=1)
-    for k, v in list(batch.items()):
-        if v.dim() == 2 and v.shape == (n, p):  # per-token inputs: zeros over the answer
-            batch[k] = torch.cat([v, torch.zeros_like(ids, dtype=v.dtype)], dim=1)
-    logits = model(input_ids=full, attention_mask=attention, **batch).logits.float()
-    logp = torch.log_softmax(logits[:, p - 1:-1], dim=-1)
-    picked = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=1).tolist()
-
-
-GPU_SCORE_ROWS = 256  # candidate rows per scoring forward on a GPU (memory, see grammar_scores)
+GPU_SCORE_IMAGES = 16  # images per scoring forward on a GPU (memory, see grammar_scores)
+CPU_SCORE_IMAGES = 4  # measured fastest on a CPU (benchmarks/catalogue_throughput.py)
 
 
 def grammar_scores(model, processor, images, rules: str = "reference",
                    prompt: str | None = None, batch_size: int | None = None
                    ) -> list[GrammarScores]:
     """The posterior over ``rules``' captions for each image (PIL images or paths), scoring
-    ``batch_size`` images per forward (:func:`batch_log_probs`). By default 1 on a CPU, where
-    batching measured slower (``benchmarks/catalogue_throughput.py``: 0.78x with 8), and on a
-    GPU as many images as keep ``GPU_SCORE_ROWS`` candidate rows (2 for the 96 ``reference``
-    captions): each row holds a copy of the prefix's key/value cache and its logits over the
-    vocabulary, about 2.5 GB an image at TinyLLaVA's shapes (estimated, not measured)."""
+    ``batch_size`` images per forward (:class:`CaptionScorer`). By default
+    ``CPU_SCORE_IMAGES`` on a CPU and ``GPU_SCORE_IMAGES`` on a GPU, where each image holds
+    its key/value cache over prompt + tree (~1,350 tokens at TinyLLaVA's shapes) and its
+    inner nodes' logits over the vocabulary (~650 x 32k)."""
     from galaxy_llava.records import load_image
     from galaxy_llava.rules import rule_set
 
     candidates = rule_set(rules).reachable()
-    captions = [m.caption() for m in candidates]
+    scorer = CaptionScorer(model, processor, [m.caption() for m in candidates], prompt)
     if batch_size is None:
         on_gpu = next(model.parameters()).device.type == "cuda"
-        batch_size = max(1, GPU_SCORE_ROWS // len(captions)) if on_gpu else 1
+        batch_size = GPU_SCORE_IMAGES if on_gpu else CPU_SCORE_IMAGES
     images = list(images)
     out = []
     for i in range(0, len(images), max(1, batch_size)):
         batch = [im if hasattr(im, "convert") else load_image(im)
                  for im in images[i:i + batch_size]]
-        out += [posterior_summary(candidates, lp)
-                for lp in batch_log_probs(model, processor, batch, captions, prompt)]
+        out += [posterior_summary(candidates, lp) for lp in scorer(batch)]
     return out

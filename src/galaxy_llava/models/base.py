@@ -28,7 +28,6 @@ class ModelFamily:
     title: str = ""  # the family as people write it, for messages ("Qwen2-VL")
     model_types: tuple[str, ...] = ()
     cacheable: bool = True  # whether cached encoder output replays exactly (else: uncached)
-    prefix_cache_scoring: bool = True  # candidates may continue one prefix's key/value cache
 
     # --- prompt, answer and image inputs
     def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:
@@ -107,6 +106,19 @@ class ModelFamily:
     def token_inputs(self, input_ids, processor) -> dict:
         """Per-token inputs the model needs beside ``input_ids`` (built from padded ids)."""
         return {}
+
+    def prefix_positions(self, model, input_ids, attention_mask, inputs: dict):
+        """``(position_ids, following)`` of a left-padded batch of prompts: the positions the
+        language model gives the real tokens in a plain unpadded forward, and the position of
+        the token that follows each prompt. Default: 1-D rotary positions counting real tokens.
+        Caption scoring continues the prompts' cache at ``following`` + depth."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return positions, attention_mask.sum(-1)
+
+    def continuation_positions(self, following, offsets):
+        """Position ids of tokens ``offsets`` (1-D) after each prompt whose next position is
+        ``following`` (:meth:`prefix_positions`)."""
+        return following[:, None] + offsets[None, :]
 
     # --- where things are
     def vision_encoder(self, model):

@@ -51,8 +51,6 @@ class Qwen2VLFamily(ModelFamily):
     image_input_names = ("pixel_values", "image_grid_thw")
     image_placeholder = IMAGE_TOKEN
     answer_separator = ""  # the prompt ends with "assistant\n": the answer starts a new line
-    # Multimodal rotary positions of continuations depend on per-row deltas: score uncached.
-    prefix_cache_scoring = False
 
     def default_prompt(self, processor, question: str = DEFAULT_QUESTION) -> str:
         return chat_prompt(processor, question, "Qwen2-VL")
@@ -98,6 +96,18 @@ class Qwen2VLFamily(ModelFamily):
         """``mm_token_type_ids`` (1 at image tokens): the multimodal rotary positions need it."""
         image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         return {"mm_token_type_ids": (input_ids == image_id).int()}
+
+    def prefix_positions(self, model, input_ids, attention_mask, inputs: dict):
+        """The multimodal rotary positions (temporal, height, width) of the library's own
+        ``get_rope_index``; text after the image continues from the largest position + 1, the
+        same in all three sections, which is where a caption's tokens go."""
+        positions, deltas = unwrap(model).model.get_rope_index(
+            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=attention_mask)
+        return positions, attention_mask.sum(-1) + deltas.view(-1).to(attention_mask.device)
+
+    def continuation_positions(self, following, offsets):
+        return (following[:, None] + offsets[None, :]).expand(3, -1, -1)
 
     def vision_encoder(self, model):
         return unwrap(model).model.visual
@@ -154,7 +164,8 @@ class Qwen2VLFamily(ModelFamily):
 class Qwen25VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: Qwen2-VL's interface, but its ViT reorders patches into attention windows
     and back around the merger, so merger-only replay of cached states is not exact: it trains
-    uncached (``cacheable = False``)."""
+    uncached (``cacheable = False``). Its multimodal rotary positions are Qwen2-VL's for
+    images, so caption scoring's token tree uses the same position hooks."""
 
     name = "qwen2_5_vl"
     title = "Qwen2.5-VL"
