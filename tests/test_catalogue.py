@@ -425,7 +425,8 @@ def test_the_users_columns_come_through(model, images, synth_dir, tmp_path, caps
                   "dec": [2.25, -2.5], "type": ["S0", "E"]}).to_csv(listed / "l.csv",
                                                                      index=False)
     out = tmp_path / "cat"
-    assert run("--model", model, "--images", listed / "l.csv", "--out", out, *FAST) == 0
+    assert run("--model", model, "--images", listed / "l.csv", "--out", out, *FAST,
+               "--caption", "both") == 0  # beam captions, as describe gives them
     rows = pd.read_parquet(out)
     assert rows["ra"].tolist() == [150.25, 150.5] and rows["dec"].tolist() == [2.25, -2.5]
     assert rows["input_type"].tolist() == ["S0", "E"]  # a clash with our own `type`, renamed

@@ -214,10 +214,12 @@ def test_describe_scores_through_the_cli(tiny_model_dir, prepared_dir, capsys):
                  "--num-beams", "1", "--max-new-tokens", "5"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["image"] for r in rows] == [str(p) for p in images]
-    for r in rows:
-        assert parse_caption(r["scores"]["best"]).parsed_ok
-        assert sum(r["scores"]["marginals"]["type"].values()) == pytest.approx(1.0)
-        assert set(r["scores"]["marginals"]["shape"]) <= {"none", "round", "in-between", "cigar"}
+    for r in rows:  # the catalogue's columns
+        assert parse_caption(r["best_caption"]).parsed_ok
+        assert sum(v for k, v in r.items() if k.startswith("p_type_")) == pytest.approx(1.0)
+        assert {k for k in r if k.startswith("p_shape_")} <= {
+            "p_shape_none", "p_shape_round", "p_shape_in_between", "p_shape_cigar"}
+        assert r["entropy"] >= 0
 
 
 def test_batched_grammar_scores_equal_one_image_at_a_time(family_model):
