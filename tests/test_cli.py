@@ -169,3 +169,13 @@ def test_library_loading_bars_only_with_verbose(tiny_model_dir, tmp_path):
         runs[bool(flags)] = proc.stderr
     assert "Loading weights" not in runs[False]
     assert "Loading weights" in runs[True]
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_export_license_flag_reaches_the_card(lora_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(lora_run[0]), "--out", str(out),
+                 "--license", "apache-2.0"]) == 0
+    assert ModelCard.load(out / "README.md").data.license == "apache-2.0"

@@ -68,9 +68,14 @@ def test_full_run_save_load_and_export(tiny_model_dir, tmp_path, tiny_batch):
     assert torch.allclose(_logits(loaded, tiny_batch), _logits(model.eval(), tiny_batch), atol=1e-6)
     again = load_model(run)[0].eval()
     assert torch.allclose(_logits(again, tiny_batch), _logits(model, tiny_batch), atol=1e-6)
-    out = export_run(run, tmp_path / "exported")
+    out = export_run(run, tmp_path / "exported", license="mit")  # export --license
     assert (out / "model.safetensors").is_file() and read_prompt(out) == DEFAULT_PROMPT
     assert read_marker(out)["base_model"] == str(tiny_model_dir.resolve())
+    assert read_marker(out)["saved_by"] == "export" and read_marker(run / "model")["saved_by"] == \
+        "train"
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "README.md").data.license == "mit"
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

@@ -370,6 +370,7 @@ def render_card(folder: str | os.PathLike, kind: str, name: str | None = None) -
 > `galaxy-llava describe` and gives other captions. Copy it to the base model first:
 > `base.generation_config = GenerationConfig.from_pretrained(ADAPTER)`.
 """ if kind == "adapter" else "")
+    notes = _family_notes(family)
     body = f"""# {name}
 {warning}
 {what} {base_text} ({family} family) that describes a galaxy image in the words of the Galaxy
@@ -394,7 +395,7 @@ that into the exact prompt the model was trained on, token for token:
 
 `generation_config.json` holds `galaxy-llava describe`'s decoding ({decoding}; it stops at the
 end-of-turn token), so a plain `model.generate(**inputs)` gives the same caption as
-`describe`, computed in the same precision (`describe` uses fp32 on a CPU, bf16 on a GPU).{_family_notes(family)}
+`describe`, computed in the same precision (`describe` uses fp32 on a CPU, bf16 on a GPU).{notes}
 
 {_training_section(training)}
 

@@ -171,6 +171,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike,
         finish_folder(tmp, "model", processor, family_for(model), prompt,
                       model.generation_config, base, run.name,
                       method=read_marker(run).get("method"), training=marker.get("training"),
-                      evaluations=marker.get("evaluations"), license=license or marker.get("license"),
+                      evaluations=marker.get("evaluations"),
+                      license=license or marker.get("license"),
                       saved_by="export")
     return out
