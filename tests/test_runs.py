@@ -55,6 +55,13 @@ def test_export_merges_adapter(lora_run, tmp_path, tiny_batch):
     assert read_marker(out)["kind"] == "model" and run_kind(out) == "model"
     assert not list(out.glob("adapter*"))
     assert merged.dtype == torch.float32  # the base checkpoint's dtype
+    import re
+
+    from galaxy_llava.models.llava import LLAVA
+
+    names = _weight_names(out)  # merged from a peft model, still llava-hf's names
+    assert any(n.startswith("vision_tower.vision_model.") for n in names)
+    assert all(re.match(LLAVA.checkpoint_keys, n) for n in names)
 
 
 def test_full_run_save_load_and_export(tiny_model_dir, tmp_path, tiny_batch):
