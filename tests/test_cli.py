@@ -229,3 +229,13 @@ def test_describe_json_says_caption_like_the_catalogue(tiny_model_dir, tmp_path,
     assert [c for c in scored if c.startswith("p_")] == p_columns  # the catalogue's names
     assert {"image", "caption", "best_caption", "entropy"} <= set(scored)
     assert scored["caption"] == row["caption"]
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_export_license_flag_reaches_the_card(lora_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(lora_run[0]), "--out", str(out),
+                 "--license", "apache-2.0"]) == 0
+    assert ModelCard.load(out / "README.md").data.license == "apache-2.0"

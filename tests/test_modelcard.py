@@ -44,8 +44,9 @@ def model_folder(tmp_path, tiny_model_dir):
                  question="Describe this galaxy.", family="llava", base_model=str(tiny_model_dir),
                  training={"method": "lora", "learning_rate": 5e-05, "num_train_epochs": 3,
                            "per_device_train_batch_size": 8, "lora_r": 16, "lora_alpha": 32,
-                           "seed": 42, "data": {"name": "gz2-1000", "rules": "reference",
-                                                "source": "mwalmsley/gz2", "n_per_class": 1000}})
+                           "seed": 42, "data": {"name": "gz2-600", "rules": "reference",
+                                                "source": "mwalmsley/gz2", "galaxies": 274,
+                                                "classes": {"elliptical": 137, "spiral": 137}}})
     (folder / "generation_config.json").write_text(json.dumps({"num_beams": 3,
                                                                "max_new_tokens": 40}))
     return folder
@@ -143,12 +144,15 @@ def test_update_card_refuses_what_it_cannot_use(tmp_path, model_folder):
 
 
 def test_data_summary_reads_the_manifest(prepared_dir, tmp_path):
+    stats = json.loads((prepared_dir / "stats.json").read_text())
     s = data_summary(prepared_dir)
-    assert (s["name"], s["rules"], s["n_per_class"], s["image_size"]) == ("data", "reference",
-                                                                          12, 64)
+    assert (s["name"], s["rules"], s["image_size"]) == ("data", "reference", 64)
+    assert s["galaxies"] == stats["n_records"] == 24  # what the dataset holds
+    assert s["classes"] == {"elliptical": 12, "spiral": 12}
     assert s["source"] is None  # a local synthetic catalogue
-    assert data_summary(tmp_path) == {"name": tmp_path.name, "rules": None, "n_per_class": None,
-                                      "image_size": None, "source": None, "hub_config": None}
+    assert data_summary(tmp_path) == {"name": tmp_path.name, "rules": None, "galaxies": None,
+                                      "classes": {}, "image_size": None, "source": None,
+                                      "hub_config": None}
     assert data_summary(prepared_dir / "dataset.jsonl") == s  # the JSONL names its folder
 
 
@@ -208,3 +212,118 @@ def test_trained_run_card_then_evaluation_then_export(tiny_model_dir, prepared_d
     assert row in text and "| LoRA rank r | 4 |" in text
     meta = _card(out).data.to_dict()
     assert meta["library_name"] == "transformers" and "lora" in meta["tags"]
+
+
+# ------------------------------------------------------------ what a Hub user recognises
+
+def test_license_from_the_base_card_from_the_flag_or_said_unknown(model_folder, tmp_path):
+    from galaxy_llava.modelcard import base_license
+
+    base = tmp_path / "base"
+    base.mkdir()
+    write_marker(model_folder, base_model=str(base))
+    write_card(model_folder, "model")
+    assert "license" not in _card(model_folder).data.to_dict()  # unknown: omitted, and said
+    assert "## License\n\nNot known here" in (model_folder / "README.md").read_text()
+
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# base\n")
+    assert base_license(base) == {"license": "apache-2.0"}
+    write_card(model_folder, "model")
+    assert _card(model_folder).data.to_dict()["license"] == "apache-2.0"
+    assert "the base model's license" in (model_folder / "README.md").read_text()
+
+    write_marker(model_folder, license="mit")  # given when saved (export --license): it wins
+    write_card(model_folder, "model")
+    assert _card(model_folder).data.to_dict()["license"] == "mit"
+    assert base_license(tmp_path / "nothing") == {} and base_license(None) == {}
+
+
+def test_evaluations_are_model_index_results_as_the_table_rounds_them(model_folder, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.move(model_folder, run / "model")
+    (run / "model" / "config.json").write_text("{}")
+    metrics = {**_metrics(type_acc=0.87654), "mean_length": 11.4583}
+    update_card(run, metrics)
+    card = ModelCard.load(run / "model" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["datasets"] == ["mwalmsley/gz2"] and meta["model-index"][0]["name"] == "model"
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert results["type accuracy"].metric_value == 87.7
+    assert results["type accuracy"].metric_type == "accuracy"
+    assert results["mean length (words)"].metric_value == 11.5
+    assert "bar accuracy" not in results  # no value: no result
+    assert {r.dataset_split for r in results.values()} == {"test"}
+    text = card.text
+    assert "| type accuracy | 87.7% |" in text and "| mean length (words) | 11.5 |" in text
+    assert "11.4583" not in text and "87.654" not in text
+
+
+def test_card_says_the_galaxies_used_not_the_ones_asked_for(model_folder):
+    write_card(model_folder, "model")
+    text = (model_folder / "README.md").read_text()
+    assert "(274 galaxies: 137 elliptical, 137 spiral; captions under the `reference` rules)" \
+        in text
+    assert "per class" not in text
+
+
+def test_adapter_card_says_first_that_plain_peft_ignores_its_decoding(model_folder):
+    write_card(model_folder, "adapter")
+    body = _card(model_folder).text.strip().splitlines()
+    assert body[0].startswith("# ")
+    first = " ".join(body[1:8])
+    assert "generation_config.json" in first and "PeftModel.from_pretrained" in first
+    write_card(model_folder, "model")
+    assert "PeftModel.from_pretrained" not in _card(model_folder).text
+
+
+def test_update_card_leaves_folders_it_did_not_write(tiny_model_dir, tmp_path):
+    """A base model (here a tiny one, which has a marker) is not a folder train or export
+    wrote: its card is not ours to edit, and evaluate leaves it alone."""
+    from galaxy_llava.evaluate import _add_to_card
+    from galaxy_llava.modelcard import owns_card
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    before = sorted(p.name for p in base.iterdir())
+    assert not owns_card(base)
+    with pytest.raises(UserError, match="not saved by galaxy-llava train or export"):
+        update_card(base, _metrics())
+    _add_to_card(base, _metrics())
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
+def test_qwen2_vl_card_shows_how_to_load_without_torchvision(tmp_path):
+    """The Qwen2-VL card's note (no torchvision: tokenizer and image processor) builds exactly
+    the inputs of galaxy-llava's processor, and the card shows it."""
+    import torch
+
+    from galaxy_llava.models.qwen2_vl import WITHOUT_TORCHVISION
+    from galaxy_llava.models.registry import family_for
+    from galaxy_llava.models.runs import save_run_model
+    from galaxy_llava.toy.tiny import build_family_in_memory
+
+    model, processor = build_family_in_memory("qwen2_vl")
+    family = family_for(model)
+    folder = save_run_model(model, processor, tmp_path / "run",
+                            prompt=family.default_prompt(processor))
+    text, code = WITHOUT_TORCHVISION
+    assert text in (folder / "README.md").read_text() and code in (folder / "README.md").read_text()
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    question = read_marker(folder)["question"]
+    space = {"MODEL": str(folder), "image": image, "messages": [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": question}]}]}
+    exec(code, space)
+    saved = family.load_processor(str(folder))
+    prompt = saved.apply_chat_template(space["messages"], add_generation_prompt=True,
+                                       tokenize=False)
+    want = saved(text=prompt, images=[image], return_tensors="pt")
+    got = space["inputs"]
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                "mm_token_type_ids"):
+        assert torch.equal(got[key], want[key]), key

@@ -55,6 +55,13 @@ def test_export_merges_adapter(lora_run, tmp_path, tiny_batch):
     assert read_marker(out)["kind"] == "model" and run_kind(out) == "model"
     assert not list(out.glob("adapter*"))
     assert merged.dtype == torch.float32  # the base checkpoint's dtype
+    import re
+
+    from galaxy_llava.models.llava import LLAVA
+
+    names = _weight_names(out)  # merged from a peft model, still llava-hf's names
+    assert any(n.startswith("vision_tower.vision_model.") for n in names)
+    assert all(re.match(LLAVA.checkpoint_keys, n) for n in names)
 
 
 def test_full_run_save_load_and_export(tiny_model_dir, tmp_path, tiny_batch):
@@ -68,9 +75,14 @@ def test_full_run_save_load_and_export(tiny_model_dir, tmp_path, tiny_batch):
     assert torch.allclose(_logits(loaded, tiny_batch), _logits(model.eval(), tiny_batch), atol=1e-6)
     again = load_model(run)[0].eval()
     assert torch.allclose(_logits(again, tiny_batch), _logits(model, tiny_batch), atol=1e-6)
-    out = export_run(run, tmp_path / "exported")
+    out = export_run(run, tmp_path / "exported", license="mit")  # export --license
     assert (out / "model.safetensors").is_file() and read_prompt(out) == DEFAULT_PROMPT
     assert read_marker(out)["base_model"] == str(tiny_model_dir.resolve())
+    assert read_marker(out)["saved_by"] == "export" and read_marker(run / "model")["saved_by"] == \
+        "train"
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "README.md").data.license == "mit"
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -273,3 +285,66 @@ def test_plain_peft_generate_equals_describe_on_an_adapter(lora_run, tiny_model_
                            model=str(run / "adapter"), image=str(image)), space)
         got.append(space["text"])
     assert got == want and len(set(want)) > 1
+
+
+# ----------------------------------------------------------------- the published layout
+
+def _weight_names(folder):
+    from safetensors import safe_open
+
+    names = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            names += list(f.keys())
+    return names
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2_vl", "idefics3"])
+def test_exports_use_the_published_layout_and_load_back_exactly(family_models, family_name,
+                                                                 tmp_path):
+    """An export's weight names and processor files are those of the family's published Hub
+    checkpoints (llava-hf: vision_tower.vision_model.*, which vLLM needs; Qwen2-VL: a
+    video_preprocessor_config.json), and plain transformers loads it with identical logits."""
+    import re
+
+    from transformers import AutoModelForImageTextToText
+
+    from galaxy_llava.models.registry import family_for
+    from galaxy_llava.training.batches import PromptIds
+
+    model, processor = family_models[family_name]
+    family = family_for(model)
+    save_run_model(model, processor, tmp_path / "run", prompt=family.default_prompt(processor))
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    names = _weight_names(out)
+    assert names and all(re.match(family.checkpoint_keys, n) for n in names), \
+        [n for n in names if not re.match(family.checkpoint_keys, n)][:5]
+    files = {"config.json", "generation_config.json", "preprocessor_config.json",
+             "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.jinja", "README.md"}
+    if family_name == "qwen2_vl":
+        files.add("video_preprocessor_config.json")
+        video = json.loads((out / "video_preprocessor_config.json").read_text())
+        image = processor.image_processor
+        assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+        assert (video["patch_size"], video["merge_size"], video["temporal_patch_size"]) == (
+            image.patch_size, image.merge_size, image.temporal_patch_size)
+    assert files <= {p.name for p in out.iterdir()}, files - {p.name for p in out.iterdir()}
+    # the image processor's own file holds what transformers 5 nests in processor_config.json
+    nested = json.loads((out / "processor_config.json").read_text())["image_processor"]
+    assert json.loads((out / "preprocessor_config.json").read_text()) == nested
+
+    plain = AutoModelForImageTextToText.from_pretrained(out).eval()
+    image = _noise_png_image(2)
+    inputs = family.image_inputs(processor, image)
+    ids = torch.tensor([PromptIds(processor, family, family.default_prompt(processor))(inputs)])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **inputs,
+             **family.token_inputs(ids, processor)}
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, model.eval()(**batch).logits)
+    saved = _saved_processor(out, family)  # the published files give the same ids
+    prompt = saved.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": read_marker(
+            out)["question"]}]}], add_generation_prompt=True, tokenize=False)
+    assert saved(text=prompt, images=[image], return_tensors="pt")["input_ids"].tolist() == \
+        ids.tolist()

@@ -106,7 +106,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from galaxy_llava.models.runs import export_run
 
     with outputs.staged_folder(args.out) as folder:  # nothing half-made, even if killed
-        export_run(args.run, folder)
+        export_run(args.run, folder, license=args.license)
         write_marker(folder, exported_from=source)
     print(export_summary(args.run, args.out))
 
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RUN folder (galaxy-llava train's --output_dir) or one of its "
                         "checkpoint-N folders")
     s.add_argument("--out", type=Path, required=True, help="folder for the plain checkpoint")
+    s.add_argument("--license", help="the model card's license (a Hub license id such as "
+                   "apache-2.0); default: the base model card's, where it has one")
     _overwrite(s)
     s.set_defaults(func=_cmd_export)
 

@@ -239,21 +239,21 @@ def _prompt_source(model: str | Path) -> str:
 
 
 def _add_to_card(model: str | Path, metrics: dict) -> None:
-    """Put this evaluation in the model card of a folder galaxy-llava saved (a run's
-    ``adapter/`` or ``model/``, an export, a tiny model: its ``galaxy_llava.json`` says so), what
-    a Hub user reads (:func:`galaxy_llava.modelcard.update_card`). Hub ids and anyone else's
-    folders (a downloaded base model) are never written; a folder we cannot write to gets a
-    one-line note, not a failure."""
-    from galaxy_llava.models.folders import MARKER, is_local, run_kind
+    """Put this evaluation in the model card of a folder that galaxy-llava train or export
+    wrote (a run's ``adapter/`` or ``model/``, an export: :func:`galaxy_llava.modelcard.owns_card`),
+    what a Hub user reads (:func:`galaxy_llava.modelcard.update_card`). Hub ids and other folders
+    (a base model, a tiny model) are never written; a folder we cannot write to gets a one-line
+    note, not a failure."""
+    from galaxy_llava.modelcard import owns_card, update_card
+    from galaxy_llava.models.folders import is_local, run_kind
 
     if not is_local(str(model)):
         return
     folder = Path(model).expanduser()
     kind = run_kind(folder)
     weights = {"adapter": folder / "adapter", "full": folder / "model", "model": folder}.get(kind)
-    if weights is None or not (weights / MARKER).is_file():
+    if weights is None or not owns_card(weights):
         return
-    from galaxy_llava.modelcard import update_card
 
     try:
         card = update_card(folder, metrics)

@@ -2,7 +2,8 @@
 or ``adapter/`` and an exported checkpoint.
 
 A card carries the Hub metadata (``base_model`` as a Hub id, never a local path;
-``library_name``; ``pipeline_tag: image-text-to-text``; tags; the source dataset), the prompt and
+``license`` when known; ``library_name``; ``pipeline_tag: image-text-to-text``; tags; the source
+dataset; the evaluations as ``model-index`` results), the prompt and
 the question that writes it through the chat template, the decoding stored in
 ``generation_config.json``, the training settings, the evaluation table once there is one, and a
 usage snippet in plain transformers / peft. It is rendered from what the folder itself holds
@@ -63,18 +64,52 @@ def hub_id(name: str | os.PathLike | None, kind: str = "models") -> str | None:
 
 
 def data_summary(data: str | os.PathLike | None) -> dict:
-    """What a card says of a prepared dataset (from its ``manifest.json``): folder name, rule
-    set, galaxies per class, image size and the source catalogue's Hub id when it has one."""
+    """What a card says of a prepared dataset: folder name, rule set, image size and the source
+    catalogue's Hub id when it has one (``manifest.json``), and the galaxies it holds in all and
+    by type (``stats.json``: what was used, not the ``--n-per-class`` asked for)."""
     if not data:
         return {}
     folder = dataset_folder(data)
     manifest = read_json_object(folder / "manifest.json")
+    stats = read_json_object(folder / "stats.json")
     source = manifest.get("source")
     if manifest.get("source_kind") != "hub":
         source = hub_id(source, "datasets")
+    classes = stats.get("classes") if isinstance(stats.get("classes"), dict) else {}
     return {"name": folder.name, "rules": manifest.get("rules"),
-            "n_per_class": manifest.get("n_per_class"), "image_size": manifest.get("image_size"),
-            "source": source, "hub_config": manifest.get("hub_config")}
+            "galaxies": stats.get("n_records"), "classes": {t: n for t, n in classes.items() if n},
+            "image_size": manifest.get("image_size"), "source": source,
+            "hub_config": manifest.get("hub_config")}
+
+
+def base_license(base: str | os.PathLike | None) -> dict:
+    """The license fields (``license``, ``license_name``, ``license_link``) of the base model's
+    card: a local folder's ``README.md``, or a Hub model's card where the Hugging Face cache
+    holds it (never downloaded: cards are written offline); {} when none is known."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    if not base:
+        return {}
+    path = Path(base).expanduser() / CARD
+    if not path.is_file() and hub_id(base):
+        cached = try_to_load_from_cache(hub_id(base), CARD)
+        path = Path(cached) if isinstance(cached, str) else path
+    if not path.is_file():
+        return {}
+    try:
+        data = ModelCard.load(path).data.to_dict()
+    except Exception:  # a card that is not a Hub card: no license to read
+        return {}
+    return {k: data[k] for k in ("license", "license_name", "license_link") if data.get(k)}
+
+
+def owns_card(folder: str | os.PathLike) -> bool:
+    """Whether galaxy-llava train or export wrote this weights folder, so its card is ours to
+    edit (an evaluation of a base model, a tiny model included, leaves its card alone). Folders
+    saved before ``saved_by`` was recorded are recognised by the question their card holds."""
+    marker = read_marker(folder)
+    return marker.get("saved_by") in ("train", "export") or (
+        "saved_by" not in marker and bool(marker.get("question")))
 
 
 def training_settings(finetune, args, **extra: Any) -> dict:
@@ -121,8 +156,10 @@ def evaluation_summary(metrics: dict | str | os.PathLike) -> dict:
                 else m.get(key) for key, _ in EVAL_ROWS}
 
     data = metrics.get("data")
+    dataset = data_summary(data) if data else {}
     summary = {"name": metrics.get("name") or metrics.get("kind") or "evaluation",
                "split": metrics.get("split"), "data": Path(data).name if data else None,
+               "source": dataset.get("source"), "hub_config": dataset.get("hub_config"),
                "n": metrics.get("n"), "values": values(metrics)}
     if isinstance(metrics.get("grammar"), dict):
         summary["grammar"] = values(metrics["grammar"])
@@ -165,14 +202,25 @@ def usage_snippet(kind: str, question: str, base: str | None = None,
     return "\n".join(lines)
 
 
-def _fmt(value: Any, percent: bool = False) -> str:
+def _fmt(value: Any) -> str:
     if value is None:
         return "-"
-    if percent:
-        return f"{100 * value:.1f}%"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.4g}"  # a learning rate, a dropout: 4 significant digits
     return str(value)
+
+
+def shown_value(key: str, value: float | None) -> float | None:
+    """An evaluation value as the card shows it, in the table and in ``model-index`` alike:
+    rates in percent and the mean length in words, both to one decimal."""
+    if value is None:
+        return None
+    return round(value if key == "mean_length" else 100 * value, 1)
+
+
+def _shown(key: str, value: float | None) -> str:
+    shown = shown_value(key, value)
+    return "-" if shown is None else f"{shown:.1f}" + ("" if key == "mean_length" else "%")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -193,13 +241,15 @@ def _training_section(training: dict | None) -> str:
     if data.get("source"):
         about.append(f"from [{data['source']}](https://huggingface.co/datasets/{data['source']})"
                      + (f" (config `{data['hub_config']}`)" if data.get("hub_config") else ""))
-    details = [f"{data['n_per_class']} galaxies per class" if data.get("n_per_class") else None,
+    classes = ", ".join(f"{n} {t}" for t, n in (data.get("classes") or {}).items())
+    details = [(f"{data['galaxies']} galaxies" + (f": {classes}" if classes else ""))
+               if data.get("galaxies") else None,
                f"captions under the `{data['rules']}` rules" if data.get("rules") else None,
                f"{data['image_size']} px images" if data.get("image_size") else None]
     details = [d for d in details if d]
     text = "## Training\n\nFine-tuned with `galaxy-llava train` (the Hugging Face Trainer"
     text += f") on {' '.join(about)}" if about else ")"
-    text += f" ({', '.join(details)})." if details else "."
+    text += f" ({'; '.join(details)})." if details else "."
     text += (" The loss is taken on the caption and its end token only; the vision encoder "
              "stays frozen.\n\n")
     return text + _table(["setting", "value"], rows)
@@ -216,8 +266,8 @@ def _evaluation_section(evaluations: list[dict]) -> str:
         columns.append((label, e.get("values") or {}))
         if e.get("grammar"):
             columns.append((f"{e.get('name')}, most probable caption", e["grammar"]))
-    rows = [[label] + [_fmt(values.get(key), percent=key != "mean_length")
-                       for _, values in columns] for key, label in EVAL_ROWS]
+    rows = [[label] + [_shown(key, values.get(key)) for _, values in columns]
+            for key, label in EVAL_ROWS]
     data = sorted({e["data"] for e in evaluations if e.get("data")})
     return ("## Evaluation\n\nScored by `galaxy-llava evaluate`"
             + (f" on `{'`, `'.join(data)}`" if data else "")
@@ -225,12 +275,60 @@ def _evaluation_section(evaluations: list[dict]) -> str:
             "volunteers' consensus, each attribute only where it applies (shape on ellipticals, "
             "bar and arms on spirals). Hallucination: stated attributes the truth lacks; "
             "omission: true attributes left out; parse rate: answers inside the caption "
-            "grammar.\n\n" + _table(["metric"] + [c for c, _ in columns], rows))
+            "grammar. The same values are in this card's metadata as `model-index` "
+            "results.\n\n" + _table(["metric"] + [c for c, _ in columns], rows))
+
+
+def eval_results(evaluations: list[dict]) -> list:
+    """The evaluations as ``huggingface_hub.EvalResult`` s (the card's ``model-index``), one per
+    shown value, rounded as the table shows it; the dataset is its Hub id where the prepared
+    dataset came from the Hub, else the prepared folder's name."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for e in evaluations:
+        columns = [("", e.get("values") or {})]
+        if e.get("grammar"):
+            columns.append(("most probable caption: ", e["grammar"]))
+        data = e.get("data") or "galaxy images"
+        for prefix, values in columns:
+            for key, label in EVAL_ROWS:
+                value = shown_value(key, values.get(key))
+                if value is None:
+                    continue
+                results.append(EvalResult(
+                    task_type="image-text-to-text", task_name="Galaxy morphology captions",
+                    dataset_type=e.get("source") or data,
+                    dataset_name=data,
+                    dataset_config=e.get("hub_config"), dataset_split=e.get("split"),
+                    metric_type="accuracy" if key in ATTRIBUTES else key,
+                    metric_name=prefix + label, metric_value=value))
+    return results
+
+
+def _license_text(license: dict, given: bool) -> str:
+    if not license:
+        return ("## License\n\nNot known here: the base model's card names none (or is not on "
+                "this machine) and none was given (`galaxy-llava export --license ID`). Set "
+                "`license:` in this card's metadata before publishing.")
+    name = license.get("license_name") or license.get("license")
+    link = f" ({license['license_link']})" if license.get("license_link") else ""
+    return (f"## License\n\n`{name}`{link}, " + ("as given when it was saved." if given else
+            "the base model's license (from its card).") + " See also the data's license "
+            "under Limitations.")
+
+
+def _family_notes(family: str) -> str:
+    from galaxy_llava.models.registry import FAMILIES
+
+    notes = next((f.card_notes for f in FAMILIES.values() if f.name == family), ())
+    return "".join(f"\n\n{text}\n\n```python\n{code}\n```" for text, code in notes)
 
 
 def render_card(folder: str | os.PathLike, kind: str, name: str | None = None) -> str:
     """The ``README.md`` text of a weights folder (``kind`` "adapter" or "model"), from its
-    ``galaxy_llava.json`` and ``generation_config.json``."""
+    ``galaxy_llava.json`` and ``generation_config.json``; the license is the marker's
+    ``license`` (given when saved) or the base model's (:func:`base_license`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
@@ -242,13 +340,16 @@ def render_card(folder: str | os.PathLike, kind: str, name: str | None = None) -
     method = (training or {}).get("method") or marker.get("method")
     tags = list(TAGS) + [family] + (["lora"] if kind == "adapter" or method in ("lora", "qlora")
                                     else []) + (["peft"] if kind == "adapter" else [])
+    name = name or marker.get("name") or folder.name
+    license = {"license": marker["license"]} if marker.get("license") else base_license(base)
+    evaluations = marker.get("evaluations") or []
     card_data = ModelCardData(
         base_model=base_id, library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag="image-text-to-text", tags=list(dict.fromkeys(tags)),
-        datasets=[data_id] if data_id else None)
+        datasets=[data_id] if data_id else None, **license,
+        model_name=name if evaluations else None, eval_results=eval_results(evaluations) or None)
     if base_id:
         card_data.base_model_relation = "adapter" if kind == "adapter" else "finetune"
-    name = name or marker.get("name") or folder.name
     base_text = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id
                  else f"a local model folder (`{Path(base).name}`)" if base else "a base model")
     what = "A LoRA adapter for" if kind == "adapter" else "A fine-tune of"
@@ -260,8 +361,18 @@ def render_card(folder: str | os.PathLike, kind: str, name: str | None = None) -
                          if k in generation)
     snippet = usage_snippet(kind, question, base=base_id or (f"path/to/{Path(base).name}"
                                                              if base else None))
+    # peft (and transformers' adapter loading) take the decoding from the base model: say so
+    # first, since a plain load gives other captions than describe.
+    warning = ("""
+> **Decoding: load as in [Usage](#usage).** `PeftModel.from_pretrained` (and transformers'
+> adapter loading) take the generation config from the base model, not from this folder's
+> `generation_config.json`, so a plain `generate` decodes otherwise than
+> `galaxy-llava describe` and gives other captions. Copy it to the base model first:
+> `base.generation_config = GenerationConfig.from_pretrained(ADAPTER)`.
+""" if kind == "adapter" else "")
+    notes = _family_notes(family)
     body = f"""# {name}
-
+{warning}
 {what} {base_text} ({family} family) that describes a galaxy image in the words of the Galaxy
 Zoo 2 volunteers' consensus: its type (elliptical or spiral), shape, bar, number of arms,
 bulge and signs of a merger, in one sentence of a fixed caption grammar. Made with
@@ -284,11 +395,13 @@ that into the exact prompt the model was trained on, token for token:
 
 `generation_config.json` holds `galaxy-llava describe`'s decoding ({decoding}; it stops at the
 end-of-turn token), so a plain `model.generate(**inputs)` gives the same caption as
-`describe`, computed in the same precision (`describe` uses fp32 on a CPU, bf16 on a GPU).
+`describe`, computed in the same precision (`describe` uses fp32 on a CPU, bf16 on a GPU).{notes}
 
 {_training_section(training)}
 
-{_evaluation_section(marker.get("evaluations") or [])}
+{_evaluation_section(evaluations)}
+
+{_license_text(license, bool(marker.get("license")))}
 
 ## Limitations
 
@@ -309,12 +422,16 @@ def update_card(run: str | os.PathLike, metrics: dict | str | os.PathLike) -> Pa
     """Add one evaluation (an EVAL folder, its ``metrics.json`` or ``evaluate``'s dict) to the
     card of a RUN folder (its ``model/`` or ``adapter/``) or of an exported model folder: kept
     in ``galaxy_llava.json`` ``evaluations`` (one per name, split and dataset, the newest) and
-    rendered as the card's evaluation table. Returns the card's path."""
+    rendered as the card's evaluation table and ``model-index``. Only folders that train or
+    export wrote (:func:`owns_card`). Returns the card's path."""
     run = Path(run)
     kind = run_kind(run) if run.is_dir() else None
     if kind is None:
         raise UserError(f"{run} is not a galaxy-llava run or model folder")
     folder = {"adapter": run / "adapter", "full": run / "model", "model": run}[kind]
+    if not owns_card(folder):
+        raise UserError(f"{folder} was not saved by galaxy-llava train or export: its model "
+                        "card is not ours to edit")
     summary = evaluation_summary(metrics)
     same = ("name", "split", "data")
     kept = [e for e in read_marker(folder).get("evaluations") or []

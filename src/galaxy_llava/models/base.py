@@ -136,6 +136,23 @@ class ModelFamily:
 
         return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
 
+    # --- the layout of the family's published Hub checkpoints (what exports are written in)
+    # A regex that the start of every weight name in the family's published checkpoints matches.
+    checkpoint_keys: str = ""
+    # Notes for the model card on loading a saved folder: (text, Python) pairs.
+    card_notes: tuple[tuple[str, str], ...] = ()
+
+    def save_processor(self, processor, folder) -> None:
+        """Save ``processor`` as the family's published checkpoints hold it: transformers 5's
+        ``processor_config.json`` and tokenizer files, plus the image processor's own
+        ``preprocessor_config.json`` (and a video processor's
+        ``video_preprocessor_config.json``), which older transformers and other engines read."""
+        processor.save_pretrained(folder)
+        processor.image_processor.save_pretrained(folder)
+        video = getattr(processor, "video_processor", None)
+        if video is not None:
+            video.save_pretrained(folder)
+
     # peft target_modules regexes of the family: the language model's linears, the connector's.
     language_lora_targets: str = ""
     connector_lora_targets: str = ""

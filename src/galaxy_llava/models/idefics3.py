@@ -256,6 +256,7 @@ class Idefics3Family(ModelFamily):
     def vision_encoder(self, model):
         return unwrap(model).model.vision_model
 
+    checkpoint_keys = r"(model\.(text_model|vision_model|connector)|lm_head)\."  # SmolVLM's
     language_lora_targets = TEXT_TARGETS
     connector_lora_targets = CONNECTOR_TARGETS
 

@@ -87,6 +87,9 @@ class LlavaFamily(ModelFamily):
     def vision_encoder(self, model):
         return unwrap(model).model.vision_tower
 
+    # llava-hf/* and TinyLLaVA: the CLIP weights under vision_tower.vision_model.
+    checkpoint_keys = (r"(language_model\.(model|lm_head)|multi_modal_projector"
+                       r"|vision_tower\.vision_model)\.")
     language_lora_targets = LANGUAGE_TARGETS
     connector_lora_targets = PROJECTOR_TARGETS
 

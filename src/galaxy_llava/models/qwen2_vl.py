@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from pathlib import Path
 
 from galaxy_llava.config import DEFAULT_QUESTION
 from galaxy_llava.errors import UserError
@@ -18,6 +19,27 @@ from galaxy_llava.models.llava import LANGUAGE_TARGETS
 IMAGE_TOKEN = "<|image_pad|>"
 END_OF_TURN = "<|im_end|>"
 MERGER_TARGETS = r".*visual\.merger\.mlp\.[02]"
+# The image processor's settings a video processor shares (frames are resized, normalised and
+# cut into patches as images are; the patch geometry must be the model's).
+_VIDEO_SHARED = ("do_convert_rgb", "do_resize", "size", "resample", "do_rescale",
+                 "rescale_factor", "do_normalize", "image_mean", "image_std", "min_pixels",
+                 "max_pixels", "patch_size", "temporal_patch_size", "merge_size")
+# For the model card: loading a saved folder's processor without torchvision.
+WITHOUT_TORCHVISION = (
+    "Plain `AutoProcessor.from_pretrained` builds Qwen2-VL's processor with its video "
+    "processor, which needs torchvision (`pip install torchvision`, the build that matches "
+    "your torch). Without it, build the inputs from the tokenizer and the image processor; "
+    "this gives the processor's ids exactly:",
+    """from transformers import AutoImageProcessor, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained(MODEL)  # its chat template writes the prompt
+image_processor = AutoImageProcessor.from_pretrained(MODEL)
+prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+pixels = image_processor(images=[image], return_tensors="pt")
+n = int(pixels["image_grid_thw"].prod()) // image_processor.merge_size**2
+inputs = tokenizer(prompt.replace("<|image_pad|>", "<|image_pad|>" * n), return_tensors="pt")
+image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+inputs = {**inputs, **pixels, "mm_token_type_ids": (inputs["input_ids"] == image_id).int()}""")
 
 
 def image_only_processor_class():
@@ -70,6 +92,25 @@ class Qwen2VLFamily(ModelFamily):
         image_processor = AutoImageProcessor.from_pretrained(source)
         return image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                             chat_template=tokenizer.chat_template)
+
+    # Qwen/Qwen2-VL-*: the decoder under model., the ViT and merger under visual.
+    checkpoint_keys = r"(model\.(?!language_model\.|visual\.)|visual\.|lm_head\.)"
+    card_notes = (WITHOUT_TORCHVISION,)
+
+    def save_processor(self, processor, folder) -> None:
+        """The published files, ``video_preprocessor_config.json`` included (Qwen2-VL's Hub
+        checkpoints carry it; transformers 5 and vLLM refuse a folder without it): the video
+        processor's own where there is one, else written from the image processor's settings
+        (no torchvision, no video processor object)."""
+        from galaxy_llava.io import write_json
+
+        super().save_processor(processor, folder)
+        if getattr(processor, "video_processor", None) is None:
+            image = processor.image_processor.to_dict()
+            write_json(Path(folder) / "video_preprocessor_config.json", {
+                **{k: image[k] for k in _VIDEO_SHARED if image.get(k) is not None},
+                "video_processor_type": "Qwen2VLVideoProcessor",
+                "processor_class": "Qwen2VLProcessor"})
 
     def num_image_tokens(self, processor, image_inputs: dict) -> int:
         merge = processor.image_processor.merge_size

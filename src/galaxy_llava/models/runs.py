@@ -1,5 +1,6 @@
-"""Save a trained model into a RUN folder and export a run as a plain checkpoint (LoRA merged).
-See :mod:`galaxy_llava.models.folders` for the layout.
+"""Save a trained model into a RUN folder and export a run as a plain checkpoint (LoRA merged),
+written in the layout of the family's published Hub checkpoints (weight names and processor
+files), which other engines (vLLM) expect. See :mod:`galaxy_llava.models.folders` for the layout.
 
 Every weights folder written here (``RUN/model``, ``RUN/adapter``, an export) is usable blind
 from plain transformers / peft: ``generation_config.json`` holds ``describe``'s decoding, the
@@ -64,7 +65,7 @@ def install_weights(run: Path, partial: Path, processor, prompt: str, base_model
     finish_folder(partial, kind, processor, family_for(model), prompt,
                   getattr(unwrap(model), "generation_config", None), base_model,
                   name or run.name,
-                  method=method, training=training)
+                  method=method, training=training, saved_by="train")
     for stale in (run / "adapter", run / "model"):
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(partial, run / kind)
@@ -75,13 +76,15 @@ def install_weights(run: Path, partial: Path, processor, prompt: str, base_model
 def finish_folder(folder: Path, kind: str, processor, family, prompt: str, generation,
                   base_model: str | None, name: str, **marker) -> None:
     """Write beside the weights in ``folder`` (``kind`` "adapter" or "model") what a Hugging Face
-    user needs: the processor with :func:`with_chat_template`, :func:`describe_generation_config`
-    of ``generation`` (the model's own), the marker (prompt, question, family, base model, and
-    ``marker``'s fields) and the model card."""
+    user needs: the processor with :func:`with_chat_template` (in the family's published files,
+    ``ModelFamily.save_processor``), :func:`describe_generation_config` of ``generation`` (the
+    model's own), the marker (prompt, question, family, base model, and ``marker``'s fields:
+    ``saved_by`` "train" or "export" makes the card :func:`galaxy_llava.modelcard.update_card`'s
+    to edit) and the model card."""
     from galaxy_llava.modelcard import write_card
 
     processor, question = with_chat_template(processor, family, prompt)
-    processor.save_pretrained(folder)
+    family.save_processor(processor, folder)
     describe_generation_config(generation, family, processor.tokenizer).save_pretrained(folder)
     write_prompt(folder, prompt, kind=kind, base_model=base_model)
     write_marker(folder, question=question, family=family.name, name=name, **marker)
@@ -121,21 +124,33 @@ def describe_generation_config(generation, family, tokenizer):
     return config
 
 
-def _not_model_files(folder: str, names: list[str]) -> set[str]:
-    """``shutil.copytree``'s ignore: what a Trainer checkpoint keeps beside the model (optimizer,
-    scheduler and RNG states, pickled arguments, its state) and an export leaves out."""
-    keep = (".safetensors", ".json", ".jinja", ".txt", ".model")
-    return {n for n in names if not n.endswith(keep) or n == TRAINER_STATE}
+def save_published(model, folder: str | os.PathLike) -> None:
+    """``model.save_pretrained(folder)`` with the weight names of the family's published Hub
+    checkpoints (``ModelFamily.checkpoint_keys``), whichever layout the model was loaded from.
+
+    transformers 5 renames legacy checkpoint keys on load (``conversion_mapping.py``: e.g.
+    ``vision_tower.vision_model.*`` to CLIP's flat ``vision_tower.*``) and on save reverts only
+    the renames that loading applied (``model._weight_conversions``); a model built or loaded
+    from flat names is saved flat, which vLLM refuses. Setting every rename of the model's
+    mapping makes the save write the published names; transformers still loads them, weight
+    for weight. (The one place that sets this private attribute; tests/test_runs.py checks the
+    names per family.)"""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+    model.save_pretrained(folder, safe_serialization=True)
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a RUN (or one of its ``checkpoint-N`` folders) as a plain checkpoint (LoRA merged
-    into the base weights), with its processor (chat template included), ``describe``'s
-    generation config, prompt and model card (the run's training settings and evaluations);
-    returns ``out``."""
+def export_run(run: str | os.PathLike, out: str | os.PathLike,
+               license: str | None = None) -> Path:
+    """Write a RUN (or one of its ``checkpoint-N`` folders) as a plain checkpoint in the
+    family's published layout (:func:`save_published`; a LoRA merged into the base weights, in
+    the base checkpoint's dtype), with its processor (chat template included), ``describe``'s
+    generation config, prompt and model card (the run's training settings and evaluations;
+    ``license``, else the run's or the base model card's); returns ``out``."""
     import torch
 
-    from galaxy_llava.models.loading import load_adapter_model, load_config
+    from galaxy_llava.models.loading import load_adapter_model, load_config, load_model
     from galaxy_llava.models.registry import family_for
 
     run, out = Path(run), Path(out)
@@ -147,36 +162,29 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise UserError(f"{run} is not a galaxy-llava run or checkpoint (no adapter/ or model/ "
                         "folder inside)")
     prompt = read_prompt(run) or DEFAULT_PROMPT
+    weights = weights_folder(run)
+    base = (read_marker(owner or run).get("base_model")
+            or run_settings(owner or run).get("model_name_or_path")) if kind == "full" \
+        else adapter_base(run)
+    # The saved dtype is kept; a LoRA merges in fp32 on the CPU (exact), then takes it.
+    saved = getattr(load_config(str(weights) if kind == "full" else base), "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    saved = saved if isinstance(saved, torch.dtype) else torch.float32
+    if kind == "full":
+        model, processor = load_model(weights, device="cpu", dtype=saved)
+    else:
+        model, processor = load_adapter_model(run, device="cpu", dtype=torch.float32)
+        model = model.to(saved)
+    marker = read_marker(weights)
+    name = f"{owner.name}-{run.name}" if owner else run.name  # a checkpoint: by its run
     with atomic_path(out) as tmp:
-        if kind == "full":
-            from transformers import GenerationConfig
-
-            shutil.copytree(weights_folder(run), tmp, ignore=_not_model_files)
-            base = (read_marker(owner or run).get("base_model")
-                    or run_settings(owner or run).get("model_name_or_path"))
-            config = load_config(str(tmp))
-            family = family_for(config)
-            processor = family.load_processor(str(tmp))
-            family.fix_processor(processor, config)
-            generation = (GenerationConfig.from_pretrained(tmp)
-                          if (tmp / "generation_config.json").is_file()
-                          else GenerationConfig.from_model_config(config))
-            marker = read_marker(weights_folder(run))
-        else:
-            base = adapter_base(run)
-            # Merge in fp32 on the CPU (exact), then store in the base checkpoint's dtype.
-            saved = getattr(load_config(base), "dtype", None)
-            model, processor = load_adapter_model(run, device="cpu", dtype=torch.float32)
-            if isinstance(saved, str):
-                saved = getattr(torch, saved, None)
-            if isinstance(saved, torch.dtype) and saved != torch.float32:
-                model = model.to(saved)
-            model.save_pretrained(tmp, safe_serialization=True)
-            family, generation = family_for(model), model.generation_config
-            marker = read_marker(weights_folder(run))
-        name = f"{owner.name}-{run.name}" if owner else run.name  # a checkpoint: by its run
-        finish_folder(tmp, "model", processor, family, prompt, generation, base, name,
+        save_published(model, tmp)
+        finish_folder(tmp, "model", processor, family_for(model), prompt,
+                      model.generation_config, base, name,
                       method=read_marker(owner or run).get("method")
                       or run_settings(owner or run).get("method"), training=marker.get("training"),
-                      evaluations=marker.get("evaluations"))
+                      evaluations=marker.get("evaluations"),
+                      license=license or marker.get("license"),
+                      saved_by="export")
     return out
