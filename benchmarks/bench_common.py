@@ -140,7 +140,7 @@ def make_training_data(folder: Path, n: int, image_size: int, seed: int = 0) -> 
         notebook.append({"image": str((folder / rel).resolve()), "text": morph.caption()})
         prepared.append({
             "image": rel, "text": morph.caption(), "id_str": row["id_str"],
-            "split": "val" if i in val else "train",
+            "split": "validation" if i in val else "train",
             "morphology": morph.to_dict(),
             "fractions": {c: (None if np.isnan(row[c]) else float(row[c])) for c in frac_cols},
         })

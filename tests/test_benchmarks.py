@@ -69,8 +69,8 @@ def test_training_data_has_both_layouts(tmp_path):
         assert Path(nb["image"]).is_file() and nb["text"] == rec["text"]
         assert Path(nb["image"]).resolve() == Path(rec["image"]).resolve()
         assert parse_caption(nb["text"]).parsed_ok
-    val = [i for i, r in enumerate(records) if r["split"] == "val"]
-    assert {r["split"] for r in records} == {"train", "val"} and len(val) == 3
+    val = [i for i, r in enumerate(records) if r["split"] == "validation"]
+    assert {r["split"] for r in records} == {"train", "validation"} and len(val) == 3
 
     class Stub:  # the notebook's dataset needs a processor only in __getitem__
         tokenizer = None

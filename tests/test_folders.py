@@ -287,7 +287,7 @@ def test_checkpoint_folders_are_models_in_every_command(runs_in_a, prepared_dir,
     assert len(catalogue) == len(expected)
 
     first = sorted(images.iterdir())[0]
-    assert ServedModel.load(last).describe([first])[0]["text"] == expected[0]
+    assert ServedModel.load(last).describe([first])[0]["caption"] == expected[0]
 
     _cli("export", "--run", last, "--out", tmp_path / "export")
     names = {p.name for p in (tmp_path / "export").iterdir()}
@@ -312,7 +312,7 @@ def test_load_best_model_at_end_leaves_the_best_checkpoints_weights(
          "--eval_strategy", "epoch", "--load_best_model_at_end", "--metric_for_best_model",
          "eval_loss", "--greater_is_better", "true", *FAST)
     val = [json.loads(line) for line in (run / "loss_log.jsonl").read_text().splitlines()]
-    val = [e for e in val if e["split"] == "val"]
+    val = [e for e in val if e["split"] == "validation"]
     best = max(val, key=lambda e: e["loss"])["step"]
     last = max(e["step"] for e in val)
     assert best != last, val  # else the test could not tell the best from the last

@@ -197,7 +197,8 @@ def test_trained_run_card_then_evaluation_then_export(tiny_model_dir, prepared_d
 
     # metrics.json as evaluate writes it: compute_metrics of the run's answers on the test split
     test = load_records(prepared_dir, split="test")
-    texts = [r["text"] for r in describe_paths(run, [r["image"] for r in test], max_new_tokens=8)]
+    texts = [r["caption"]
+             for r in describe_paths(run, [r["image"] for r in test], max_new_tokens=8)]
     metrics = {"name": "EVAL", "split": "test", "data": str(prepared_dir),
                **score_captions([Morphology.from_dict(r["morphology"]) for r in test], texts),
                "complete": True}
