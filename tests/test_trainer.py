@@ -173,6 +173,21 @@ def test_collapse_check_warns_when_every_answer_is_alike(tiny_model_dir, prepare
     assert collapse_warning([r["text"] for r in val], [r["text"] for r in val]) is None
 
 
+def _train_until_its_first_checkpoint(monkeypatch, *args, **kwargs) -> None:
+    """``train(*args, **kwargs)`` stopped (KeyboardInterrupt) right after its first checkpoint
+    is written, as a kill would leave it."""
+    real_save = GalaxyTrainer._save_checkpoint
+
+    def save_then_crash(self, *a, **kw):
+        real_save(self, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, **kwargs)
+    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", real_save)
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_ends_with_the_same_weights(method, tiny_model_dir, prepared_dir, tmp_path,
                                            monkeypatch):
@@ -182,16 +197,8 @@ def test_resume_ends_with_the_same_weights(method, tiny_model_dir, prepared_dir,
     kw = dict(num_train_epochs=3, lora_dropout=0.1, **FAST)
     whole = train(str(tiny_model_dir), prepared_dir, method, tmp_path / "whole", **kw)
 
-    real_save = GalaxyTrainer._save_checkpoint
-
-    def save_then_crash(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(str(tiny_model_dir), prepared_dir, method, tmp_path / "split", **kw)
-    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", real_save)
+    _train_until_its_first_checkpoint(monkeypatch, str(tiny_model_dir), prepared_dir, method,
+                                      tmp_path / "split", **kw)
     split = tmp_path / "split"
     assert len(list(split.glob("checkpoint-*"))) == 1
     with pytest.raises(UserError, match="already holds a training run"):
@@ -234,16 +241,8 @@ def test_vote_targets_resume_trains_on_the_captions_the_uninterrupted_run_drew(
     assert whole["caption_targets"] == "votes" and whole["steps"] == 12
     uninterrupted, trained[:] = list(trained), []
 
-    real_save = GalaxyTrainer._save_checkpoint
-
-    def save_then_crash(self, *args, **kwargs):
-        real_save(self, *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(str(tiny_model_dir), prepared_dir, "lora", tmp_path / "split", **kw)
-    monkeypatch.setattr(GalaxyTrainer, "_save_checkpoint", real_save)
+    _train_until_its_first_checkpoint(monkeypatch, str(tiny_model_dir), prepared_dir, "lora",
+                                      tmp_path / "split", **kw)
     assert [step for step, _ in trained] == list(range(6))
     train(output_dir=tmp_path / "split", resume_from_checkpoint="last")  # from config.yaml
     assert trained == uninterrupted
