@@ -309,6 +309,8 @@ def test_gpu_sh_runs_on_cpu_with_the_tiny_preset(tmp_path):
         data = json.loads((results / f"{step}.json").read_text())
         speed = data.get("speedup") or data.get("speedup_beams3")
         assert speed and speed > 0, step
+    # QLoRA needs CUDA: on a CPU the step says so and passes; on a GPU it trains (gpu.sh).
+    assert "qlora: skipped (no CUDA" in (results / "qlora.log").read_text()
     train = json.loads((results / "train-lora.json").read_text())["results"]
     for recipe in ("reference", "fast"):
         (r,) = train[recipe]
