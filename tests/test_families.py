@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.toy.tiny import FAMILIES
+from galaxy_llava.toy.tiny import TINY_BUILDERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHORT = "This is an image of a spiral galaxy."
 LONG = "This is an image of an elliptical galaxy, nearly round in shape."
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(TINY_BUILDERS))
 def family_dir(request, tmp_path_factory):
     """(family name, a tiny random-initialised model folder of it)."""
     from galaxy_llava.toy.tiny import build_tiny_model

@@ -187,9 +187,9 @@ def _noise_png_image(seed: int = 0):
 @pytest.fixture(scope="module")
 def family_models():
     """``{family: (model, processor)}``: a tiny random model of each family, built once."""
-    from galaxy_llava.toy.tiny import FAMILIES, build_family_in_memory
+    from galaxy_llava.toy.tiny import TINY_BUILDERS, build_family_in_memory
 
-    return {f: build_family_in_memory(f) for f in FAMILIES}
+    return {f: build_family_in_memory(f) for f in TINY_BUILDERS}
 
 
 def _saved_processor(folder, family):
