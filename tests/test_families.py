@@ -42,8 +42,9 @@ def _flat(value: int) -> Image.Image:
 
 def _model_inputs(model, processor, image, caption, prompt):
     """One example as the model's forward takes it (no labels)."""
+    from galaxy_llava.models.encoding import encode_example
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import Collator, encode_example
+    from galaxy_llava.training.batches import Collator
 
     family = family_for(model)
     batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
@@ -58,7 +59,7 @@ def test_family_is_chosen_from_the_checkpoint(family_dir):
 
 
 def test_labels_are_the_caption_then_the_families_end_token(family_dir):
-    from galaxy_llava.training.batches import encode_example
+    from galaxy_llava.models.encoding import encode_example
 
     _, folder = family_dir
     _, processor, family = _load(folder)
@@ -85,7 +86,8 @@ def test_cached_and_label_only_losses_equal_the_plain_forward(family_dir, method
     plain HF forward's loss (pixels, full logits, HF's loss), gradient for gradient."""
     from types import SimpleNamespace
 
-    from galaxy_llava.training.batches import Collator, encode_example
+    from galaxy_llava.models.encoding import encode_example
+    from galaxy_llava.training.batches import Collator
     from galaxy_llava.training.feature_cache import FeatureStore
     from galaxy_llava.training.trainer import GalaxyTrainer
 

@@ -205,10 +205,10 @@ def _saved_processor(folder, family):
 def test_chat_template_gives_the_training_prompt_ids(family_models, family_name, prompt_kind,
                                                      tmp_path):
     """Plain apply_chat_template on a saved folder's processor, then the processor, gives exactly
-    the ids the trainer trains on (training/batches.py), and the whole conversation starts with
+    the ids the trainer trains on (models/encoding.py), and the whole conversation starts with
     the training example's ids (what TRL's SFT would train on)."""
+    from galaxy_llava.models.encoding import PromptIds, encode_example
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import PromptIds, encode_example
 
     model, processor = family_models[family_name]
     family = family_for(model)
@@ -308,9 +308,9 @@ def test_exports_use_the_published_layout_and_load_back_exactly(family_models, f
     import re
 
     from transformers import AutoModelForImageTextToText
+    from galaxy_llava.models.encoding import PromptIds
 
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import PromptIds
 
     model, processor = family_models[family_name]
     family = family_for(model)

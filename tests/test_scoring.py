@@ -43,8 +43,9 @@ def family_model(request, tmp_path_factory):
 def _plain_log_probs(model, processor, image, captions, prompt=None) -> list[float]:
     """log p(caption + end | prompt, image) of each caption from plain forwards over the whole
     example, built as training builds it (one right-padded row per caption, no cache)."""
+    from galaxy_llava.models.encoding import encode_example
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import Collator, encode_example
+    from galaxy_llava.training.batches import Collator
 
     family = family_for(model)
     batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
@@ -79,7 +80,7 @@ def test_tree_scores_with_prompts_of_different_lengths(family_model):
     """Left padding in every family: two prompts of different lengths in one batch."""
     from galaxy_llava.models.registry import family_for
     from galaxy_llava.scoring import caption_tree
-    from galaxy_llava.training.batches import PromptIds
+    from galaxy_llava.models.encoding import PromptIds
 
     model, processor = family_model
     family = family_for(model)

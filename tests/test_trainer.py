@@ -18,7 +18,7 @@ import torch
 
 from galaxy_llava.cli import main as cli_main
 from galaxy_llava.errors import UserError
-from galaxy_llava.training.batches import IGNORE_INDEX
+from galaxy_llava.models.encoding import IGNORE_INDEX
 from galaxy_llava.training.trainer import GalaxyTrainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

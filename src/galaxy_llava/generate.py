@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.models.encoding import PromptIds
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.records import load_image
 
@@ -60,8 +61,6 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set one before generating")
-    from galaxy_llava.training.batches import PromptIds
-
     family = family_for(model)
     prompt_ids = PromptIds(processor, family, prompt or family.default_prompt(processor))
     dtype, device = _model_dtype_device(model)

@@ -27,9 +27,10 @@ from galaxy_llava.checks import preflight_model
 from galaxy_llava.config import FinetuneArguments
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json, write_text
+from galaxy_llava.models.encoding import IGNORE_INDEX
 from galaxy_llava.training import run_folder
 from galaxy_llava.training.accelerate_fsdp_cpu import enable_fsdp_on_cpu
-from galaxy_llava.training.batches import IGNORE_INDEX, CaptionDataset, Collator
+from galaxy_llava.training.batches import CaptionDataset, Collator
 
 
 # Validation galaxies described after training to catch a collapsed model (seconds on a CPU).
