@@ -107,7 +107,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     processor, the run's prompt). Do not modify the files: copy the folder first."""
     from galaxy_llava.models.adapt import apply_lora
     from galaxy_llava.models.loading import load_model
-    from galaxy_llava.models.runs import save_run_model
+    from galaxy_llava.saving import save_run_model
 
     model, processor = load_model(tiny_model_dir)
     peft_model = apply_lora(model)

@@ -215,7 +215,7 @@ def test_export_merges_into_a_plain_checkpoint_with_the_same_answers(family_dir,
     from transformers import AutoModelForImageTextToText
 
     from galaxy_llava.models.loading import load_for_inference
-    from galaxy_llava.models.runs import export_run
+    from galaxy_llava.saving import export_run
 
     run = trained["lora"][0]
     out = export_run(run, tmp_path / "merged")

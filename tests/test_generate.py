@@ -15,7 +15,7 @@ from galaxy_llava.errors import UserError
 from galaxy_llava.generate import describe_images, describe_paths, expand_image_paths
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.loading import load_model
-from galaxy_llava.models.runs import save_run_model
+from galaxy_llava.saving import save_run_model
 
 SHORTEST = "This is an image of a spiral galaxy."
 LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "

@@ -103,7 +103,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     checks.preflight_model(args.run)
     outputs.claim(args.out, "model", overwrite=args.overwrite,
                   identity={"exported_from": source})
-    from galaxy_llava.models.runs import export_run
+    from galaxy_llava.saving import export_run
 
     with outputs.staged_folder(args.out) as folder:  # nothing half-made, even if killed
         export_run(args.run, folder, license=args.license)

@@ -445,7 +445,7 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
     settings; ``name``: the run's) and renames it."""
     from peft import PeftModel
 
-    from galaxy_llava.models.runs import install_weights
+    from galaxy_llava.saving import install_weights
 
     is_adapter = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
     kind = "adapter" if is_adapter else "model"

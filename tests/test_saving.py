@@ -1,4 +1,4 @@
-"""models.runs: a trained model saved into a RUN folder (plain peft / transformers files plus our
+"""saving: a trained model saved into a RUN folder (plain peft / transformers files plus our
 markers) and exported as a plain checkpoint with the LoRA merged."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.folders import read_marker, read_prompt, run_kind
 from galaxy_llava.models.loading import load_for_inference, load_model
-from galaxy_llava.models.runs import export_run, save_run_model
+from galaxy_llava.saving import export_run, save_run_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
