@@ -177,7 +177,8 @@ def test_collator_pads_ids_labels_and_masks(processor, family):
     assert torch.equal(batch["pixel_values"], torch.cat([short["pixel_values"],
                                                          long["pixel_values"]]))
     assert (batch["input_ids"][0, n:] == pad).all()
-    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # defect 2: padding is not trained on
+    # padding is not trained on (DESIGN.md, defect 2)
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
     assert (batch["attention_mask"][0, n:] == 0).all()
     assert (batch["attention_mask"][0, :n] == 1).all() and (batch["attention_mask"][1] == 1).all()
     assert torch.equal(batch["labels"][0, :n], short["labels"])

@@ -61,7 +61,7 @@ def test_labels_are_exactly_caption_then_eos(processor, family, caption):
     assert ex["pixel_values"].shape[0] == 1  # one image, a leading image dim to concatenate on
     assert ex["input_ids"].shape == ex["labels"].shape
     answer = _answer(ex).tolist()
-    assert answer[-1] == tok.eos_token_id  # defect 3: the model must learn to stop
+    assert answer[-1] == tok.eos_token_id  # DESIGN.md, defect 3: the model must learn to stop
     assert tok.decode(answer[:-1]) == caption
     assert tok.convert_ids_to_tokens(answer[0]) == "▁This"
     # labels are the ids on the answer and -100 on one contiguous prompt prefix
@@ -105,7 +105,7 @@ def test_every_reachable_caption_round_trips(processor, family):
 
 
 def test_reference_masking_would_mask_the_first_caption_token(processor, family):
-    """Defect 4: masking by a separately tokenised prompt's length drops '▁This'."""
+    """DESIGN.md, defect 4: masking by a separately tokenised prompt's length drops '▁This'."""
     tok, image = processor.tokenizer, _image()
     ref_prompt = DEFAULT_PROMPT + " "
     full = processor(text=ref_prompt + SHORTEST, images=image, return_tensors="pt").input_ids[0]
@@ -114,7 +114,7 @@ def test_reference_masking_would_mask_the_first_caption_token(processor, family)
     ref_labels[:prompt_len] = IGNORE_INDEX
     ref_answer = full[ref_labels != IGNORE_INDEX].tolist()
     assert tok.decode(ref_answer) != SHORTEST  # the reference loses "This"
-    assert full[-1] != tok.eos_token_id  # and never shows EOS (defect 3)
+    assert full[-1] != tok.eos_token_id  # and never shows EOS (DESIGN.md, defect 3)
     ours = _answer(encode_example(processor, family, image, SHORTEST)).tolist()
     assert tok.decode(ours[:-1]) == SHORTEST and len(ours) == len(ref_answer) + 2
 

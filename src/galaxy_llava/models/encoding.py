@@ -4,8 +4,8 @@ answer's and end's ids and ``IGNORE_INDEX`` on the prompt. Training (``training.
 description (``generate``) and scoring (``scoring``) all build their token ids here.
 
 Labels are built from the pieces instead of masking by a separately tokenised prompt's length,
-which for SentencePiece tokenisers is off by one at the ``ASSISTANT: `` boundary (reference defect
-4); the end token is a label, so the model learns to stop (defect 3).
+which for SentencePiece tokenisers is off by one at the ``ASSISTANT: `` boundary (DESIGN.md,
+defect 4); the end token is a label, so the model learns to stop (DESIGN.md, defect 3).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ _NO_LIMIT = 1_000_000
 def encode_text(tokenizer, prompt_ids: list[int], answer_ids: list[int], end_ids: list[int],
                 max_length: int | None = None) -> dict[str, torch.Tensor]:
     """1-D ``input_ids`` and ``labels`` for prompt + answer + end token(s): -100 on the prompt
-    (image tokens included), the ids on answer + end (defect 3: the model learns to stop).
+    (image tokens included), the ids on answer + end (the model learns to stop: DESIGN.md,
+    defect 3).
 
     Nothing is truncated: an example longer than ``max_length`` (default: the tokenizer's limit)
     is an error, since cutting would drop image tokens or the end token the model must learn."""

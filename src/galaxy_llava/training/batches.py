@@ -2,7 +2,7 @@
 encoded by :mod:`galaxy_llava.models.encoding`; the image inputs, processed pixels or cached
 encoder features), and the collator that pads them and marks where the loss is taken.
 
-Each caption is tokenised once and each image processed apart from the text (reference defect 7).
+Each caption is tokenised once and each image processed apart from the text (DESIGN.md, defect 7).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pad ``input_ids`` with the pad id and ``labels`` with -100 (defect 2), build the
+    """Pad ``input_ids`` with the pad id and ``labels`` with -100 (DESIGN.md, defect 2), build the
     ``attention_mask`` and the family's per-token inputs, concatenate the image inputs along
     dim 0, and add ``label_mask``: True at positions whose next token is a label, where the loss
     (and ``lm_head``) is needed."""
