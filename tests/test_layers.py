@@ -1,6 +1,7 @@
-"""The import graph of galaxy_llava, read from the source (AST, no import): no import cycle,
-toy/ included, every import counted (function-level ones too); no product module imports toy/
-but the command-line face."""
+"""The import graph of galaxy_llava, read from the source (AST, no import): every import counted
+(function-level ones too); no import cycle, toy/ included; no product module imports toy/ but the
+command-line face; no module imports one of a higher layer (docs/DESIGN.md's order, LAYERS
+below) but the few exceptions named with their reason."""
 
 from __future__ import annotations
 
@@ -11,6 +12,39 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "galaxy_llava"
 FACE = {"galaxy_llava.cli", "galaxy_llava.__main__"}  # the command line serves the toy commands
+# docs/DESIGN.md's layers, top to bottom: a module imports only its own layer and those below.
+# Every module is placed (a new one must be), a package by its prefix.
+LAYERS = [
+    ["cli", "__main__", "flags"],
+    ["toy"],  # the demo's and the tests' parts, beside the product; only the face imports them
+    ["report", "report_charts", "report_galaxies"],
+    ["probe"],
+    ["evaluate"],
+    ["serve"],
+    ["catalogue", "catalogue_folder"],
+    ["training"],
+    ["saving"],
+    ["generate", "scoring"],
+    ["modelcard"],
+    ["models"],
+    ["prepare", "hub_dataset", "catalog", "layouts"],
+    ["calibration", "metrics"],
+    ["vote_captions", "rules", "morphology", "gz2"],
+    ["records", "imagefiles", "fitscutouts"],
+    ["outputs", "checks"],
+    ["config", "errors", "io", ""],  # "": the package's __init__ (its version)
+]
+# Imports that go up, each with its reason (the test fails once one is gone, so the list shrinks).
+UPWARD = {
+    ("galaxy_llava.generate", "galaxy_llava.catalogue"):
+        "describe's --scores columns are the catalogue's (catalogue.score_columns)",
+    ("galaxy_llava.checks", "galaxy_llava.models.folders"):
+        "the model preflight reads a folder's marker (lazily, no torch)",
+    ("galaxy_llava.checks", "galaxy_llava.models.loading"):
+        "the model preflight reads a model's config (lazily)",
+    ("galaxy_llava.checks", "galaxy_llava.models.registry"):
+        "the model preflight names the supported model types (lazily)",
+}
 # Cycles there are today, each to be broken (the test fails once one is, so the list shrinks).
 KNOWN_CYCLES = [
     # imagefiles._dataset_ids reads a prepared folder's records to name its images
@@ -97,3 +131,35 @@ def test_no_product_module_imports_the_toy_parts(graph):
     product = {m for m in graph if not m.startswith("galaxy_llava.toy")} - FACE
     leaks = {m: sorted(t for t in graph[m] if t.startswith("galaxy_llava.toy")) for m in product}
     assert not {m: t for m, t in leaks.items() if t}
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of ``module``'s layer (0 the top)."""
+    name = module.removeprefix("galaxy_llava").removeprefix(".")
+    for i, layer in enumerate(LAYERS):
+        if any(name == m or (m and name.startswith(m + ".")) for m in layer):
+            return i
+    raise AssertionError(f"{module} is in no layer: place it in tests/test_layers.py's LAYERS "
+                         "and docs/DESIGN.md's picture")
+
+
+def test_every_module_has_a_layer(graph):
+    for module in graph:
+        layer_of(module)
+
+
+def test_no_module_imports_a_higher_layer(graph):
+    upward = {(m, t) for m, targets in graph.items() for t in targets
+              if layer_of(t) < layer_of(m)}
+    new = sorted(upward - set(UPWARD))
+    assert not new, f"imports of a higher layer (see docs/DESIGN.md): {new}"
+    gone = sorted(set(UPWARD) - upward)
+    assert not gone, f"no longer imported upward, remove from UPWARD: {gone}"
+
+
+def test_models_import_nothing_above_them(graph):
+    """The family seam: models/ knows no CLI, no training, no description."""
+    models = [m for m in graph if m.startswith("galaxy_llava.models")]
+    assert len(models) > 5
+    for m in models:
+        assert all(layer_of(t) >= layer_of("galaxy_llava.models") for t in graph[m]), m
