@@ -3,24 +3,15 @@ the collator's padding, attention mask and label mask. (Encoding one example: te
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.encoding import IGNORE_INDEX, encode_example
 from galaxy_llava.training.batches import CaptionDataset, Collator
 from galaxy_llava.training.feature_cache import FeatureStore
-
-SHORTEST = "This is an image of a spiral galaxy."
-LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
-           "prominent bulge at its center, boxy bulge at its center, "
-           "disturbed or merging with another galaxy.")
-CAPTIONS = [SHORTEST, LONGEST, "This is an image of a star or artifact, not a galaxy.",
-            "This is an image of a spiral galaxy, with a central bar, with many arms."]
-
+from test_encoding import CAPTIONS, LONGEST, SHORTEST, _answer, _image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,15 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def processor(tiny_processor):
     return tiny_processor
-
-
-def _image(seed: int = 0, size: int = 70) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size, size + 9, 3), dtype=np.uint8))
-
-
-def _answer(ex) -> torch.Tensor:
-    return ex["input_ids"][ex["labels"] != IGNORE_INDEX]
 
 
 def _constant_store(n: int = 8, extras: list[dict] | None = None) -> FeatureStore:
