@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("demo-out"),
                    help="folder for everything the demo makes")
     s.add_argument("--n", type=int, default=600, help="synthetic galaxies to render")
-    s.add_argument("--family", default="llava", choices=list(TINY_BUILDERS), help="the tiny model's family")
+    s.add_argument("--family", default="llava", choices=list(TINY_BUILDERS),
+                   help="the tiny model's family")
     s.add_argument("--seed", type=int, default=0, help="seed of every step")
     s.set_defaults(func=_cmd_demo)
     for name, s in sub.choices.items():  # main() takes them anywhere; listed in each --help
