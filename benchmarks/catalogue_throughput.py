@@ -37,8 +37,8 @@ def flat_log_probs(model, processor, images, captions, prompt) -> list[list[floa
     ``images x candidates`` right-padded rows, each continuing a copy of its image's cache."""
     import torch
 
+    from galaxy_llava.models.encoding import PromptIds
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import PromptIds
 
     family, tok = family_for(model), processor.tokenizer
     param = next(model.parameters())

@@ -1,9 +1,10 @@
 """The seed notebook's recipe, copied verbatim as the *defective oracle* the benchmarks time.
 
 Nothing here is used by the package: it exists so that ``--recipe reference`` measures what the
-notebook did (defects 2-4, 6, 7 and 9 of docs included), not a tidied-up version of it. The code
-blocks between ``# --- verbatim`` and ``# --- end verbatim`` are the notebook's cells with their
-indentation restored; every change is listed here and marked ``# ADAPTED`` at its line:
+notebook did (DESIGN.md's reference defects 2-4, 6, 7 and 9 included), not a tidied-up
+version of it. The code blocks between ``# --- verbatim`` and ``# --- end verbatim`` are the
+notebook's cells with their indentation restored; every change is listed here and marked
+``# ADAPTED`` at its line:
 
 1. ``collate_fn`` reads a global ``processor``; here :func:`make_collate_fn` closes over it (the
    body is unchanged).
@@ -19,7 +20,7 @@ indentation restored; every change is listed here and marked ``# ADAPTED`` at it
    and the printed count: the prose says r=8, but 12,615,680 trainable parameters is exactly r=16
    on q/k/v/o/gate/up/down of the 22 decoder layers; alpha 16, dropout 0.05, task CAUSAL_LM
    (peft's ``PeftModelForCausalLM`` appears in the notebook's warning), and the target
-   ``mm_projector`` that matches nothing (defect 1).
+   ``mm_projector`` that matches nothing (DESIGN.md, defect 1).
 5. Benchmarks run a fixed number of optimizer steps: ``TrainingArguments`` get ``max_steps`` (and a
    throwaway ``output_dir``) on top of the notebook's values; 3 epochs x 1,800 samples is
    extrapolated from the measured steady-state rate instead of run.

@@ -90,7 +90,8 @@ def family(tiny_model_dir):
 @pytest.fixture
 def tiny_batch(tiny_processor, family):
     """Collated model inputs (no labels) for two noise images with one caption; a fresh dict."""
-    from galaxy_llava.training.batches import Collator, encode_example
+    from galaxy_llava.models.encoding import encode_example
+    from galaxy_llava.training.batches import Collator
 
     exs = [encode_example(tiny_processor, family, _noise_image(i), _CAPTION) for i in range(2)]
     collate = Collator(tiny_processor.tokenizer.pad_token_id, family=family,
@@ -106,7 +107,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     processor, the run's prompt). Do not modify the files: copy the folder first."""
     from galaxy_llava.models.adapt import apply_lora
     from galaxy_llava.models.loading import load_model
-    from galaxy_llava.models.runs import save_run_model
+    from galaxy_llava.saving import save_run_model
 
     model, processor = load_model(tiny_model_dir)
     peft_model = apply_lora(model)
@@ -147,8 +148,9 @@ def teach():
     """``teach(model, processor, [(image, caption), ...])``: full-train until each image gets
     its caption (loss < 0.05 in 150 AdamW steps); returns the model in eval mode."""
     def run(model, processor, pairs):
+        from galaxy_llava.models.encoding import encode_example
         from galaxy_llava.models.registry import family_for
-        from galaxy_llava.training.batches import Collator, encode_example
+        from galaxy_llava.training.batches import Collator
 
         torch.manual_seed(0)
         family = family_for(model)

@@ -139,8 +139,8 @@ def test_reference_lora_config_reproduces_the_notebooks_printed_count():
 
 
 def test_reference_dataset_calls_the_processor_twice_and_collator_pads_labels_with_pad(tmp_path, tiny):
-    """The oracle keeps defects 2 and 7: two processor calls (image included) per item, labels
-    padded with the pad id rather than -100."""
+    """The oracle keeps DESIGN.md's defects 2 and 7: two processor calls (image included) per
+    item, labels padded with the pad id rather than -100."""
     import reference_recipe as rr
 
     model, processor = tiny

@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.toy.tiny import FAMILIES
+from galaxy_llava.toy.tiny import TINY_BUILDERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHORT = "This is an image of a spiral galaxy."
 LONG = "This is an image of an elliptical galaxy, nearly round in shape."
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(TINY_BUILDERS))
 def family_dir(request, tmp_path_factory):
     """(family name, a tiny random-initialised model folder of it)."""
     from galaxy_llava.toy.tiny import build_tiny_model
@@ -42,8 +42,9 @@ def _flat(value: int) -> Image.Image:
 
 def _model_inputs(model, processor, image, caption, prompt):
     """One example as the model's forward takes it (no labels)."""
+    from galaxy_llava.models.encoding import encode_example
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import Collator, encode_example
+    from galaxy_llava.training.batches import Collator
 
     family = family_for(model)
     batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
@@ -58,7 +59,7 @@ def test_family_is_chosen_from_the_checkpoint(family_dir):
 
 
 def test_labels_are_the_caption_then_the_families_end_token(family_dir):
-    from galaxy_llava.training.batches import encode_example
+    from galaxy_llava.models.encoding import encode_example
 
     _, folder = family_dir
     _, processor, family = _load(folder)
@@ -85,7 +86,8 @@ def test_cached_and_label_only_losses_equal_the_plain_forward(family_dir, method
     plain HF forward's loss (pixels, full logits, HF's loss), gradient for gradient."""
     from types import SimpleNamespace
 
-    from galaxy_llava.training.batches import Collator, encode_example
+    from galaxy_llava.models.encoding import encode_example
+    from galaxy_llava.training.batches import Collator
     from galaxy_llava.training.feature_cache import FeatureStore
     from galaxy_llava.training.trainer import GalaxyTrainer
 
@@ -213,7 +215,7 @@ def test_export_merges_into_a_plain_checkpoint_with_the_same_answers(family_dir,
     from transformers import AutoModelForImageTextToText
 
     from galaxy_llava.models.loading import load_for_inference
-    from galaxy_llava.models.runs import export_run
+    from galaxy_llava.saving import export_run
 
     run = trained["lora"][0]
     out = export_run(run, tmp_path / "merged")

@@ -15,7 +15,7 @@ from galaxy_llava.errors import UserError
 from galaxy_llava.generate import describe_images, describe_paths, expand_image_paths
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.models.loading import load_model
-from galaxy_llava.models.runs import save_run_model
+from galaxy_llava.saving import save_run_model
 
 SHORTEST = "This is an image of a spiral galaxy."
 LONGEST = ("This is an image of an elliptical galaxy, moderately elongated in shape, "
@@ -39,7 +39,8 @@ def _noise(seed: int) -> Image.Image:
 def overfit(tiny_model_dir, teach):
     """The tiny model trained to give SHORTEST for a black image and LONGEST for a white one.
 
-    Its answers must stop at EOS: a model that had not learned EOS (defect 3) would run on."""
+    Its answers must stop at EOS: a model that had not learned EOS (DESIGN.md, defect 3) would
+    run on."""
     model, processor = load_model(tiny_model_dir)
     return teach(model, processor, [(_flat(0), SHORTEST), (_flat(255), LONGEST)]), processor
 
@@ -89,7 +90,7 @@ def test_generation_settings_and_one_call_per_batch(tiny_model_dir, monkeypatch)
     family = family_for(model)
     assert kw["eos_token_id"] == family.end_ids(tok) == [tok.eos_token_id]
     assert kw["pad_token_id"] == tok.pad_token_id
-    assert kw["no_repeat_ngram_size"] == 0 and kw["min_length"] == 0  # defect 6
+    assert kw["no_repeat_ngram_size"] == 0 and kw["min_length"] == 0  # DESIGN.md, defect 6
     assert kw["repetition_penalty"] == 1.0 and kw["num_beams"] == 2 and kw["do_sample"] is False
     assert kw["input_ids"][0, 0] == tok.bos_token_id
     # the images' inputs, concatenated along dim 0; the prompt's ids for each image

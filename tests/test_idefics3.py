@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.models.encoding import IGNORE_INDEX, encode_example
 from galaxy_llava.models.idefics3 import IDEFICS3, max_sub_images
 from galaxy_llava.models.registry import family_for
-from galaxy_llava.training.batches import IGNORE_INDEX, Collator, encode_example
+from galaxy_llava.training.batches import Collator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -178,7 +178,7 @@ def test_trained_run_card_then_evaluation_then_export(tiny_model_dir, prepared_d
     the export's card carries both."""
     from galaxy_llava.generate import describe_paths
     from galaxy_llava.metrics import score_captions
-    from galaxy_llava.models.runs import export_run
+    from galaxy_llava.saving import export_run
     from galaxy_llava.morphology import Morphology
     from galaxy_llava.records import load_records
     from galaxy_llava.training.trainer import train
@@ -303,7 +303,7 @@ def test_qwen2_vl_card_shows_how_to_load_without_torchvision(tmp_path):
 
     from galaxy_llava.models.qwen2_vl import WITHOUT_TORCHVISION
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.models.runs import save_run_model
+    from galaxy_llava.saving import save_run_model
     from galaxy_llava.toy.tiny import build_family_in_memory
 
     model, processor = build_family_in_memory("qwen2_vl")

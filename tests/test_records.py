@@ -129,7 +129,7 @@ def test_load_image_converts_to_rgb(tmp_path):
 def test_prepared_dataset_records(request, family):
     """Records of the shared prepared dataset load by split and encode as training examples."""
     pytest.importorskip("galaxy_llava.prepare")
-    from galaxy_llava.training.batches import IGNORE_INDEX, encode_example
+    from galaxy_llava.models.encoding import IGNORE_INDEX, encode_example
 
     prepared = request.getfixturevalue("prepared_dir")
     records = load_records(prepared, split="train")

@@ -16,7 +16,7 @@ from galaxy_llava.rules import rule_set
 from galaxy_llava.scoring import (CaptionTree, batch_log_probs,
                                  caption_log_probs, grammar_scores, posterior_summary,
                                  tree_log_probs)
-from galaxy_llava.toy.tiny import FAMILIES
+from galaxy_llava.toy.tiny import TINY_BUILDERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +30,7 @@ def _image(seed=0, width=64, height=64):
 _IMAGES = [_image(0), _image(1, 96, 48), _image(2, 40, 100)]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(TINY_BUILDERS))
 def family_model(request, tmp_path_factory):
     from galaxy_llava.models.loading import load_model
     from galaxy_llava.toy.tiny import build_tiny_model
@@ -43,8 +43,9 @@ def family_model(request, tmp_path_factory):
 def _plain_log_probs(model, processor, image, captions, prompt=None) -> list[float]:
     """log p(caption + end | prompt, image) of each caption from plain forwards over the whole
     example, built as training builds it (one right-padded row per caption, no cache)."""
+    from galaxy_llava.models.encoding import encode_example
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import Collator, encode_example
+    from galaxy_llava.training.batches import Collator
 
     family = family_for(model)
     batch = Collator(processor.tokenizer.pad_token_id, family=family, processor=processor)(
@@ -79,7 +80,7 @@ def test_tree_scores_with_prompts_of_different_lengths(family_model):
     """Left padding in every family: two prompts of different lengths in one batch."""
     from galaxy_llava.models.registry import family_for
     from galaxy_llava.scoring import caption_tree
-    from galaxy_llava.training.batches import PromptIds
+    from galaxy_llava.models.encoding import PromptIds
 
     model, processor = family_model
     family = family_for(model)
@@ -128,32 +129,9 @@ def test_caption_tree_shares_prefixes():
 @pytest.fixture(scope="module")
 def qwen2_5_vl():
     """A tiny random Qwen2.5-VL (windowed ViT) with the tiny Qwen2-VL's processor."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from galaxy_llava.toy.tiny_qwen2_vl import build_qwen2_5_vl_in_memory
 
-    from galaxy_llava.toy.tiny_qwen2_vl import MERGE, PATCH, SPECIAL, build_processor
-
-    processor = build_processor()
-    tok = processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=-(-len(tok) // 64) * 64, hidden_size=128, intermediate_size=344,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=None,
-            eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [4, 6, 6]}),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
-                           out_hidden_size=128, patch_size=PATCH, spatial_merge_size=MERGE,
-                           temporal_patch_size=2, in_channels=3, window_size=32,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32,
-                                                           attn_implementation="sdpa")
-    return model.eval(), processor
+    return build_qwen2_5_vl_in_memory()
 
 
 def test_qwen2_5_vl_tree_scores_equal_plain_forwards(qwen2_5_vl):

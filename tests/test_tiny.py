@@ -91,3 +91,18 @@ def test_tinyllava_preset_has_tinyllava_shapes():
         (1024, 2048, 2048)
     total = sum(p.numel() for p in model.parameters())
     assert 1.40e9 < total < 1.43e9  # TinyLLaVA: about 1.41 B
+
+
+def test_every_registered_family_has_a_tiny_builder_or_a_stated_reason():
+    """The family-parametrised tests run over TINY_BUILDERS: a family added to the registry
+    without a tiny model, or a reason it needs none, would go untested without notice."""
+    from galaxy_llava.models.registry import FAMILIES
+    from galaxy_llava.toy.tiny import NO_TINY_BUILDER, TINY_BUILDERS
+
+    registered = {family.name for family in FAMILIES.values()}
+    assert not set(TINY_BUILDERS) & set(NO_TINY_BUILDER), "a family both built and excused"
+    missing = registered - set(TINY_BUILDERS) - set(NO_TINY_BUILDER)
+    assert not missing, (f"registered families without a tiny builder: {sorted(missing)}; add "
+                         "one to toy.tiny.TINY_BUILDERS or say why not in NO_TINY_BUILDER")
+    assert set(TINY_BUILDERS) | set(NO_TINY_BUILDER) <= registered  # no stale names
+    assert all(len(reason.split()) >= 5 for reason in NO_TINY_BUILDER.values())

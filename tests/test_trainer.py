@@ -18,7 +18,7 @@ import torch
 
 from galaxy_llava.cli import main as cli_main
 from galaxy_llava.errors import UserError
-from galaxy_llava.training.batches import IGNORE_INDEX
+from galaxy_llava.models.encoding import IGNORE_INDEX
 from galaxy_llava.training.trainer import GalaxyTrainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,7 +143,7 @@ def test_training_lowers_loss_keeps_the_encoder_and_writes_a_loadable_run(
         plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
         tuned = PeftModel.from_pretrained(plain, run / "adapter").merge_and_unload()
         cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
-        assert "multi_modal_projector" in json.dumps(cfg["target_modules"])  # defect 1
+        assert "multi_modal_projector" in json.dumps(cfg["target_modules"])  # DESIGN.md, defect 1
     state = tuned.state_dict()
     vision = {k: v for k, v in state.items() if "vision_tower" in k}
     assert vision and all(torch.equal(v, base[k]) for k, v in vision.items())

@@ -26,8 +26,8 @@ where the catalogue has them, NaN where it has not.
 
 Selecting galaxies needs a dozen numeric columns, while the images are most of the bytes, so
 :func:`load_catalog` reads only ``id_str`` and the columns the rule set needs (the notebook
-decoded all 172k images just to read one column; defect 7). Images are read afterwards, row
-group by row group, for the selected rows only (:meth:`Catalog.image_bytes`).
+decoded all 172k images just to read one column: DESIGN.md, defect 7). Images are read
+afterwards, row group by row group, for the selected rows only (:meth:`Catalog.image_bytes`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from galaxy_llava.config import DEFAULT_THREADS, GLOBAL_FLAGS
 from galaxy_llava.errors import UserError
 from galaxy_llava.flags import ArgumentParser
 from galaxy_llava.rules import RULE_SETS
-from galaxy_llava.toy.tiny import FAMILIES, PRESETS
+from galaxy_llava.toy.tiny import PRESETS, TINY_BUILDERS
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -103,7 +103,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     checks.preflight_model(args.run)
     outputs.claim(args.out, "model", overwrite=args.overwrite,
                   identity={"exported_from": source})
-    from galaxy_llava.models.runs import export_run
+    from galaxy_llava.saving import export_run
 
     with outputs.staged_folder(args.out) as folder:  # nothing half-made, even if killed
         export_run(args.run, folder, license=args.license)
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="tiny", choices=PRESETS,
                    help="size: tiny (0.7 M parameters, 64 px), mini (TinyLLaVA's costly shapes "
                         "on 2 layers, 18.5 M), tinyllava (TinyLLaVA's shapes, 1.4 B)")
-    s.add_argument("--family", default="llava", choices=FAMILIES,
+    s.add_argument("--family", default="llava", choices=list(TINY_BUILDERS),
                    help="model family (qwen2_vl and idefics3: tiny preset only)")
     s.add_argument("--seed", type=int, default=0, help="seed of the weights and the pretraining")
     s.add_argument("--pretrain-steps", type=int, default=0,
@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("demo-out"),
                    help="folder for everything the demo makes")
     s.add_argument("--n", type=int, default=600, help="synthetic galaxies to render")
-    s.add_argument("--family", default="llava", choices=FAMILIES, help="the tiny model's family")
+    s.add_argument("--family", default="llava", choices=list(TINY_BUILDERS),
+                   help="the tiny model's family")
     s.add_argument("--seed", type=int, default=0, help="seed of every step")
     s.set_defaults(func=_cmd_demo)
     for name, s in sub.choices.items():  # main() takes them anywhere; listed in each --help

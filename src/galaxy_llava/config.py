@@ -36,7 +36,7 @@ CAPTION_TARGETS = ("caption", "votes")
 # tiny model 5.8x, LoRA training 2.3x (tiny) and 1.4x (mini preset).
 DEFAULT_THREADS = 1
 
-# The reference recipe per method (domain.md): full lr 1e-5 batch 1; LoRA lr 5e-5 batch 8.
+# The reference recipe per method (the notebook's): full lr 1e-5 batch 1; LoRA lr 5e-5 batch 8.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "full": {"learning_rate": 1e-5, "per_device_train_batch_size": 1},
     "lora": {"learning_rate": 5e-5, "per_device_train_batch_size": 8},

@@ -2,7 +2,7 @@
 
 One ``generate`` call per batch: the vision tower runs once per batch (generate encodes the images
 before expanding them to beams), prompts are left-padded, only new tokens are decoded and each
-answer ends at EOS. No n-gram blocking and no ``min_length`` (reference defect 6): the caption
+answer ends at EOS. No n-gram blocking and no ``min_length`` (DESIGN.md, defect 6): the caption
 grammar repeats "bulge at its center", and ``min_length`` would count prompt tokens.
 """
 
@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.models.encoding import PromptIds
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.records import load_image
 
@@ -60,8 +61,6 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
     tok = processor.tokenizer
     if tok.pad_token_id is None:
         raise UserError("the tokenizer has no pad token; set one before generating")
-    from galaxy_llava.training.batches import PromptIds
-
     family = family_for(model)
     prompt_ids = PromptIds(processor, family, prompt or family.default_prompt(processor))
     dtype, device = _model_dtype_device(model)
@@ -69,7 +68,8 @@ def describe_images(model, processor, images: Iterable[Image.Image | str | os.Pa
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
         eos_token_id=sorted(stop_ids), pad_token_id=tok.pad_token_id,
-        # Explicit, so a checkpoint's generation_config cannot switch them back on (defect 6).
+        # Explicit, so a checkpoint's generation_config cannot switch them back on
+        # (DESIGN.md, defect 6).
         no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0)
     texts: list[str] = []
     starts = range(0, len(images), batch_size)

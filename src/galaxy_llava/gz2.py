@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-# Questions and their answers, in the catalogue's (and domain.md's) order.
+# Questions and their answers, in the catalogue's order.
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "smooth-or-featured": ("smooth", "featured-or-disk", "artifact"),
     "disk-edge-on": ("yes", "no"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from galaxy_llava.models.encoding import PromptIds
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
 
 
@@ -157,7 +158,6 @@ class CaptionScorer:
 
     def __init__(self, model, processor, captions: list[str], prompt: str | None = None):
         from galaxy_llava.models.registry import family_for
-        from galaxy_llava.training.batches import PromptIds
 
         self.model, self.processor, self.captions = model, processor, list(captions)
         self.family = family_for(model)

@@ -25,7 +25,7 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, projec
     ~20 attribute values, a low-rank change of what reaches the decoder, and the adapter stays
     small. ``projector="full"`` trains it whole (peft ``modules_to_save``) for a randomly
     initialised or badly mismatched projector. The reference's ``mm_projector`` target matched
-    nothing (defect 1). ``target_modules`` overrides the family's choice."""
+    nothing (DESIGN.md, defect 1). ``target_modules`` overrides the family's choice."""
     from peft import LoraConfig, get_peft_model
 
     if projector not in PROJECTOR_MODES:

@@ -21,6 +21,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from galaxy_llava.models.encoding import IGNORE_INDEX, PromptIds, encode_text
+from galaxy_llava.training.batches import Collator
+
 COLOURS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 1.0, 0.3), "blue": (0.3, 0.45, 1.0),
            "yellow": (1.0, 0.9, 0.3), "white": (1.0, 1.0, 1.0)}
 KINDS = ("blob", "ring", "bar", "stripes", "cross", "dots")
@@ -60,8 +63,6 @@ GENERIC_TEXT = (
 
 def text_batch(tokenizer, rng: np.random.Generator, batch_size: int) -> dict:
     """A right-padded batch of GENERIC_TEXT sentences with causal-LM labels (pads -100)."""
-    from galaxy_llava.training.batches import IGNORE_INDEX
-
     picks = [GENERIC_TEXT[i] for i in rng.integers(len(GENERIC_TEXT), size=batch_size)]
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in picks]
     width = max(map(len, ids))
@@ -148,7 +149,6 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
 
     Scenes are drawn fresh every step (no dataset to overfit). Plain HF forward with labels."""
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import Collator, PromptIds, encode_text
 
     rng = np.random.default_rng([seed, 7])
     torch.manual_seed(seed)

@@ -1,10 +1,14 @@
-"""Random-initialised LLaVA models for tests, the demo and benchmarks, built without the Hub.
+"""Random-initialised models for tests, the demo and benchmarks, built without the Hub, of three
+families (:data:`TINY_BUILDERS`): LLaVA (here), Qwen2-VL (:mod:`.tiny_qwen2_vl`) and Idefics3
+(:mod:`.tiny_idefics3`); :func:`build_tiny_model` writes any of them as a plain model folder (see
+:mod:`galaxy_llava.models.folders`).
 
-``tiny`` is CPU-sized; ``mini`` has TinyLLaVA's costly shapes (336 px images, 576 image tokens,
-a 32,064-token vocabulary) on two narrow layers per tower, so that a CPU training step costs what
-the fast path removes; ``tinyllava`` has TinyLLaVA's shapes. All get a Llama tokenizer trained
-here (SentencePiece BPE on the caption grammar, prompts and generic English) and a CLIP image
-processor, and are written as a plain model folder (see :mod:`galaxy_llava.models.folders`).
+LLaVA has three presets: ``tiny`` is CPU-sized; ``mini`` has TinyLLaVA's costly shapes (336 px
+images, 576 image tokens, a 32,064-token vocabulary) on two narrow layers per tower, so that a CPU
+training step costs what the fast path removes; ``tinyllava`` has TinyLLaVA's shapes. All get a
+Llama tokenizer trained here (SentencePiece BPE on :func:`~.bpe.tokenizer_corpus`: the caption
+grammar, prompts and generic English) and a CLIP image processor. The other families have the
+``tiny`` scale only.
 """
 
 from __future__ import annotations
@@ -12,21 +16,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
 from galaxy_llava.models.folders import write_marker
+from galaxy_llava.toy import tiny_idefics3, tiny_qwen2_vl
+from galaxy_llava.toy.bpe import tokenizer_corpus
 
 # torch and transformers are imported where used: the CLI reads PRESETS for its --help.
 
 PRESETS = ("tiny", "mini", "tinyllava")
-_GENERIC_ENGLISH = (
-    "The quick brown fox jumps over the lazy dog. What is this? It is a picture of the night sky. "
-    "Please describe the image in one sentence. The telescope observed a bright star, a faint "
-    "nebula and a distant cluster of galaxies. Astronomers classify galaxies by their shape: some "
-    "are smooth and round, others have a disk, spiral arms, a bar or a bulge. Answer the question "
-    "about the photo. There are 0 1 2 3 4 5 6 7 8 9 numbers and punctuation: ; ! ? ( ) - ' \" ."
-)
 _TINY = dict(vision_hidden=64, vision_layers=3, vision_heads=4, vision_mlp=128, image_size=64,
              patch=16, text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=344,
              max_positions=512, spm_vocab=640)
@@ -51,19 +49,6 @@ def _preset(preset: str) -> dict:
 def preset_shapes(preset: str) -> dict:
     """A preset's sizes (``image_size``, ``patch``, widths, layers, ...), without building it."""
     return dict(_preset(preset))
-
-
-def tokenizer_corpus(prompts: list[str] | None = None) -> list[str]:
-    """Caption grammar (every reachable caption of every rule set), prompts and generic English."""
-    from galaxy_llava.rules import RULE_SETS
-
-    captions = sorted({m.caption() for rule_set in RULE_SETS.values()
-                       for m in rule_set.reachable()})
-    from galaxy_llava.toy.pretrain import PRETRAIN_PROMPT, scene_words
-
-    prompts = prompts or [DEFAULT_PROMPT, PRETRAIN_PROMPT, "USER: <image>\nWhat is this? ASSISTANT:"]
-    # Repetition weights the prompt and generic words so they become whole pieces too.
-    return captions * 4 + prompts * 40 + [_GENERIC_ENGLISH] * 10 + scene_words()
 
 
 def _train_sentencepiece(vocab_size: int) -> bytes:
@@ -168,24 +153,30 @@ def build_model_in_memory(preset: str = "tiny", seed: int = 0, device=None, dtyp
     return model.eval(), processor
 
 
-FAMILIES = ("llava", "qwen2_vl", "idefics3")
+# The tiny model of each family, by family name: ``builder(seed=, device=, dtype=)`` gives
+# ``(model, processor)`` (LLaVA's takes its preset first). Every family the registry
+# (:mod:`galaxy_llava.models.registry`) supports has one here or a reason in NO_TINY_BUILDER.
+TINY_BUILDERS = {"llava": build_model_in_memory, "qwen2_vl": tiny_qwen2_vl.build_model_in_memory,
+                 "idefics3": tiny_idefics3.build_model_in_memory}
+NO_TINY_BUILDER = {
+    "qwen2_5_vl": "Qwen2-VL's processor, prompt and loading with a windowed ViT: the per-family "
+                  "tests run on qwen2_vl, and tests/test_scoring.py builds a tiny Qwen2.5-VL "
+                  "(toy.tiny_qwen2_vl.build_qwen2_5_vl_in_memory) for the part that differs, "
+                  "its multimodal positions in tree scoring",
+}
 
 
 def build_family_in_memory(family: str = "llava", preset: str = "tiny", seed: int = 0,
                            device=None, dtype=None):
     """``(model, processor)`` of a tiny random-initialised model of ``family``; presets other
     than ``tiny`` exist for LLaVA only."""
-    if family not in FAMILIES:
-        raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family not in TINY_BUILDERS:
+        raise UserError(f"unknown family {family!r}; expected one of {', '.join(TINY_BUILDERS)}")
     if family == "llava":
         return build_model_in_memory(preset, seed=seed, device=device, dtype=dtype)
     if preset != "tiny":
         raise UserError(f"the {family} family has only the tiny preset")
-    if family == "qwen2_vl":
-        from galaxy_llava.toy.tiny_qwen2_vl import build_model_in_memory as build
-    else:
-        from galaxy_llava.toy.tiny_idefics3 import build_model_in_memory as build
-    return build(seed=seed, device=device, dtype=dtype)
+    return TINY_BUILDERS[family](seed=seed, device=device, dtype=dtype)
 
 
 def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,

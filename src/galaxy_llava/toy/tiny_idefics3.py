@@ -10,6 +10,8 @@ get SmolVLM's tiles."""
 
 from __future__ import annotations
 
+from galaxy_llava.toy.bpe import tokenizer_corpus, train_byte_bpe
+
 # SmolVLM's special tokens (HuggingFaceTB/SmolVLM-*): the tile grid <row_i_col_j> is what
 # Idefics3Processor writes when it splits an image.
 SPECIAL = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>",
@@ -31,8 +33,6 @@ IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH) ** 2 // SCALE**2  # 16 <image> tokens per 
 def build_tokenizer():
     """The byte-level BPE tokenizer: SmolVLM's special tokens (bos ``<|im_start|>``, eos
     ``<end_of_utterance>``, pad ``<|im_end|>`` as in SmolVLM) and chat template."""
-    from galaxy_llava.toy.bpe import train_byte_bpe
-    from galaxy_llava.toy.tiny import tokenizer_corpus
 
     # The answer follows "Assistant:" after a space: " This" becomes one piece, as in SmolVLM's.
     prompts = [f"<|im_start|>User:<image>{q}<end_of_utterance>\nAssistant: This is an image of"

@@ -4,6 +4,8 @@ images -> 8x8 patches -> 16 image tokens after the 2x2 merger), a 2-layer Qwen2 
 
 from __future__ import annotations
 
+from galaxy_llava.toy.bpe import tokenizer_corpus, train_byte_bpe
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>"]
 # Qwen2-VL's chat template, for text and images (no system turn, no video).
@@ -24,8 +26,6 @@ def build_processor():
     )
 
     from galaxy_llava.models.qwen2_vl import image_only_processor_class
-    from galaxy_llava.toy.bpe import train_byte_bpe
-    from galaxy_llava.toy.tiny import tokenizer_corpus
 
     prompts = [f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n"
                "<|im_start|>assistant\n" for q in ("Describe this galaxy.", "What do you see?")]
@@ -70,4 +70,36 @@ def build_model_in_memory(seed: int = 0, device=None, dtype=None):
             config, dtype=dtype or torch.float32, attn_implementation="sdpa")
     model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"],
                                                pad_token_id=tok.pad_token_id)
+    return model.eval(), processor
+
+
+def build_qwen2_5_vl_in_memory(seed: int = 0, device=None, dtype=None):
+    """``(model, processor)``: a tiny Qwen2.5-VL (windowed ViT, 2 layers, one of them full
+    attention) with the tiny Qwen2-VL's processor, in eval mode. Not in ``TINY_BUILDERS``
+    (see ``toy.tiny.NO_TINY_BUILDER``): it is for the tests of what Qwen2.5-VL changes."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=-(-len(tok) // 64) * 64, hidden_size=128, intermediate_size=344,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=None,
+            eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [4, 6, 6]}),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                           out_hidden_size=128, patch_size=PATCH, spatial_merge_size=MERGE,
+                           temporal_patch_size=2, in_channels=3, window_size=32,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            config, dtype=dtype or torch.float32, attn_implementation="sdpa")
     return model.eval(), processor

@@ -13,7 +13,7 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from galaxy_llava.config import (GLOBAL_FLAGS, METHOD_DEFAULTS, TRAINING_DEFAULTS,
                                  FinetuneArguments, find_config, read_yaml, shipped_configs)
@@ -121,7 +121,7 @@ def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None
 
 
 def device_defaults() -> dict[str, Any]:
-    """bf16 autocast and TF32 on a GPU that has them (defect 9: fp32 leaves >10x on the
+    """bf16 autocast and TF32 on a GPU that has them (DESIGN.md, defect 9: fp32 leaves >10x on the
     table); no pinned memory without one (it only warns)."""
     import torch
 
@@ -136,39 +136,59 @@ def _finish(finetune: FinetuneArguments, training) -> tuple[FinetuneArguments, A
     return finetune, training
 
 
+class _Range(NamedTuple):
+    """The values a numeric Trainer setting may take: a finite number from ``low`` to ``high``
+    (None: unbounded), an end excluded when ``low_open`` / ``high_open``, an integer when
+    ``integer``, or None when ``optional``."""
+
+    name: str
+    low: float | None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def check(self, value) -> None:
+        """Refuse ``value`` out of range, in one line naming ``--name``."""
+        from galaxy_llava.checks import number
+
+        number(f"--{self.name}", value, self.low, self.high, low_open=self.low_open,
+               high_open=self.high_open, integer=self.integer, optional=self.optional)
+
+
 # TrainingArguments accepts inf, nan and negative values for these (and trains a step at
-# lr=inf): (field, low, high, low excluded, high excluded, integer, may be None).
+# lr=inf).
 _RANGES = (
-    ("learning_rate", 0, None, True, False, False, False),
-    ("num_train_epochs", 0, None, True, False, False, False),
-    ("max_steps", -1, None, False, False, True, False),
-    ("per_device_train_batch_size", 1, None, False, False, True, False),
-    ("per_device_eval_batch_size", 1, None, False, False, True, False),
-    ("gradient_accumulation_steps", 1, None, False, False, True, False),
-    ("warmup_steps", 0, None, False, False, False, False),
-    ("weight_decay", 0, None, False, False, False, False),
-    ("adam_beta1", 0, 1, False, True, False, False),
-    ("adam_beta2", 0, 1, False, True, False, False),
-    ("adam_epsilon", 0, None, True, False, False, False),
-    ("max_grad_norm", 0, None, False, False, False, False),
-    ("label_smoothing_factor", 0, 1, False, True, False, False),
-    ("logging_steps", 0, None, True, False, False, False),
-    ("save_steps", 0, None, True, False, False, False),
-    ("eval_steps", 0, None, True, False, False, True),
-    ("save_total_limit", 0, None, False, False, True, True),
-    ("dataloader_num_workers", 0, None, False, False, True, False),
+    _Range("learning_rate", 0, low_open=True),
+    _Range("num_train_epochs", 0, low_open=True),
+    _Range("max_steps", -1, integer=True),
+    _Range("per_device_train_batch_size", 1, integer=True),
+    _Range("per_device_eval_batch_size", 1, integer=True),
+    _Range("gradient_accumulation_steps", 1, integer=True),
+    _Range("warmup_steps", 0),
+    _Range("weight_decay", 0),
+    _Range("adam_beta1", 0, 1, high_open=True),
+    _Range("adam_beta2", 0, 1, high_open=True),
+    _Range("adam_epsilon", 0, low_open=True),
+    _Range("max_grad_norm", 0),
+    _Range("label_smoothing_factor", 0, 1, high_open=True),
+    _Range("logging_steps", 0, low_open=True),
+    _Range("save_steps", 0, low_open=True),
+    _Range("eval_steps", 0, low_open=True, optional=True),
+    _Range("save_total_limit", 0, integer=True, optional=True),
+    _Range("dataloader_num_workers", 0, integer=True),
 )
 
 
 def check_numbers(training) -> None:
     """Every numeric Trainer setting finite and in range, and the seeds ones numpy accepts;
     checked before any data or model is loaded (one line naming the flag)."""
-    from galaxy_llava.checks import number, seed
+    from galaxy_llava.checks import seed
 
-    for name, low, high, low_open, high_open, integer, optional in _RANGES:
-        if hasattr(training, name):
-            number(f"--{name}", getattr(training, name), low, high, low_open=low_open,
-                   high_open=high_open, integer=integer, optional=optional)
+    for r in _RANGES:
+        if hasattr(training, r.name):
+            r.check(getattr(training, r.name))
     seed("--seed", training.seed)
     if training.data_seed is not None:
         seed("--data_seed", training.data_seed)
@@ -194,23 +214,22 @@ def precheck(argv: list[str], resume: bool = True) -> argparse.Namespace:
     ``--resume_from_checkpoint`` names (there and whole; with ``resume``); numeric flags out of
     range (the ranges of :func:`check_numbers`, which checks every source of settings again
     after parsing). Returns the peeked flags."""
-    from galaxy_llava.checks import number, seed
+    from galaxy_llava.checks import seed
     from galaxy_llava.outputs import check_kind
     from galaxy_llava.training import run_folder
 
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for name in ("config", "method", "output_dir", "resume_from_checkpoint"):
         peek.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None)
-    for name, *_, integer, _optional in _RANGES:
-        peek.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None,
-                          type=_lenient(int if integer else float))
+    for r in _RANGES:
+        peek.add_argument(f"--{r.name}", f"--{r.name.replace('_', '-')}", default=None,
+                          type=_lenient(int if r.integer else float))
     peek.add_argument("--seed", default=None, type=_lenient(int))
     known, _ = peek.parse_known_args(argv)
-    for name, low, high, low_open, high_open, integer, _optional in _RANGES:
-        value = getattr(known, name)
-        if isinstance(value, (int, float)):
-            number(f"--{name}", value, low, high, low_open=low_open, high_open=high_open,
-                   integer=integer)
+    for r in _RANGES:
+        value = getattr(known, r.name)
+        if isinstance(value, (int, float)):  # a value that is no number: the parser says so
+            r.check(value)
     if isinstance(known.seed, int):
         seed("--seed", known.seed)
     run = Path(known.output_dir) if known.output_dir else None

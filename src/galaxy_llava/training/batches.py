@@ -1,12 +1,8 @@
-"""Training examples and batches: token ids with exact labels, the image inputs (processed
-pixels or cached encoder features), and the collator that pads them and marks where the loss is
-taken.
+"""Training examples and batches: the dataset of prepared records (token ids with exact labels,
+encoded by :mod:`galaxy_llava.models.encoding`; the image inputs, processed pixels or cached
+encoder features), and the collator that pads them and marks where the loss is taken.
 
-Labels are built from the pieces (prompt ids, then the caption's ids as they follow the prompt at
-generation time, then the family's end token) instead of masking by a separately tokenised
-prompt's length, which for SentencePiece tokenisers is off by one at the ``ASSISTANT: `` boundary
-(reference defect 4). Each caption is tokenised once and each image processed apart from the
-text (defect 7).
+Each caption is tokenised once and each image processed apart from the text (DESIGN.md, defect 7).
 """
 
 from __future__ import annotations
@@ -16,58 +12,8 @@ from typing import Any
 import torch
 
 from galaxy_llava.errors import UserError
-
-IGNORE_INDEX = -100
-# Sane tokenizer length limits are below this; HF uses ~1e30 for "no limit".
-_NO_LIMIT = 1_000_000
-
-
-def encode_text(tokenizer, prompt_ids: list[int], answer_ids: list[int], end_ids: list[int],
-                max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """1-D ``input_ids`` and ``labels`` for prompt + answer + end token(s): -100 on the prompt
-    (image tokens included), the ids on answer + end (defect 3: the model learns to stop).
-
-    Nothing is truncated: an example longer than ``max_length`` (default: the tokenizer's limit)
-    is an error, since cutting would drop image tokens or the end token the model must learn."""
-    if not answer_ids:
-        raise UserError("empty caption")
-    answer = list(answer_ids) + list(end_ids)
-    ids = list(prompt_ids) + answer
-    limit = max_length or getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit < _NO_LIMIT and len(ids) > limit:
-        raise UserError(f"example of {len(ids)} tokens exceeds the limit of {limit}; shorten the "
-                        "prompt or caption")
-    return {"input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer, dtype=torch.long)}
-
-
-class PromptIds:
-    """A prompt's ids per image-token count (the only thing they depend on), built once each."""
-
-    def __init__(self, processor, family, prompt: str):
-        self.processor, self.family, self.prompt = processor, family, prompt
-        self._by_count: dict[int, list[int]] = {}
-
-    def __call__(self, image_inputs: dict) -> list[int]:
-        n = self.family.num_image_tokens(self.processor, image_inputs)
-        if n not in self._by_count:
-            self._by_count[n] = self.family.prompt_ids(self.processor, self.prompt, n)
-        return self._by_count[n]
-
-
-def encode_example(processor, family, image, caption: str, prompt: str | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """One training example without a dataset: ``input_ids``, ``labels`` and the image inputs
-    of ``image`` (a PIL image or a path)."""
-    from galaxy_llava.records import load_image
-
-    if not hasattr(image, "convert"):
-        image = load_image(image)
-    inputs = family.image_inputs(processor, image)
-    prompt_ids = PromptIds(processor, family, prompt or family.default_prompt(processor))(inputs)
-    tok = processor.tokenizer
-    out = encode_text(tok, prompt_ids, family.answer_ids(tok, caption), family.end_ids(tok))
-    return {**out, **inputs}
+from galaxy_llava.models.encoding import IGNORE_INDEX, PromptIds, encode_text
+from galaxy_llava.records import load_image
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -120,8 +66,6 @@ class CaptionDataset(torch.utils.data.Dataset):
         return ids
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from galaxy_llava.records import load_image
-
         if self.features is not None:
             inputs = self.features.inputs(self.rows[self.paths[i]])
         else:
@@ -133,7 +77,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pad ``input_ids`` with the pad id and ``labels`` with -100 (defect 2), build the
+    """Pad ``input_ids`` with the pad id and ``labels`` with -100 (DESIGN.md, defect 2), build the
     ``attention_mask`` and the family's per-token inputs, concatenate the image inputs along
     dim 0, and add ``label_mask``: True at positions whose next token is a label, where the loss
     (and ``lm_head``) is needed."""

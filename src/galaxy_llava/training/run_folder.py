@@ -32,7 +32,7 @@ RUN_OUTPUTS = ("config.yaml", "train_metrics.json", "loss_log.jsonl", "loss_curv
 BACKUP = ".previous-run"
 NEXT = ".next-run"  # a new run built beside the previous one
 REPLACED = ".replaced-run"  # the previous run's outputs while the new one is moved in
-_PARTIAL_WEIGHTS = (".adapter.partial", ".model.partial")  # models.runs.install_weights'
+_PARTIAL_WEIGHTS = (".adapter.partial", ".model.partial")  # saving.install_weights'
 
 
 def _step(p: Path) -> int | None:

@@ -27,8 +27,10 @@ from galaxy_llava.checks import preflight_model
 from galaxy_llava.config import FinetuneArguments
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json, write_text
+from galaxy_llava.models.encoding import IGNORE_INDEX
 from galaxy_llava.training import run_folder
-from galaxy_llava.training.batches import IGNORE_INDEX, CaptionDataset, Collator
+from galaxy_llava.training.accelerate_fsdp_cpu import enable_fsdp_on_cpu
+from galaxy_llava.training.batches import CaptionDataset, Collator
 
 
 # Validation galaxies described after training to catch a collapsed model (seconds on a CPU).
@@ -50,18 +52,9 @@ class GalaxyTrainer(Trainer):
         self.label_only_loss = label_only_loss
 
     def create_accelerator_and_postprocess(self):
-        """FSDP on CPU processes too: accelerate keeps a multi-CPU state as plain DDP and drops
-        the FSDP plugin without a word; switch it to FSDP2 (which runs on gloo) as asked."""
+        """FSDP on CPU processes too (see :mod:`.accelerate_fsdp_cpu`)."""
         super().create_accelerator_and_postprocess()
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        state = self.accelerator.state
-        if self.args.fsdp_plugin_args and state.distributed_type == DistributedType.MULTI_CPU:
-            # AcceleratorState re-copies PartialState's dict when constructed: set both.
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            state.distributed_type = DistributedType.FSDP
-            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        if enable_fsdp_on_cpu(self.accelerator.state, self.args.fsdp_plugin_args):
             self.is_fsdp_enabled = True
 
     def _load_best_model(self):
@@ -452,7 +445,7 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
     settings; ``name``: the run's) and renames it."""
     from peft import PeftModel
 
-    from galaxy_llava.models.runs import install_weights
+    from galaxy_llava.saving import install_weights
 
     is_adapter = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
     kind = "adapter" if is_adapter else "model"

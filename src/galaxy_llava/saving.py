@@ -5,7 +5,11 @@ files), which other engines (vLLM) expect. See :mod:`galaxy_llava.models.folders
 Every weights folder written here (``RUN/model``, ``RUN/adapter``, an export) is usable blind
 from plain transformers / peft: ``generation_config.json`` holds ``describe``'s decoding, the
 processor's chat template writes the training prompt token for token, and ``README.md`` is a
-model card (:mod:`galaxy_llava.modelcard`)."""
+model card (:mod:`galaxy_llava.modelcard`).
+
+It sits above ``models/`` and :mod:`galaxy_llava.modelcard` (whose card it writes) and
+:mod:`galaxy_llava.generate` (whose decoding defaults a saved ``generation_config.json`` holds);
+``training`` saves through it and the ``export`` command calls it."""
 
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from pathlib import Path
 
 from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
+from galaxy_llava.generate import describe_images
 from galaxy_llava.io import atomic_path
+from galaxy_llava.modelcard import write_card
 from galaxy_llava.models.folders import (TRAINER_STATE, abs_if_local, adapter_base,
                                          checkpoint_run, read_marker, read_prompt, run_kind,
                                          run_settings, weights_folder, write_marker,
@@ -81,8 +87,6 @@ def finish_folder(folder: Path, kind: str, processor, family, prompt: str, gener
     model's own), the marker (prompt, question, family, base model, and ``marker``'s fields:
     ``saved_by`` "train" or "export" makes the card :func:`galaxy_llava.modelcard.update_card`'s
     to edit) and the model card."""
-    from galaxy_llava.modelcard import write_card
-
     processor, question = with_chat_template(processor, family, prompt)
     family.save_processor(processor, folder)
     describe_generation_config(generation, family, processor.tokenizer).save_pretrained(folder)
@@ -108,8 +112,6 @@ def describe_generation_config(generation, family, tokenizer):
     no minimum length), starting from the model's own ``generation`` config (or none)."""
     from transformers import GenerationConfig
 
-    from galaxy_llava.generate import describe_images
-
     defaults = inspect.signature(describe_images).parameters
     config = copy.deepcopy(generation) if generation is not None else GenerationConfig()
     for key in _SAMPLING_ONLY:
@@ -133,7 +135,7 @@ def save_published(model, folder: str | os.PathLike) -> None:
     the renames that loading applied (``model._weight_conversions``); a model built or loaded
     from flat names is saved flat, which vLLM refuses. Setting every rename of the model's
     mapping makes the save write the published names; transformers still loads them, weight
-    for weight. (The one place that sets this private attribute; tests/test_runs.py checks the
+    for weight. (The one place that sets this private attribute; tests/test_saving.py checks the
     names per family.)"""
     from transformers.conversion_mapping import get_model_conversion_mapping
 

@@ -1,4 +1,4 @@
-"""models.runs: a trained model saved into a RUN folder (plain peft / transformers files plus our
+"""saving: a trained model saved into a RUN folder (plain peft / transformers files plus our
 markers) and exported as a plain checkpoint with the LoRA merged."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from galaxy_llava.config import DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.folders import read_marker, read_prompt, run_kind
 from galaxy_llava.models.loading import load_for_inference, load_model
-from galaxy_llava.models.runs import export_run, save_run_model
+from galaxy_llava.saving import export_run, save_run_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,9 +187,9 @@ def _noise_png_image(seed: int = 0):
 @pytest.fixture(scope="module")
 def family_models():
     """``{family: (model, processor)}``: a tiny random model of each family, built once."""
-    from galaxy_llava.toy.tiny import FAMILIES, build_family_in_memory
+    from galaxy_llava.toy.tiny import TINY_BUILDERS, build_family_in_memory
 
-    return {f: build_family_in_memory(f) for f in FAMILIES}
+    return {f: build_family_in_memory(f) for f in TINY_BUILDERS}
 
 
 def _saved_processor(folder, family):
@@ -205,10 +205,10 @@ def _saved_processor(folder, family):
 def test_chat_template_gives_the_training_prompt_ids(family_models, family_name, prompt_kind,
                                                      tmp_path):
     """Plain apply_chat_template on a saved folder's processor, then the processor, gives exactly
-    the ids the trainer trains on (training/batches.py), and the whole conversation starts with
+    the ids the trainer trains on (models/encoding.py), and the whole conversation starts with
     the training example's ids (what TRL's SFT would train on)."""
+    from galaxy_llava.models.encoding import PromptIds, encode_example
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import PromptIds, encode_example
 
     model, processor = family_models[family_name]
     family = family_for(model)
@@ -308,9 +308,9 @@ def test_exports_use_the_published_layout_and_load_back_exactly(family_models, f
     import re
 
     from transformers import AutoModelForImageTextToText
+    from galaxy_llava.models.encoding import PromptIds
 
     from galaxy_llava.models.registry import family_for
-    from galaxy_llava.training.batches import PromptIds
 
     model, processor = family_models[family_name]
     family = family_for(model)

@@ -1,0 +1,165 @@
+"""The import graph of galaxy_llava, read from the source (AST, no import): every import counted
+(function-level ones too); no import cycle, toy/ included; no product module imports toy/ but the
+command-line face; no module imports one of a higher layer (docs/DESIGN.md's order, LAYERS
+below) but the few exceptions named with their reason."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "galaxy_llava"
+FACE = {"galaxy_llava.cli", "galaxy_llava.__main__"}  # the command line serves the toy commands
+# docs/DESIGN.md's layers, top to bottom: a module imports only its own layer and those below.
+# Every module is placed (a new one must be), a package by its prefix.
+LAYERS = [
+    ["cli", "__main__", "flags"],
+    ["toy"],  # the demo's and the tests' parts, beside the product; only the face imports them
+    ["report", "report_charts", "report_galaxies"],
+    ["probe"],
+    ["evaluate"],
+    ["serve"],
+    ["catalogue", "catalogue_folder"],
+    ["training"],
+    ["saving"],
+    ["generate", "scoring"],
+    ["modelcard"],
+    ["models"],
+    ["prepare", "hub_dataset", "catalog", "layouts"],
+    ["calibration", "metrics"],
+    ["vote_captions", "rules", "morphology", "gz2"],
+    ["records", "imagefiles", "fitscutouts"],
+    ["outputs", "checks"],
+    ["config", "errors", "io", ""],  # "": the package's __init__ (its version)
+]
+# Imports that go up, each with its reason (the test fails once one is gone, so the list shrinks).
+UPWARD = {
+    ("galaxy_llava.generate", "galaxy_llava.catalogue"):
+        "describe's --scores columns are the catalogue's (catalogue.score_columns)",
+    ("galaxy_llava.checks", "galaxy_llava.models.folders"):
+        "the model preflight reads a folder's marker (lazily, no torch)",
+    ("galaxy_llava.checks", "galaxy_llava.models.loading"):
+        "the model preflight reads a model's config (lazily)",
+    ("galaxy_llava.checks", "galaxy_llava.models.registry"):
+        "the model preflight names the supported model types (lazily)",
+}
+# Cycles there are today, each to be broken (the test fails once one is, so the list shrinks).
+KNOWN_CYCLES = [
+    # imagefiles._dataset_ids reads a prepared folder's records to name its images
+    {"galaxy_llava.imagefiles", "galaxy_llava.records"},
+    # generate.describe_images fills the catalogue's scored columns (catalogue.score_columns)
+    {"galaxy_llava.catalogue", "galaxy_llava.generate"},
+]
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """``{module: the package's modules it imports}``, at module level or in a function."""
+    modules = {_module_name(p, package): p for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                assert node.level == 0, f"{name}: relative import of {node.module}"
+                # `from galaxy_llava.toy import tiny` imports a module; `from x import f` x
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                          else node.module for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while not component or v not in component:
+                component.add(stack.pop())
+            on_stack.difference_update(component)
+            if len(component) > 1:
+                found.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+def test_the_graph_sees_every_kind_of_import(graph):
+    """The reader finds module-level, function-level and `from package import module` imports
+    (else the checks below would pass on an empty graph)."""
+    assert "galaxy_llava.toy.bpe" in graph["galaxy_llava.toy.tiny"]  # module level
+    assert "galaxy_llava.toy.pretrain" in graph["galaxy_llava.toy.bpe"]  # in a function
+    assert "galaxy_llava.toy.tiny_qwen2_vl" in graph["galaxy_llava.toy.tiny"]  # from toy import
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_no_import_cycle_toy_included(graph):
+    found = cycles(graph)
+    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
+    assert not new, f"import cycles: {new}"
+    gone = [sorted(c) for c in KNOWN_CYCLES if c not in found]
+    assert not gone, f"broken at last, remove from KNOWN_CYCLES: {gone}"
+
+
+def test_no_product_module_imports_the_toy_parts(graph):
+    product = {m for m in graph if not m.startswith("galaxy_llava.toy")} - FACE
+    leaks = {m: sorted(t for t in graph[m] if t.startswith("galaxy_llava.toy")) for m in product}
+    assert not {m: t for m, t in leaks.items() if t}
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of ``module``'s layer (0 the top)."""
+    name = module.removeprefix("galaxy_llava").removeprefix(".")
+    for i, layer in enumerate(LAYERS):
+        if any(name == m or (m and name.startswith(m + ".")) for m in layer):
+            return i
+    raise AssertionError(f"{module} is in no layer: place it in tests/test_layers.py's LAYERS "
+                         "and docs/DESIGN.md's picture")
+
+
+def test_every_module_has_a_layer(graph):
+    for module in graph:
+        layer_of(module)
+
+
+def test_no_module_imports_a_higher_layer(graph):
+    upward = {(m, t) for m, targets in graph.items() for t in targets
+              if layer_of(t) < layer_of(m)}
+    new = sorted(upward - set(UPWARD))
+    assert not new, f"imports of a higher layer (see docs/DESIGN.md): {new}"
+    gone = sorted(set(UPWARD) - upward)
+    assert not gone, f"no longer imported upward, remove from UPWARD: {gone}"
+
+
+def test_models_import_nothing_above_them(graph):
+    """The family seam: models/ knows no CLI, no training, no description."""
+    models = [m for m in graph if m.startswith("galaxy_llava.models")]
+    assert len(models) > 5
+    for m in models:
+        assert all(layer_of(t) >= layer_of("galaxy_llava.models") for t in graph[m]), m
