@@ -239,3 +239,23 @@ def test_export_license_flag_reaches_the_card(lora_run, tmp_path):
     assert main(["export", "--run", str(lora_run[0]), "--out", str(out),
                  "--license", "apache-2.0"]) == 0
     assert ModelCard.load(out / "README.md").data.license == "apache-2.0"
+
+
+@pytest.mark.parametrize("command", ["describe", "evaluate", "catalogue", "serve"])
+def test_decoding_flags_default_to_the_one_decoding_setting(command, monkeypatch):
+    """describe, evaluate, catalogue and serve decode alike: their flags' defaults are
+    config.DECODING's, and a changed DECODING changes them all (one home, not four copies)."""
+    import dataclasses
+
+    from galaxy_llava import config
+
+    def defaults():
+        sub = next(a for a in build_parser()._actions
+                   if isinstance(a, argparse._SubParsersAction)).choices[command]
+        return {a.dest: a.default for a in sub._actions
+                if a.dest in ("num_beams", "max_new_tokens", "batch_size")}
+
+    assert defaults() == {k: v for k, v in dataclasses.asdict(config.DECODING).items()
+                          if k in defaults()}
+    monkeypatch.setattr(config, "DECODING", config.Decoding(num_beams=5, max_new_tokens=9))
+    assert defaults()["num_beams"] == 5 and defaults()["max_new_tokens"] == 9

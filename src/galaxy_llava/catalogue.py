@@ -64,6 +64,7 @@ from galaxy_llava.catalogue_folder import (COMMAND, FAILURES, LEGACY_MANIFEST, M
                                            META_KEY, claim_catalogue, fingerprint, part_failures,
                                            part_fingerprint, part_name, part_stamps,
                                            read_manifest, remove_stale, write_failures)
+from galaxy_llava.config import DECODING
 from galaxy_llava.errors import EXIT_SKIPPED, UserError
 from galaxy_llava.io import atomic_path, write_json
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
@@ -273,8 +274,9 @@ def write_part(path: Path, rows: list[dict], schema, provenance: dict, extra=Non
 # ----------------------------------------------------------------- the command
 
 def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | None = None,
-                    source: str | None = None, rules: str = "reference", batch_size: int = 16,
-                    num_beams: int = 3, max_new_tokens: int = 40, scores: bool = True,
+                    source: str | None = None, rules: str = "reference",
+                    batch_size: int = DECODING.batch_size, num_beams: int = DECODING.num_beams,
+                    max_new_tokens: int = DECODING.max_new_tokens, scores: bool = True,
                     shard: str | None = None, part_size: int = 256, overwrite: bool = False,
                     allow_outside_paths: bool = False, device=None, progress: bool = True,
                     fits=None, strict: bool = False, caption: str | None = None) -> dict:

@@ -204,6 +204,20 @@ def _survey(s: argparse.ArgumentParser) -> None:
     add_flags(s)
 
 
+def _decoding(s: argparse.ArgumentParser, batch: bool = True) -> None:
+    """The decoding flags of a command that describes images, with :data:`DECODING`'s
+    defaults (``batch``: also ``--batch-size``)."""
+    from galaxy_llava.config import DECODING
+
+    if batch:
+        s.add_argument("--batch-size", type=int, default=DECODING.batch_size,
+                       help="images per batch")
+    s.add_argument("--num-beams", type=int, default=DECODING.num_beams,
+                   help="beam width (1: greedy)")
+    s.add_argument("--max-new-tokens", type=int, default=DECODING.max_new_tokens,
+                   help="longest answer, in tokens")
+
+
 def _outside(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-outside-paths", action="store_true",
                    help="read images outside the dataset's or catalogue's own folder (a CSV "
@@ -302,10 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", type=Path,
                    help="images, folders of images, or .csv/.parquet lists of paths (their "
                         "other columns, such as ra and dec, come through in --json)")
-    s.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
-    s.add_argument("--max-new-tokens", type=int, default=40,
-                   help="longest answer, in tokens")
+    _decoding(s)
     s.add_argument("--prompt", default=None,
                    help="the prompt (default: the one stored with the model)")
     s.add_argument("--json", action="store_true",
@@ -326,10 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared dataset folder (galaxy-llava prepare)")
     s.add_argument("--split", default="test", help="the split described and scored")
     s.add_argument("--out", type=Path, required=True, help="EVAL folder to write")
-    s.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
-    s.add_argument("--max-new-tokens", type=int, default=40,
-                   help="longest answer, in tokens")
+    _decoding(s)
     s.add_argument("--limit", type=int, default=None,
                    help="score only the first N galaxies (default: all)")
     s.add_argument("--no-scores", action="store_true",
@@ -367,10 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "folder, CSV with file_loc, or Hub id")
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
                    help="the caption grammar scored")
-    s.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
-    s.add_argument("--max-new-tokens", type=int, default=40,
-                   help="longest answer, in tokens")
+    _decoding(s)
     s.add_argument("--no-scores", action="store_true",
                    help="beam-search captions only (no grammar scores): --caption beam")
     s.add_argument("--caption", choices=["grammar", "beam", "both"], default=None,
@@ -404,9 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--examples", type=Path, default=None,
                    help="folder of example galaxies to offer (default: the run's training "
                         "data, when recorded and still there)")
-    s.add_argument("--num-beams", type=int, default=3, help="beam width (1: greedy)")
-    s.add_argument("--max-new-tokens", type=int, default=40,
-                   help="longest answer, in tokens")
+    _decoding(s, batch=False)
     s.add_argument("--rules", default="reference", choices=list(RULE_SETS),
                    help="the caption grammar whose probabilities are shown")
     s.set_defaults(func=_cmd_serve)

@@ -29,6 +29,22 @@ DEFAULT_PROMPT = f"USER: <image>\n{DEFAULT_QUESTION}\nASSISTANT:"  # TinyLLaVA's
 # Hub tags of what galaxy-llava writes: model cards and prepared datasets' cards.
 TAGS = ("galaxy-llava", "galaxy-zoo", "astronomy", "galaxy-morphology", "image-captioning")
 METHODS = ("full", "lora", "qlora")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How galaxy-llava describes images, everywhere: ``describe``, ``evaluate``, ``catalogue``,
+    ``serve`` and the ``generation_config.json`` of every saved model (beam search, greedy
+    within it, no sampling; a batch of images per ``generate`` call). The one home of these
+    defaults: functions take ``DECODING.num_beams`` and the CLI's flags show it."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 40
+    batch_size: int = 16
+    do_sample: bool = False
+
+
+DECODING = Decoding()
 CAPTION_TARGETS = ("caption", "votes")
 # torch's CPU threads when neither --threads nor OMP_NUM_THREADS says otherwise. Measured with
 # benchmarks/threads.py (BENCHMARKS.md, "CPU threads"): on the shared 2-core machine one thread

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from galaxy_llava import outputs
+from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import read_json_object, write_json, write_jsonl
 from galaxy_llava.calibration import (calibration, format_calibration, grammar_probabilities,
@@ -264,8 +265,9 @@ def _add_to_card(model: str | Path, metrics: dict) -> None:
 
 
 def evaluate(model: str | Path, data: str | Path, split: str = "test",
-             out: str | Path = "eval", batch_size: int = 16, num_beams: int = 3,
-             max_new_tokens: int = 40, limit: int | None = None,
+             out: str | Path = "eval", batch_size: int = DECODING.batch_size,
+             num_beams: int = DECODING.num_beams,
+             max_new_tokens: int = DECODING.max_new_tokens, limit: int | None = None,
              name: str | None = None, overwrite: bool = False,
              allow_outside_paths: bool = False, scores: bool = True,
              rules: str | None = None) -> dict:

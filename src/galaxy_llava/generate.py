@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.encoding import PromptIds
 from galaxy_llava.models.registry import family_for
@@ -46,8 +47,10 @@ def _cut_at_eos(ids: list[int], stop_ids: set[int]) -> list[int]:
 
 
 def describe_images(model, processor, images: Iterable[Image.Image | str | os.PathLike],
-                    prompt: str | None = None, batch_size: int = 16, num_beams: int = 3,
-                    max_new_tokens: int = 40, do_sample: bool = False,
+                    prompt: str | None = None, batch_size: int = DECODING.batch_size,
+                    num_beams: int = DECODING.num_beams,
+                    max_new_tokens: int = DECODING.max_new_tokens,
+                    do_sample: bool = DECODING.do_sample,
                     progress: bool = True) -> list[str]:
     """One description per image (PIL images or paths, loaded a batch at a time), in order.
 
@@ -107,8 +110,9 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def describe_paths(model, paths: Iterable[str | os.PathLike], batch_size: int = 16,
-                   num_beams: int = 3, max_new_tokens: int = 40, prompt: str | None = None,
+def describe_paths(model, paths: Iterable[str | os.PathLike],
+                   batch_size: int = DECODING.batch_size, num_beams: int = DECODING.num_beams,
+                   max_new_tokens: int = DECODING.max_new_tokens, prompt: str | None = None,
                    device=None, scores_rules: str | None = None, fits=None, strict: bool = True,
                    allow_outside: bool = False) -> list[dict]:
     """Describe image files, folders and path lists with a run, model folder or Hub id:

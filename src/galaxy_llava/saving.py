@@ -14,14 +14,12 @@ It sits above ``models/`` and :mod:`galaxy_llava.modelcard` (whose card it write
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import shutil
 from pathlib import Path
 
-from galaxy_llava.config import DEFAULT_PROMPT
+from galaxy_llava.config import DECODING, DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
-from galaxy_llava.generate import describe_images
 from galaxy_llava.io import atomic_path
 from galaxy_llava.modelcard import write_card
 from galaxy_llava.models.folders import (TRAINER_STATE, abs_if_local, adapter_base,
@@ -112,13 +110,11 @@ def describe_generation_config(generation, family, tokenizer):
     no minimum length), starting from the model's own ``generation`` config (or none)."""
     from transformers import GenerationConfig
 
-    defaults = inspect.signature(describe_images).parameters
     config = copy.deepcopy(generation) if generation is not None else GenerationConfig()
     for key in _SAMPLING_ONLY:
         setattr(config, key, None)
-    config.update(num_beams=defaults["num_beams"].default,
-                  max_new_tokens=defaults["max_new_tokens"].default,
-                  do_sample=defaults["do_sample"].default,
+    config.update(num_beams=DECODING.num_beams, max_new_tokens=DECODING.max_new_tokens,
+                  do_sample=DECODING.do_sample,
                   eos_token_id=sorted(set(family.end_ids(tokenizer))),
                   pad_token_id=tokenizer.pad_token_id,
                   no_repeat_ngram_size=0, repetition_penalty=1.0, min_length=0)

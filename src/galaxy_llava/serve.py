@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
 from galaxy_llava.morphology import ATTRIBUTES
 
@@ -78,8 +79,8 @@ class ServedModel:
     processor: Any
     prompt: str
     name: str
-    num_beams: int = 3
-    max_new_tokens: int = 40
+    num_beams: int = DECODING.num_beams
+    max_new_tokens: int = DECODING.max_new_tokens
     rules: str = "reference"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -115,7 +116,7 @@ class ServedModel:
         # a request of many large images never holds them all in memory.
         with self.lock:
             texts = describe_images(self.model, self.processor, paths, self.prompt,
-                                    batch_size=16, num_beams=self.num_beams,
+                                    batch_size=DECODING.batch_size, num_beams=self.num_beams,
                                     max_new_tokens=self.max_new_tokens, progress=False)
             scores = grammar_scores(self.model, self.processor, paths, self.rules, self.prompt)
         return [{"image": str(p), "caption": t, "scores": s}
