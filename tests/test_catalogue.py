@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from galaxy_llava.catalogue import MANIFEST, part_name, value_column
+from galaxy_llava.catalogue import MANIFEST, part_name
+from galaxy_llava.scoring import value_column
 from galaxy_llava.cli import main
 from galaxy_llava.morphology import ATTRIBUTES
 
@@ -107,7 +108,7 @@ def test_rows_equal_describe_and_grammar_scores(model, prepared_dir, tmp_path):
             total = sum(row[c] for c in rows.columns if c.startswith(f"p_{a}_"))
             assert total == pytest.approx(1.0, abs=1e-9)
     # The predicted values are the best caption's; yes/no attributes are booleans.
-    from galaxy_llava.catalogue import BOOLEAN
+    from galaxy_llava.scoring import BOOLEAN
     from galaxy_llava.morphology import parse_caption, value_label
 
     assert BOOLEAN == ("bar", "prominent_bulge", "boxy_bulge", "disturbed")

@@ -223,9 +223,9 @@ def test_describe_json_says_caption_like_the_catalogue(tiny_model_dir, tmp_path,
     assert list(row) == ["image", "caption"]
     assert main(["describe", "--model", str(tiny_model_dir), str(image), "--scores", *fast]) == 0
     scored = json.loads(capsys.readouterr().out)
-    from galaxy_llava.catalogue import _columns
+    from galaxy_llava.scoring import score_column_names
 
-    p_columns = _columns("reference")[1]
+    p_columns = score_column_names("reference")[1]
     assert [c for c in scored if c.startswith("p_")] == p_columns  # the catalogue's names
     assert {"image", "caption", "best_caption", "entropy"} <= set(scored)
     assert scored["caption"] == row["caption"]

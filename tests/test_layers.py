@@ -36,8 +36,6 @@ LAYERS = [
 ]
 # Imports that go up, each with its reason (the test fails once one is gone, so the list shrinks).
 UPWARD = {
-    ("galaxy_llava.generate", "galaxy_llava.catalogue"):
-        "describe's --scores columns are the catalogue's (catalogue.score_columns)",
     ("galaxy_llava.checks", "galaxy_llava.models.folders"):
         "the model preflight reads a folder's marker (lazily, no torch)",
     ("galaxy_llava.checks", "galaxy_llava.models.loading"):
@@ -49,8 +47,6 @@ UPWARD = {
 KNOWN_CYCLES = [
     # imagefiles._dataset_ids reads a prepared folder's records to name its images
     {"galaxy_llava.imagefiles", "galaxy_llava.records"},
-    # generate.describe_images fills the catalogue's scored columns (catalogue.score_columns)
-    {"galaxy_llava.catalogue", "galaxy_llava.generate"},
 ]
 
 

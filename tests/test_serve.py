@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from galaxy_llava.catalogue import value_column
+from galaxy_llava.scoring import value_column
 from galaxy_llava.cli import main as cli_main
 from galaxy_llava.errors import UserError
 from galaxy_llava.generate import describe_paths

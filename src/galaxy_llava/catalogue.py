@@ -55,7 +55,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,18 +67,13 @@ from galaxy_llava.catalogue_folder import (COMMAND, FAILURES, LEGACY_MANIFEST, M
 from galaxy_llava.config import DECODING
 from galaxy_llava.errors import EXIT_SKIPPED, UserError
 from galaxy_llava.io import atomic_path, write_json
-from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
+from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.scoring import BOOLEAN, score_column_names, score_columns
 
 CAPTIONS = ("grammar", "beam", "both")
 # The grammar's most probable caption by default: exact-match at least as often as beam search on
 # the demo, always inside the grammar, and one tree-scoring forward per batch (README, BENCHMARKS).
 DEFAULT_CAPTION = "grammar"
-
-
-def value_column(attribute: str, value: str) -> str:
-    """``p_<attribute>_<value>`` with every run of non-alphanumerics in the value as ``_``
-    (``p_shape_in_between``, ``p_type_edge_on_disk``)."""
-    return f"p_{attribute}_{re.sub(r'[^0-9a-zA-Z]+', '_', value).strip('_').lower()}"
 
 
 # ----------------------------------------------------------------- settings
@@ -200,36 +195,6 @@ def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Input
 
 
 # ----------------------------------------------------------------- rows
-
-def _columns(rules: str) -> tuple[dict, list[str]]:
-    """(caption -> Morphology of the rule set, the ``p_`` columns in order)."""
-    from galaxy_llava.rules import rule_set
-    from galaxy_llava.scoring import posterior_summary
-
-    candidates = rule_set(rules).reachable()
-    values = posterior_summary(candidates, [0.0] * len(candidates)).marginals
-    return ({m.caption(): m for m in candidates},
-            [value_column(a, v) for a in ATTRIBUTES for v in values[a]])
-
-
-# Yes/no attributes (bar, prominent_bulge, ...): boolean columns, as in the prepared dataset.
-BOOLEAN = tuple(f.name for f in fields(Morphology) if isinstance(f.default, bool))
-
-
-def score_columns(scores, by_caption: dict) -> dict:
-    """The scored columns of one row: ``best_caption``, each attribute's predicted value (that
-    of the best caption; a boolean for yes/no attributes), ``p_<attribute>_<value>`` and
-    ``entropy``."""
-    best = by_caption[scores.best]
-    row: dict[str, Any] = {"best_caption": scores.best}
-    for a in ATTRIBUTES:
-        row[a] = getattr(best, a) if a in BOOLEAN else value_label(best, a)
-    for a in ATTRIBUTES:
-        for v, p in scores.marginals[a].items():
-            row[value_column(a, v)] = p
-    row["entropy"] = scores.entropy
-    return row
-
 
 def _schema(scores: bool, p_columns: list[str], image_is_path: bool):
     import pyarrow as pa
@@ -416,7 +381,7 @@ def _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the default prompt is in the provenance
         net, processor, prompt = load_for_inference(model, device=_device(device))
-    by_caption, p_columns = _columns(rules)
+    by_caption, p_columns = score_column_names(rules)
     scores = caption != "beam"
     schema = _schema(scores, p_columns, inputs.catalog is None)
     theirs, their_schema = user_columns(inputs.columns, schema)

@@ -119,7 +119,7 @@ def describe_paths(model, paths: Iterable[str | os.PathLike],
     ``[{image, caption}]`` in input order, with a path list's own columns (ra, dec, ...; one
     named like ours becomes ``input_<name>``); with ``scores_rules``, each also gets the scored
     columns of a ``catalogue`` row, by the same names
-    (:func:`galaxy_llava.catalogue.score_columns`: ``best_caption``, each attribute's value,
+    (:func:`galaxy_llava.scoring.score_columns`: ``best_caption``, each attribute's value,
     ``p_<attribute>_<value>``, ``entropy``) from the posterior over that rule set's captions
     (see :mod:`galaxy_llava.scoring`). ``fits``: how FITS cutouts become RGB
     (:class:`galaxy_llava.fitscutouts.FitsOptions`).
@@ -153,7 +153,7 @@ def describe_paths(model, paths: Iterable[str | os.PathLike],
         columns=lambda c: f"input_{c}" if c in ("image", "caption", "error") else c)
     by_caption = None
     if scores_rules:
-        from galaxy_llava.catalogue import score_columns
+        from galaxy_llava.scoring import score_columns
         from galaxy_llava.rules import rule_set
         from galaxy_llava.scoring import grammar_scores
 

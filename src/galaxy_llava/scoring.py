@@ -13,7 +13,9 @@ is.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -270,3 +272,42 @@ def grammar_scores(model, processor, images, rules: str = "reference",
                  for im in images[i:i + batch_size]]
         out += [posterior_summary(candidates, lp) for lp in scorer(batch)]
     return out
+
+
+# ----------------------------------------------------------------- scored columns
+# The names describe --scores, the catalogue and the web app give a scored image's columns.
+
+def value_column(attribute: str, value: str) -> str:
+    """``p_<attribute>_<value>`` with every run of non-alphanumerics in the value as ``_``
+    (``p_shape_in_between``, ``p_type_edge_on_disk``)."""
+    return f"p_{attribute}_{re.sub(r'[^0-9a-zA-Z]+', '_', value).strip('_').lower()}"
+
+
+def score_column_names(rules: str) -> tuple[dict, list[str]]:
+    """(caption -> Morphology of the rule set, the ``p_`` columns in order): what
+    :func:`score_columns` needs, and the catalogue's schema."""
+    from galaxy_llava.rules import rule_set
+
+    candidates = rule_set(rules).reachable()
+    values = posterior_summary(candidates, [0.0] * len(candidates)).marginals
+    return ({m.caption(): m for m in candidates},
+            [value_column(a, v) for a in ATTRIBUTES for v in values[a]])
+
+
+# Yes/no attributes (bar, prominent_bulge, ...): boolean columns, as in the prepared dataset.
+BOOLEAN = tuple(f.name for f in fields(Morphology) if isinstance(f.default, bool))
+
+
+def score_columns(scores, by_caption: dict) -> dict:
+    """The scored columns of one row: ``best_caption``, each attribute's predicted value (that
+    of the best caption; a boolean for yes/no attributes), ``p_<attribute>_<value>`` and
+    ``entropy``."""
+    best = by_caption[scores.best]
+    row: dict[str, Any] = {"best_caption": scores.best}
+    for a in ATTRIBUTES:
+        row[a] = getattr(best, a) if a in BOOLEAN else value_label(best, a)
+    for a in ATTRIBUTES:
+        for v, p in scores.marginals[a].items():
+            row[value_column(a, v)] = p
+    row["entropy"] = scores.entropy
+    return row

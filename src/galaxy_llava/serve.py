@@ -139,7 +139,7 @@ def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.Pa
     and the path of the same table as CSV, written atomically under ``out_dir``."""
     import pandas as pd
 
-    from galaxy_llava.catalogue import score_columns
+    from galaxy_llava.scoring import score_columns
     from galaxy_llava.io import write_text
     from galaxy_llava.rules import rule_set
 
