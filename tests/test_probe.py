@@ -81,6 +81,11 @@ def test_probe_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_path):
     assert metrics["probe"]["feature_dim"] > 0
     assert all(r["parsed_ok"] is None for r in rows)
     assert not math.isnan(metrics["attributes"]["type"]["accuracy"])
+    # Zoobot-lite: the vote-fraction regressions are a predictor of their own, with vote MSE
+    votes = metrics["votes"]
+    assert votes["n"] == n_test and votes["calibration"]["type"]["vote_mse"] is not None
+    assert all(sum(r["vote_probabilities"]["type"].values()) == pytest.approx(1.0)
+               for r in rows)
 
 
 def _vote_fixture(n: int, seed: int):
