@@ -207,3 +207,14 @@ def test_format_table_adds_the_grammar_row_and_a_legend():
     for word in ("parse", "halluc", "omission"):
         assert f"{word}:" in TABLE_LEGEND
     assert [n for n, _ in predictors([{"name": "x", **beam}])] == ["x"]
+
+
+def test_a_probes_vote_regressions_are_a_predictor_of_their_own():
+    labels = score_captions(TRUTHS, [PLAIN_SPIRAL] * 4)
+    votes = score_captions(TRUTHS, [t.caption() for t in TRUTHS])
+    found = predictors([{"name": "probe", **labels, "votes": votes},
+                        {"name": "p2", **labels, "votes": None}])
+    assert [n for n, _ in found] == ["probe", "probe (votes)", "p2"]
+    lines = format_table([{"name": "probe", **labels, "votes": votes}]).splitlines()
+    assert lines[3].startswith("probe (votes)") and "100.0%" in lines[3]
+    assert "(votes):" in TABLE_LEGEND

@@ -81,3 +81,70 @@ def test_probe_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_path):
     assert metrics["probe"]["feature_dim"] > 0
     assert all(r["parsed_ok"] is None for r in rows)
     assert not math.isnan(metrics["attributes"]["type"]["accuracy"])
+    # Zoobot-lite: the vote-fraction regressions are a predictor of their own, with vote MSE
+    votes = metrics["votes"]
+    assert votes["n"] == n_test and votes["calibration"]["type"]["vote_mse"] is not None
+    assert all(sum(r["vote_probabilities"]["type"].values()) == pytest.approx(1.0)
+               for r in rows)
+
+
+def _vote_fixture(n: int, seed: int):
+    """Features whose first column sets the smooth fraction (a logistic function of it) and
+    whose second sets the artifact fraction; the fractions as records keep them."""
+    import numpy as np
+
+    from galaxy_llava.gz2 import col
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    smooth = 0.9 / (1 + np.exp(-2.0 * x[:, 0]))
+    artifact = 0.1 / (1 + np.exp(-2.0 * x[:, 1]))
+    fractions = [{col("smooth-or-featured", "smooth"): float(s),
+                  col("smooth-or-featured", "artifact"): float(a)}
+                 for s, a in zip(smooth, artifact)]
+    return x, fractions, smooth, artifact
+
+
+def test_soft_logistic_regression_recovers_known_fractions_better_than_their_mean():
+    import numpy as np
+
+    from galaxy_llava.probe import _fit_soft
+
+    x, _, smooth, artifact = _vote_fixture(400, 0)
+    soft = np.stack([smooth, artifact, 1 - smooth - artifact], axis=1)
+    pred = _fit_soft(x[:300], soft[:300], x[300:])
+    assert np.allclose(pred.sum(axis=1), 1.0)
+    fitted = ((pred - soft[300:]) ** 2).mean()
+    constant = ((soft[:300].mean(axis=0) - soft[300:]) ** 2).mean()
+    assert fitted < 0.1 * constant, (fitted, constant)
+    # a class no galaxy votes for gets no probability; one class left: its mean
+    soft0 = np.stack([smooth, np.zeros_like(smooth), 1 - smooth], axis=1)
+    assert (_fit_soft(x[:300], soft0[:300], x[300:])[:, 1] == 0).all()
+    one = np.stack([np.ones(300), np.zeros(300)], axis=1)
+    assert (_fit_soft(x[:300], one, x[300:302]) == [[1.0, 0.0], [1.0, 0.0]]).all()
+
+
+def test_zoobot_lite_beats_the_majority_on_vote_mse():
+    """fit_vote_fractions on features where the type's fractions are a known function: its
+    vote MSE (Zoobot's, through the same calibration as the VLM's) is far below that of the
+    classifier it starts from (here the training frequencies, the majority's)."""
+    from galaxy_llava.calibration import zoobot_vote_mse, question_predictions
+    from galaxy_llava.probe import fit_vote_fractions, probe_probabilities
+
+    x, fractions, smooth, _ = _vote_fixture(500, 1)
+    majority = {a: {"no": 1.0} for a in ATTRIBUTES}
+    majority.update(type={"elliptical": 0.45, "spiral": 0.4, "edge-on disk": 0.1,
+                          "artifact": 0.05}, shape={"round": 1.0}, arms={"2": 1.0})
+    classifier = [majority] * 100
+    fitted = fit_vote_fractions(x[:400], fractions[:400], x[400:], classifier)
+    for row in fitted:
+        assert all(sum(p.values()) == pytest.approx(1.0) for p in row.values())
+        # the featured mass is shared between spiral and edge-on disk as the classifier does
+        assert row["type"]["spiral"] == pytest.approx(4 * row["type"]["edge-on disk"])
+
+    def mse(rows):
+        probs = [probe_probabilities(r) for r in rows]
+        return zoobot_vote_mse(*question_predictions(probs, fractions[400:])[:3])[
+            "questions"]["smooth-or-featured"]["mse"]
+
+    assert mse(fitted) < 0.2 * mse(classifier), (mse(fitted), mse(classifier))

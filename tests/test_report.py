@@ -92,6 +92,8 @@ def _make_evals(root: Path, n: int = 10) -> list[Path]:
                          generation={"num_beams": 3, "max_new_tokens": 40}, rules="reference")
         elif kind == "probe":
             metrics["calibration"] = calibration(truths, probs)
+            metrics["votes"] = {**compute_metrics(truths, [labels_of(t) for t in truths]),
+                                "calibration": calibration(truths, probs)}
         folder = root / "eval" / name
         write_eval(folder, prediction_rows(records, preds, txts, ok), metrics, kind=kind,
                    model="m", split="test", data=str(root), **extra)
@@ -111,9 +113,11 @@ def test_report_is_self_contained_and_complete(tmp_path):
                     "Settings", "Training", "Galaxies"):
         assert section in page
     assert page.count("data:image/png;base64,") == 3  # bars, reliability, losses
-    # confusion tables of 4 predictors (lora, lora (grammar), probe, majority), 7 attributes
-    assert page.count('<div class="cm">') == 4 * 7
+    # confusion tables of 5 predictors (lora, lora (grammar), probe, probe (votes), majority),
+    # 7 attributes
+    assert page.count('<div class="cm">') == 5 * 7
     assert ">lora (grammar)<" in page and 'alt="reliability diagrams"' in page
+    assert ">probe (votes)<" in page and "Zoobot-lite" in page
     for header in ("accuracy [95% CI]", "macro-F1", "Brier", "ECE", "AUROC", "vote MSE"):
         assert header in page
     # the metrics as the field computes them, said under the table

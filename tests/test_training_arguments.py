@@ -100,7 +100,7 @@ def test_shipped_configs_parse_by_name_and_path(tmp_path, monkeypatch):
 
 def test_unknown_config_name_lists_the_shipped():
     with pytest.raises(UserError, match=r"'demo-qlora' not found: .* shipped config: demo-full, "
-                                        r"demo-lora, full, lora$"):
+                                        r"demo-full-votes, demo-lora, full, lora$"):
         parse_cli([*BASE, "--config", "demo-qlora"])
 
 
@@ -118,13 +118,15 @@ def test_global_cli_flags_are_not_settings(tmp_path):
 def test_demo_configs_mirror_the_demo_settings():
     """The shipped demo-*.yaml are the CLI spelling of the demo's runs: they must not drift."""
     from galaxy_llava.config import read_yaml
-    from galaxy_llava.toy.demo import DEMO_TRAIN
+    from galaxy_llava.toy.demo import DEMO_RUNS, DEMO_TRAIN
 
-    for method, settings in DEMO_TRAIN.items():
-        cfg = read_yaml(shipped_configs()[f"demo-{method}"])
+    for name, (method, targets) in DEMO_RUNS.items():
+        cfg = read_yaml(shipped_configs()[f"demo-{name}"])
         assert cfg["method"] == method
-        for key, value in settings.items():
-            assert cfg[key] == value, (method, key)
+        assert cfg.get("caption_targets", "caption") == targets.get("caption_targets", "caption")
+        for key, value in {**DEMO_TRAIN[method], **targets}.items():
+            assert cfg[key] == value, (name, key)
+        parse_cli([*BASE, "--config", str(shipped_configs()[f"demo-{name}"])])  # valid flags
 
 
 def test_saved_settings_reproduce_the_run_from_any_folder(tmp_path, monkeypatch):

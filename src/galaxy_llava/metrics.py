@@ -242,18 +242,21 @@ def table_value(metrics: dict, key: str) -> float | None:
 
 TABLE_LEGEND = ("type..arms: accuracy where the attribute applies; exact: all 7 right; parse: "
                 "answers inside the caption grammar; halluc: stated attributes the truth lacks; "
-                "omission: true attributes left out; (grammar): the most probable caption")
+                "omission: true attributes left out; (grammar): the most probable caption; "
+                "(votes): the probe's vote-fraction regressions")
 
 
 def predictors(metrics_list: Sequence[dict]) -> list[tuple[str, dict]]:
     """(name, metrics) of every predictor in these ``metrics.json`` dicts: each evaluation, and
-    after a VLM evaluation with grammar scores its ``grammar`` sub-dict as "NAME (grammar)"."""
+    after a VLM evaluation with grammar scores its ``grammar`` sub-dict as "NAME (grammar)",
+    after a probe with vote-fraction regressions its ``votes`` sub-dict as "NAME (votes)"."""
     out = []
     for m in metrics_list:
         name = str(m.get("name") or m.get("kind") or "?")
         out.append((name, m))
-        if isinstance(m.get("grammar"), dict):
-            out.append((f"{name} (grammar)", m["grammar"]))
+        for key in ("grammar", "votes"):
+            if isinstance(m.get(key), dict):
+                out.append((f"{name} ({key})", m[key]))
     return out
 
 

@@ -202,7 +202,9 @@ def _calibration_section(views: Sequence[dict]) -> str:
              '--no-scores), so there are no reliability diagrams.</p>')
     note = ('<p class="note">Accuracy with its Wilson 95% interval. Probabilities: the VLM\'s '
             'posterior over the grammar\'s captions summed per attribute ("(grammar)" rows), '
-            'the probe\'s logistic regressions, the majority\'s training-set frequencies. '
+            'the probe\'s logistic regressions (of the labels; "(votes)" rows: of each GZ2 '
+            'question\'s vote fractions, Zoobot-lite), the majority\'s training-set '
+            'frequencies. '
             'Brier: mean over galaxies of the summed squared error of the label probabilities '
             '(0 best, 2 worst). ECE: top-label expected calibration error over ten equal-width '
             'confidence bins (0 = the confidence is the accuracy). AUROC: binary, on p(yes), '
@@ -394,7 +396,8 @@ def _views(evals: Sequence[dict]) -> list[dict]:
     for e in evals:
         for name, m in predictors([{**e["metrics"], "name": e["name"]}]):
             colour = PALETTE[len(out) % len(PALETTE)]
-            e["grammar_colour" if m is e["metrics"].get("grammar") else "colour"] = colour
+            sub = next((k for k in ("grammar", "votes") if m is e["metrics"].get(k)), None)
+            e[f"{sub}_colour" if sub else "colour"] = colour
             out.append({"name": name, "metrics": m, "eval": e, "colour": colour})
     return out
 

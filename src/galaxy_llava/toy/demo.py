@@ -1,5 +1,6 @@
 """The whole pipeline offline on this machine: synth -> prepare -> tiny-model -> evaluate base ->
-train LoRA and full -> evaluate -> probe -> report. What it proves is written in the README."""
+train LoRA and full on one caption per galaxy, and full on captions drawn from the votes ->
+evaluate -> probe (labels and vote fractions) -> report. What it proves is written in the README."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ DEMO_TRAIN = {
              "lora_r": 16, "lora_alpha": 32},
     "full": {"num_train_epochs": 30, "per_device_train_batch_size": 16, "learning_rate": 1e-3},
 }
+# The runs the demo trains: name -> (method, settings beyond DEMO_TRAIN[method]). "full-votes"
+# is the full run on captions drawn afresh from each galaxy's votes every epoch (issue 22), with
+# the same settings as "full", so the two differ in their targets only; full rather than LoRA
+# because full fine-tuning learned the shape and LoRA did not (above).
+DEMO_RUNS = {"lora": ("lora", {}), "full": ("full", {}),
+             "full-votes": ("full", {"caption_targets": "votes"})}
 # Per family, on top of DEMO_TRAIN. Qwen2-VL's merger opens with a LayerNorm that LoRA cannot
 # adapt: on the demo's validation split, LoRA with the merger LoRA-adapted named the type right
 # 88.9% of the time at lr 6e-3 (53.7% at 1e-2); with the merger trained whole, 96.3% at 3e-3.
@@ -38,6 +45,7 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0,
              family: str = "llava") -> dict:
     """Run every stage on synthetic galaxies and a tiny model of ``family``; print the table and
     the report's path."""
+    from galaxy_llava.calibration import format_calibration
     from galaxy_llava.evaluate import evaluate, majority_baseline
     from galaxy_llava.metrics import format_table
     from galaxy_llava.prepare import prepare
@@ -72,15 +80,15 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0,
     _step("evaluate: base model (zero-shot)", t0)
     evals["base"] = out / "eval" / "base"
     evaluate(model, data, split="test", out=evals["base"], name="base", overwrite=True)
-    for method in ("lora", "full"):
-        _step(f"train: {method}", t0)
-        run = out / "runs" / method
+    for name, (method, targets) in DEMO_RUNS.items():
+        _step(f"train: {name}", t0)
+        run = out / "runs" / name
         train(str(model), data, method, run, seed=seed, overwrite_output_dir=True,
-              **DEMO_TRAIN[method], **FAMILY_TRAIN.get(family, {}).get(method, {}))
-        _step(f"evaluate: {method}", t0)
-        evals[method] = out / "eval" / method
-        evaluate(run, data, split="test", out=evals[method], name=method, overwrite=True)
-    _step("probe: logistic regression on frozen vision features", t0)
+              **DEMO_TRAIN[method], **targets, **FAMILY_TRAIN.get(family, {}).get(method, {}))
+        _step(f"evaluate: {name}", t0)
+        evals[name] = out / "eval" / name
+        evaluate(run, data, split="test", out=evals[name], name=name, overwrite=True)
+    _step("probe: logistic regressions on frozen vision features (labels, vote fractions)", t0)
     evals["probe"] = out / "eval" / "probe"
     probe(model, data, split="test", out=evals["probe"], overwrite=True)
     evals["majority"] = out / "eval" / "majority"
@@ -90,5 +98,6 @@ def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0,
     report = build_report(list(evals.values()), out / "report.html", overwrite=True)
     metrics = [json.loads((p / "metrics.json").read_text()) for p in evals.values()]
     print("\n" + format_table(metrics))
+    print("\n" + format_calibration(metrics))
     print(f"\nreport: {report.resolve()}\ntotal time: {time.time() - t0:.0f} s")
     return {m["name"]: m for m in metrics}
