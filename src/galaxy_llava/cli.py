@@ -142,8 +142,10 @@ def _cmd_describe(args: argparse.Namespace) -> int | None:
     ):
         if "error" in result:  # an unreadable file: one line on stderr, the others go on
             skipped += 1
-            print(f"galaxy-llava describe: skipped {result['image']}: {result['error']}",
-                  file=sys.stderr)
+            error = result["error"]  # most reasons already start with the file's name
+            named = error if error.startswith(str(result["image"])) else \
+                f"{result['image']}: {error}"
+            print(f"galaxy-llava describe: skipped {named}", file=sys.stderr)
         elif args.json or args.scores:
             print(json.dumps(result))
         else:
