@@ -359,7 +359,7 @@ def _survey(prepared_dir, folder: Path) -> Path:
 
 
 BAD = {"c-table.fits": "no image HDU", "d-zero.fits": "zero-size image",
-       "e-cut.jpg": "cannot read image", "g-empty.png": "an empty file"}
+       "e-cut.jpg": "cannot read the image", "g-empty.png": "an empty file"}
 
 
 def test_unreadable_files_are_skipped_and_recorded_and_the_exit_code_says_so(
@@ -405,7 +405,7 @@ def test_describe_skips_bad_files_on_stderr_and_describes_the_rest(model, prepar
     assert len(skipped) == 4 and all(s.startswith("galaxy-llava describe: skipped ")
                                      for s in skipped)
     assert sorted(Path(s.split()[3].rstrip(":")).name for s in skipped) == sorted(BAD)
-    assert all(s.count(s.split()[3].rstrip(":")) == 1 for s in skipped)  # named once
+    assert all(s.count(s.split()[3].rstrip(":")) == 1 for s in skipped), skipped  # named once
     described = [line.split("\t")[0] for line in captured.out.strip().splitlines()]
     assert sorted(Path(d).name for d in described) == sorted(
         p.name for p in folder.iterdir() if p.name not in BAD)

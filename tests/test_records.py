@@ -180,5 +180,5 @@ def test_empty_and_truncated_files_are_one_line_errors(tmp_path):
     data = (tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
     assert load_image(tmp_path / "cut.jpg", decode=False) is None  # the header is whole
-    with pytest.raises(UserError, match="cannot read image .*cut.jpg"):
+    with pytest.raises(UserError, match="cut.jpg: cannot read the image"):
         load_image(tmp_path / "cut.jpg")

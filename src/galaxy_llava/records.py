@@ -58,7 +58,7 @@ def load_image(path, decode: bool = True, options: FitsOptions | None = None
     except Image.DecompressionBombError:
         raise UserError(f"{path} is too large to open safely (decompression-bomb guard)") from None
     except OSError as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+        raise UserError(f"{path}: cannot read the image: {e}") from None
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:
