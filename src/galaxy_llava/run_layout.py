@@ -8,10 +8,13 @@ Layout: ``config.yaml`` (every setting), ``checkpoint-N/`` (the Trainer's, resum
 beside a finished one: ``.next-run/``, ``.previous-run/`` and ``.replaced-run/``
 (:mod:`galaxy_llava.training.run_folder` writes and moves them).
 
-A run's kind is named by its method: "adapter" (LoRA) or "full"; ``model`` is only the name of
-a full run's weights folder (as in :func:`galaxy_llava.models.folders.run_kind`, where "model"
-is a model folder that is no run). Plain file names, no torch: :mod:`galaxy_llava.outputs`
-reads them to tell a run folder from other outputs.
+Names: a run's kind is "adapter" (LoRA, QLoRA) or "full", as its ``method`` says and as
+:func:`galaxy_llava.models.folders.run_kind` and resuming report it; "model" names a folder of
+whole weights, so a full run's weights sub-folder is ``model/`` and that folder's marker says
+"model" (what :func:`galaxy_llava.saving.install_weights` takes is the sub-folder's kind).
+``WEIGHTS`` maps the one to the other; "full" wins for runs because it is what users type, and
+"model" stays for the folder because the runs already written say so. Plain file names, no
+torch: :mod:`galaxy_llava.outputs` reads them to tell a run folder from other outputs.
 """
 
 from __future__ import annotations
