@@ -16,7 +16,6 @@ folder needs ``overwrite``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
