@@ -1,6 +1,7 @@
-"""EVAL folders: errors, the majority baseline, the training snapshot, and end-to-end evaluate
+"""EVAL folders: errors, the majority baseline, and end-to-end evaluate
 (beam search and grammar scores) on the tiny model. The pure metrics are tested in
-test_metrics.py and test_calibration.py, the linear probe in test_probe.py."""
+test_metrics.py and test_calibration.py, the linear probe in test_probe.py, the training
+snapshot in test_run_layout.py."""
 
 from __future__ import annotations
 
@@ -90,23 +91,6 @@ def _fake_run(folder, **config):
     (folder / "loss_log.jsonl").write_text(
         '{"step": 3, "epoch": 1.0, "loss": 2.5, "split": "train"}\n{"step": 6, "ep')
     return folder
-
-
-def test_training_snapshot_reads_the_run_folder(tmp_path):
-    from galaxy_llava.evaluate import training_snapshot
-
-    snap = training_snapshot(_fake_run(tmp_path / "run", seed=7))
-    assert snap["settings"] == {"method": "lora", "learning_rate": 1e-4, "epochs": 2,
-                                "max_steps": None, "batch_size": None, "lora_r": 4,
-                                "lora_alpha": 8, "seed": 7}
-    assert snap["train_metrics"]["steps"] == 6
-    assert snap["loss"] == [{"step": 3, "epoch": 1.0, "loss": 2.5, "split": "train"}]
-    # config.yaml leaves out what equals the library default: the seed is then Trainer's 42
-    snap = training_snapshot(_fake_run(tmp_path / "run2"))
-    assert snap["settings"]["seed"] == 42
-    (tmp_path / "empty").mkdir()
-    assert training_snapshot(tmp_path / "empty") is None
-    assert training_snapshot(tmp_path / "missing") is None
 
 
 def test_dataset_rules_come_from_the_manifest(prepared_dir, tmp_path):

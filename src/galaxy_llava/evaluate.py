@@ -16,8 +16,6 @@ folder needs ``overwrite``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +29,7 @@ from galaxy_llava.calibration import (calibration, format_calibration, grammar_p
 from galaxy_llava.metrics import (UNKNOWN, collapse_warning, compute_metrics, format_table, judge,
                                   labels_of, majority_labels, morphology_of, read_answer)
 from galaxy_llava.morphology import ATTRIBUTES, Morphology
+from galaxy_llava.run_layout import run_path, training_snapshot
 
 # ------------------------------------------------------------------ EVAL folders
 
@@ -60,69 +59,6 @@ def truth_of(record: dict) -> Morphology:
         return Morphology.from_dict(record["morphology"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"record {record.get('id_str')!r} has no valid 'morphology': {e}") from e
-
-
-def run_folder(model: str | Path) -> str | None:
-    """The absolute path of ``model`` when it is a training run folder, else None."""
-    p = Path(model)
-    markers = ("train_metrics.json", "loss_log.jsonl", "adapter", "model")
-    if p.is_dir() and any((p / m).exists() for m in markers):
-        return str(p.resolve())
-    return None
-
-
-def training_snapshot(run: str | Path) -> dict | None:
-    """What a run folder says of its training, read now: ``settings`` (method, learning rate,
-    epochs, batch size, LoRA rank and alpha, seed, from ``config.yaml`` and
-    ``train_metrics.json``), ``train_metrics`` and the ``loss`` log. Stored in ``metrics.json``
-    so a later resume (more epochs, other weights) cannot change what a report says was
-    evaluated. None when the folder holds none of these."""
-    from galaxy_llava.config import read_yaml
-
-    run = Path(run)
-    if not run.is_dir():
-        return None
-    tm = read_json_object(run / "train_metrics.json") or None
-    try:
-        config = read_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
-    except (UserError, OSError, ValueError):
-        config = {}
-    loss = []
-    try:
-        lines = (run / "loss_log.jsonl").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by an interrupted run
-        if isinstance(rec, dict) and isinstance(rec.get("loss"), (int, float)):
-            loss.append({k: rec.get(k) for k in ("step", "epoch", "loss", "split")})
-    if tm is None and not config and not loss:
-        return None
-    known = {**(tm or {}), **config}
-
-    def first(*keys: str) -> Any:
-        return next((known[k] for k in keys if known.get(k) is not None), None)
-
-    method = first("method")
-    settings = {"method": method, "learning_rate": first("learning_rate", "lr"),
-                "epochs": first("num_train_epochs", "epochs"), "max_steps": first("max_steps"),
-                "batch_size": first("per_device_train_batch_size", "batch_size"),
-                "lora_r": first("lora_r") if method in ("lora", "qlora") else None,
-                "lora_alpha": first("lora_alpha") if method in ("lora", "qlora") else None,
-                "seed": first("seed")}
-    if settings["seed"] is None and config:  # config.yaml leaves out the library's defaults
-        settings["seed"] = _training_default("seed")
-    return {"settings": settings, "train_metrics": tm, "loss": loss}
-
-
-def _training_default(name: str) -> Any:
-    """A TrainingArguments field's library default (what a run left out of config.yaml ran with)."""
-    from transformers import TrainingArguments
-
-    return next((f.default for f in dataclasses.fields(TrainingArguments) if f.name == name), None)
 
 
 def dataset_rules(data: str | Path) -> str | None:
@@ -296,7 +232,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
     from galaxy_llava.generate import describe_images
     from galaxy_llava.models.loading import load_for_inference
 
-    run = run_folder(model)
+    run = run_path(model)
     training = training_snapshot(run) if run else None  # as the weights about to load were
     net, processor, prompt = load_for_inference(str(model))
     source = _prompt_source(model)  # load_for_inference warned when it is the default

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path, is_temporary, read_json_object, recover, temp_pattern
+from galaxy_llava.run_layout import looks_like_a_run
 
 SYNTH_MARKER = "synth.json"
 REPORT_TITLE = "<title>galaxy-llava report</title>"
@@ -45,9 +46,6 @@ KINDS: dict[str, tuple[str, str, str, str]] = {
     "file": ("a file", "file", "", ""),
     "folder": ("a folder of other files", "folder", "", ""),
 }
-# (.previous-run: a run set aside while a new one starts, training.run_folder.BACKUP)
-_RUN_MARKERS = {"config.yaml", "train_metrics.json", "loss_log.jsonl", "adapter", "cache",
-                "galaxy_llava.json", "runs", ".previous-run"}
 
 
 def _entries(folder: Path) -> set[str]:
@@ -87,8 +85,7 @@ def kind_of(path: str | os.PathLike) -> str | None:
         return "model"
     if names & {"metrics.json", "predictions.jsonl"}:
         return "eval"
-    if (names & _RUN_MARKERS or any(n.startswith("checkpoint-") for n in names)
-            or (p / "model" / "config.json").is_file()):
+    if looks_like_a_run(names, p):
         return "run"
     return "folder"
 

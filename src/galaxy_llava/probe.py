@@ -19,11 +19,11 @@ from typing import Any, Sequence
 from galaxy_llava.calibration import (MIN_ASKED, STATED_FOR, calibration, format_calibration,
                                       question_predictions)
 from galaxy_llava.evaluate import (claim_eval, dataset_rules, eval_inputs, load_split,
-                                   prediction_rows, run_folder, training_snapshot, truth_of,
-                                   with_majority, write_eval)
+                                   prediction_rows, truth_of, with_majority, write_eval)
 from galaxy_llava.metrics import (APPLIES, DEFAULT_LABEL, compute_metrics, format_table,
                                   labels_of, morphology_of)
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.run_layout import run_path, training_snapshot
 
 
 def pooled_features(net: Any, processor: Any, paths: Sequence[str], batch_size: int = 16,
@@ -204,7 +204,7 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
     claim_eval(out, inputs, overwrite)
     from galaxy_llava.models.loading import load_for_inference
 
-    run = run_folder(model)
+    run = run_path(model)
     training = training_snapshot(run) if run else None  # as the weights about to load were
     net, processor, _ = load_for_inference(str(model))
     x_train = pooled_features(net, processor, [r["image"] for r in train], batch_size,

@@ -32,6 +32,7 @@ from galaxy_llava.records import split_name
 from galaxy_llava.report_charts import (PALETTE, accuracy_figure, loss_figure, png_uri,
                                         reliability_figure)
 from galaxy_llava.report_galaxies import check_row, galaxy_grid
+from galaxy_llava.run_layout import training_snapshot
 
 LOWER_IS_BETTER = {"hallucination_rate", "omission_rate"}
 KIND_ORDER = ("vlm", "probe", "majority")
@@ -104,8 +105,6 @@ def training_of(metrics: dict) -> tuple[dict | None, bool]:
     if "training" in metrics:
         return metrics["training"] if isinstance(metrics["training"], dict) else None, False
     if metrics.get("run"):
-        from galaxy_llava.evaluate import training_snapshot
-
         return training_snapshot(metrics["run"]), True
     return None, False
 

@@ -22,6 +22,7 @@ from galaxy_llava.config import DECODING, DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
 from galaxy_llava.modelcard import write_card
+from galaxy_llava.run_layout import WEIGHTS
 from galaxy_llava.models.folders import (TRAINER_STATE, abs_if_local, adapter_base,
                                          checkpoint_run, read_marker, read_prompt, run_kind,
                                          run_settings, weights_folder, write_marker,
@@ -41,7 +42,7 @@ def save_run_model(model, processor, run: str | os.PathLike, prompt: str = DEFAU
     from peft import PeftModel
 
     run = Path(run)
-    kind = "adapter" if isinstance(model, PeftModel) else "model"
+    kind = WEIGHTS["adapter" if isinstance(model, PeftModel) else "full"]
     partial = run / f".{kind}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
@@ -56,7 +57,9 @@ def install_weights(run: Path, partial: Path, processor, prompt: str, base_model
     """Complete a saved weights folder ``partial`` (processor with the prompt's chat template,
     ``describe``'s generation config, prompt and base model, model card) and rename it to
     ``RUN/adapter`` or ``RUN/model`` in one step; the other kind, if any, is removed (it would
-    shadow this one), and ``RUN/galaxy_llava.json`` names the run. ``model``: the trained model
+    shadow this one), and ``RUN/galaxy_llava.json`` names the run. ``kind``: the weights
+    folder's ("adapter" or "model", :data:`galaxy_llava.run_layout.WEIGHTS` of the run's
+    kind "adapter" or "full"). ``model``: the trained model
     (its family and generation config); ``training``: the card's training settings
     (:func:`galaxy_llava.modelcard.training_settings`); ``name``: the run's, when ``run`` is
     the folder it is built in."""
@@ -70,7 +73,7 @@ def install_weights(run: Path, partial: Path, processor, prompt: str, base_model
                   getattr(unwrap(model), "generation_config", None), base_model,
                   name or run.name,
                   method=method, training=training, saved_by="train")
-    for stale in (run / "adapter", run / "model"):
+    for stale in (run / w for w in WEIGHTS.values()):
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(partial, run / kind)
     write_marker(run, kind="run", prompt=prompt, base_model=base_model, method=method)

@@ -27,10 +27,8 @@ from typing import Any
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json
+from galaxy_llava.run_layout import MARKER, SETTINGS, TRAINER_STATE, WEIGHTS
 
-MARKER = "galaxy_llava.json"
-SETTINGS = "config.yaml"  # a run's settings (galaxy_llava.training.arguments writes them)
-TRAINER_STATE = "trainer_state.json"  # in every Trainer checkpoint, written last
 # Settings that name a local path (besides the model, a Hub id or a path). Not --deepspeed: its
 # value may be a config given inline (base64 JSON) rather than a file.
 PATH_SETTINGS = ("data", "feature_cache_dir")
@@ -92,9 +90,9 @@ def run_kind(path: str | os.PathLike) -> str | None:
     checkpoint), 'full' (a full RUN folder), 'model' (a model folder, a full checkpoint) or
     None."""
     path = Path(path)
-    if (path / "adapter" / "adapter_config.json").is_file():
+    if (path / WEIGHTS["adapter"] / "adapter_config.json").is_file():
         return "adapter"
-    if (path / "model" / "config.json").is_file():
+    if (path / WEIGHTS["full"] / "config.json").is_file():
         return "full"
     if (path / "config.json").is_file():
         return "model"
@@ -108,10 +106,9 @@ def weights_folder(path: str | os.PathLike) -> Path:
     ``RUN/model``, or the folder itself (a model, adapter or checkpoint folder)."""
     path = Path(path)
     kind = run_kind(path)
-    if kind == "full":
-        return path / "model"
-    if kind == "adapter" and (path / "adapter" / "adapter_config.json").is_file():
-        return path / "adapter"
+    if kind == "full" or (kind == "adapter"
+                          and (path / WEIGHTS["adapter"] / "adapter_config.json").is_file()):
+        return path / WEIGHTS[kind]
     return path
 
 

@@ -2,9 +2,7 @@
 checkpoint to resume, building a new run beside the previous one, the loss log and curve, and
 the final weights saved atomically.
 
-Layout: ``config.yaml`` (every setting), ``checkpoint-N/`` (the Trainer's, resumable),
-``loss_log.jsonl``, ``loss_curve.png``, ``train_metrics.json``, ``adapter/`` (LoRA) or ``model/``
-(full), ``galaxy_llava.json``; ``runs/`` holds TensorBoard events when ``report_to`` asks.
+The layout (the outputs' names, what holds a run) is :mod:`galaxy_llava.run_layout`'s.
 
 A checkpoint counts once its ``trainer_state.json`` (the Trainer writes it last) reads back;
 one cut short by a crash is a leftover. A run started over where a run is
@@ -25,51 +23,25 @@ from pathlib import Path
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path, write_json, write_jsonl
 from galaxy_llava.outputs import clean_leftovers
+from galaxy_llava.run_layout import (BACKUP, CHECKPOINT, LOSS_LOG, NEXT, REPLACED, TRAIN_METRICS,
+                                     WEIGHTS, RunFolder)
+from galaxy_llava.run_layout import complete_checkpoint as _complete
 
-# What a previous run leaves; set aside on a fresh start (cache/ is kept: still valid).
-RUN_OUTPUTS = ("config.yaml", "train_metrics.json", "loss_log.jsonl", "loss_curve.png",
-               "adapter", "model", "galaxy_llava.json", "runs")
-BACKUP = ".previous-run"
-NEXT = ".next-run"  # a new run built beside the previous one
-REPLACED = ".replaced-run"  # the previous run's outputs while the new one is moved in
-_PARTIAL_WEIGHTS = (".adapter.partial", ".model.partial")  # saving.install_weights'
-
-
-def _step(p: Path) -> int | None:
-    tail = p.name.split("-")[-1]
-    return int(tail) if p.name.startswith("checkpoint-") and tail.isdigit() else None
-
-
-def _complete(checkpoint: Path) -> bool:
-    try:
-        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text()), dict)
-    except (OSError, ValueError):
-        return False
+_PARTIAL_WEIGHTS = tuple(f".{w}.partial" for w in WEIGHTS.values())  # saving.install_weights'
 
 
 def checkpoints(run: Path) -> list[Path]:
-    """The Trainer's finished ``checkpoint-N`` folders of ``run`` (a readable trainer state),
-    oldest first."""
-    found = [p for p in Path(run).glob("checkpoint-*")
-             if _step(p) is not None and p.is_dir() and _complete(p)]
-    return sorted(found, key=_step)
+    """The Trainer's finished ``checkpoint-N`` folders of ``run``, oldest first."""
+    return RunFolder(run).checkpoints()
 
 
 def holds_a_run(run: Path) -> bool:
-    """Whether ``run`` holds something of value: a finished checkpoint (its own or a new run's
-    being built beside it) or a finished run's weights and metrics (a start killed before its
-    first checkpoint does not count)."""
-    run = Path(run)
-    return run.is_dir() and (any((run / f).exists() for f in ("train_metrics.json", "adapter",
-                                                              "model"))
-                             or bool(checkpoints(run)) or bool(checkpoints(run / NEXT)))
+    """Whether ``run`` holds something of value (:meth:`RunFolder.holds_a_run`)."""
+    return RunFolder(run).holds_a_run()
 
 
 def _outputs(folder: Path) -> list[Path]:
-    """A run's outputs and checkpoints present in ``folder``."""
-    folder = Path(folder)
-    return [p for p in (*(folder / n for n in RUN_OUTPUTS), *sorted(folder.glob("checkpoint-*")))
-            if p.exists()]
+    return RunFolder(folder).outputs()
 
 
 def _started(run: Path) -> bool:
@@ -131,7 +103,7 @@ def check_fresh(run: Path, overwrite: bool) -> None:
 
 def clear_previous(run: Path) -> None:
     """Remove a run's outputs and checkpoints (``cache/`` and ``.previous-run/`` stay)."""
-    for target in [*(Path(run) / n for n in RUN_OUTPUTS), *Path(run).glob("checkpoint-*")]:
+    for target in _outputs(run):
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
@@ -144,7 +116,7 @@ def tidy(run: Path) -> None:
     run = Path(run)
     if not checkpoints(run / NEXT) and not (run / NEXT / BACKUP).exists():
         shutil.rmtree(run / NEXT, ignore_errors=True)
-    for p in run.glob("checkpoint-*"):
+    for p in run.glob(CHECKPOINT + "*"):
         if p.is_dir() and not _complete(p):
             shutil.rmtree(p, ignore_errors=True)
     for name in _PARTIAL_WEIGHTS:
@@ -156,8 +128,7 @@ def set_aside(run: Path) -> None:
     """Move a previous run's outputs (or a killed start's) into ``RUN/.previous-run/``."""
     run = Path(run)
     shutil.rmtree(run / BACKUP, ignore_errors=True)
-    items = [p for p in (*(run / n for n in RUN_OUTPUTS), *run.glob("checkpoint-*"))
-             if p.exists()]
+    items = _outputs(run)
     if not items:
         return
     (run / BACKUP).mkdir()
@@ -186,7 +157,7 @@ def recover(run: Path) -> None:
     being moved in); in each folder a start writes in, keep what it wrote if it reached a
     checkpoint, else put back what it had set aside."""
     run = Path(run)
-    if (run / REPLACED).exists() or (run / NEXT / "train_metrics.json").is_file():
+    if (run / REPLACED).exists() or (run / NEXT / TRAIN_METRICS).is_file():
         publish(run)
     for folder in (run, run / NEXT):
         if (folder / BACKUP).is_dir():
@@ -196,7 +167,7 @@ def recover(run: Path) -> None:
 def interrupted(run: Path) -> bool:
     """Whether a killed start left ``run`` for :func:`recover` to put in order."""
     run = Path(run)
-    return any(p.exists() for p in (run / REPLACED, run / NEXT / "train_metrics.json",
+    return any(p.exists() for p in (run / REPLACED, run / NEXT / TRAIN_METRICS,
                                     run / BACKUP, run / NEXT / BACKUP))
 
 
@@ -209,7 +180,7 @@ def publish(run: Path) -> None:
     new, old = run / NEXT, run / REPLACED
     listing = old / "incoming.json"
     if not listing.is_file():
-        if not (new / "train_metrics.json").is_file():  # cut before the listing: nothing moved
+        if not (new / TRAIN_METRICS).is_file():  # cut before the listing: nothing moved
             shutil.rmtree(old, ignore_errors=True)
             return
         shutil.rmtree(old, ignore_errors=True)
@@ -244,12 +215,12 @@ def loss_log(log_history: list[dict]) -> list[dict]:
 
 def write_loss_log(run: Path, rows: list[dict]) -> None:
     """Rewrite ``RUN/loss_log.jsonl`` (atomically)."""
-    write_jsonl(Path(run) / "loss_log.jsonl", rows)
+    write_jsonl(Path(run) / LOSS_LOG, rows)
 
 
 def append_loss_log(run: Path, rows: list[dict]) -> None:
     """Append rows to ``RUN/loss_log.jsonl`` (live progress; rewritten whole at the end)."""
-    with open(Path(run) / "loss_log.jsonl", "a", encoding="utf-8") as f:
+    with open(Path(run) / LOSS_LOG, "a", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
 

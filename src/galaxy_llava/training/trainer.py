@@ -28,6 +28,7 @@ from galaxy_llava.config import FinetuneArguments
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json, write_text
 from galaxy_llava.models.encoding import IGNORE_INDEX
+from galaxy_llava.run_layout import WEIGHTS
 from galaxy_llava.training import run_folder
 from galaxy_llava.training.accelerate_fsdp_cpu import enable_fsdp_on_cpu
 from galaxy_llava.training.batches import CaptionDataset, Collator
@@ -448,7 +449,7 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
     from galaxy_llava.saving import install_weights
 
     is_adapter = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
-    kind = "adapter" if is_adapter else "model"
+    kind = WEIGHTS["adapter" if is_adapter else "full"]  # the weights folder's kind and name
     partial = run / f".{kind}.partial"
     if main:
         shutil.rmtree(partial, ignore_errors=True)
