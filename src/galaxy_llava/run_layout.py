@@ -98,10 +98,6 @@ class RunFolder:
         return self.path / LOSS_LOG
 
     @property
-    def loss_curve(self) -> Path:
-        return self.path / LOSS_CURVE
-
-    @property
     def next_run(self) -> "RunFolder":
         """The new run being built beside this one."""
         return RunFolder(self.path / NEXT)
