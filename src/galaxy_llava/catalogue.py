@@ -292,7 +292,10 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     todo = [i for i in mine if i not in done]
     bad: dict[int, str] = {}
     if inputs.catalog is None:  # unreadable headers are found now, before any model loads
-        bad = _check_headers(inputs, todo, part_size, fits, strict)
+        from galaxy_llava.records import unreadable
+
+        bad = unreadable(inputs.images, (k for i in todo for k in range(
+            i * part_size, min((i + 1) * part_size, len(inputs.ids)))), fits, strict)
     manifest = {"command": COMMAND, "identity": identity, "fingerprint": fingerprint(identity),
                 "parts": n_parts, "items": len(inputs.ids), "stamps": stamps}
     if read_manifest(out) != manifest or (out / LEGACY_MANIFEST).exists():
@@ -310,24 +313,6 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     summary["failed"] = sum(len(part_failures(out / part_name(i))) for i in mine)
     summary["failed_total"] = write_failures(out, stamps)
     return summary
-
-
-def _check_headers(inputs: Inputs, todo: list[int], part_size: int, fits, strict: bool
-                   ) -> dict[int, str]:
-    """Each unreadable input of the ``todo`` parts (index -> reason), from its header alone;
-    with ``strict`` the first one is the error."""
-    from galaxy_llava.records import load_image
-
-    bad = {}
-    for i in todo:
-        for k in range(i * part_size, min((i + 1) * part_size, len(inputs.ids))):
-            try:
-                load_image(inputs.images[k], decode=False, options=fits)
-            except UserError as e:
-                if strict:
-                    raise
-                bad[k] = str(e)
-    return bad
 
 
 def _device(device):

@@ -21,7 +21,7 @@ from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
 from galaxy_llava.models.encoding import PromptIds
 from galaxy_llava.models.registry import family_for
-from galaxy_llava.records import load_image
+from galaxy_llava.records import load_image, unreadable
 
 
 def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
@@ -135,14 +135,7 @@ def describe_paths(model, paths: Iterable[str | os.PathLike],
     found = gather_images(paths, allow_outside, fits.band_names if fits else (), flag="input",
                           absolute=False, unique_ids=False)
     # Every header is checked before the model loads, so a stray file fails fast and by name.
-    errors: dict[int, str] = {}
-    for k, f in enumerate(found.images):
-        try:
-            load_image(f, decode=False, options=fits)
-        except UserError as e:
-            if strict:
-                raise
-            errors[k] = str(e)
+    errors = unreadable(found.images, range(len(found.images)), fits, strict)
     from galaxy_llava.models.loading import load_for_inference
 
     with warnings.catch_warnings():

@@ -61,6 +61,22 @@ def load_image(path, decode: bool = True, options: FitsOptions | None = None
         raise UserError(f"{path}: cannot read the image: {e}") from None
 
 
+def unreadable(images, indices: Iterable[int], options: FitsOptions | None = None,
+               strict: bool = False) -> dict[int, str]:
+    """``{index: reason}`` for each of ``images[indices]`` whose header already shows it cannot
+    be read (checked before any model loads; no pixel decoded); with ``strict`` the first such
+    file is the error instead."""
+    bad = {}
+    for k in indices:
+        try:
+            load_image(images[k], decode=False, options=options)
+        except UserError as e:
+            if strict:
+                raise
+            bad[k] = str(e)
+    return bad
+
+
 def to_rgb8(im: Image.Image) -> Image.Image:
     """An RGB image with 8 bits a channel. 16-bit integers (PNG, TIFF) are scaled from their
     full range (the value / 257: what an 8-bit export gives); floats in [0, 1] from that range,
