@@ -144,13 +144,11 @@ def describe_paths(model, paths: Iterable[str | os.PathLike],
         net, processor, stored = load_for_inference(model, device=device)
     columns = found.columns.astype(object).where(found.columns.notna(), None).rename(
         columns=lambda c: f"input_{c}" if c in ("image", "caption", "error") else c)
-    by_caption = None
+    captions = None
     if scores_rules:
-        from galaxy_llava.scoring import score_columns
-        from galaxy_llava.rules import rule_set
-        from galaxy_llava.scoring import grammar_scores
+        from galaxy_llava.scoring import by_caption, grammar_scores, score_columns
 
-        by_caption = {m.caption(): m for m in rule_set(scores_rules).reachable()}
+        captions = by_caption(scores_rules)
     results: list[dict] = []
     starts = range(0, len(found.images), batch_size)
     for start in tqdm(starts, desc="describing", unit="batch", disable=len(starts) < 2):
@@ -175,8 +173,8 @@ def describe_paths(model, paths: Iterable[str | os.PathLike],
                                 progress=False)
         for result, text in zip(where, texts, strict=True):
             result["caption"] = text
-        if by_caption is not None:
+        if captions is not None:
             for result, scores in zip(where, grammar_scores(net, processor, batch, scores_rules,
                                                             prompt or stored), strict=True):
-                result.update(score_columns(scores, by_caption))
+                result.update(score_columns(scores, captions))
     return results

@@ -283,26 +283,32 @@ def value_column(attribute: str, value: str) -> str:
     return f"p_{attribute}_{re.sub(r'[^0-9a-zA-Z]+', '_', value).strip('_').lower()}"
 
 
-def score_column_names(rules: str) -> tuple[dict, list[str]]:
-    """(caption -> Morphology of the rule set, the ``p_`` columns in order): what
-    :func:`score_columns` needs, and the catalogue's schema."""
+def by_caption(rules: str) -> dict[str, Morphology]:
+    """Each caption of the rule set ``rules`` -> its Morphology: what :func:`score_columns`
+    reads a best caption's attributes from."""
     from galaxy_llava.rules import rule_set
 
-    candidates = rule_set(rules).reachable()
+    return {m.caption(): m for m in rule_set(rules).reachable()}
+
+
+def score_column_names(rules: str) -> tuple[dict, list[str]]:
+    """(:func:`by_caption` of the rule set, the ``p_`` columns in order): what
+    :func:`score_columns` needs, and the catalogue's schema."""
+    captions = by_caption(rules)
+    candidates = list(captions.values())
     values = posterior_summary(candidates, [0.0] * len(candidates)).marginals
-    return ({m.caption(): m for m in candidates},
-            [value_column(a, v) for a in ATTRIBUTES for v in values[a]])
+    return captions, [value_column(a, v) for a in ATTRIBUTES for v in values[a]]
 
 
 # Yes/no attributes (bar, prominent_bulge, ...): boolean columns, as in the prepared dataset.
 BOOLEAN = tuple(f.name for f in fields(Morphology) if isinstance(f.default, bool))
 
 
-def score_columns(scores, by_caption: dict) -> dict:
+def score_columns(scores, captions: dict) -> dict:
     """The scored columns of one row: ``best_caption``, each attribute's predicted value (that
     of the best caption; a boolean for yes/no attributes), ``p_<attribute>_<value>`` and
     ``entropy``."""
-    best = by_caption[scores.best]
+    best = captions[scores.best]
     row: dict[str, Any] = {"best_caption": scores.best}
     for a in ATTRIBUTES:
         row[a] = getattr(best, a) if a in BOOLEAN else value_label(best, a)

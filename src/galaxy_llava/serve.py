@@ -139,9 +139,8 @@ def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.Pa
     and the path of the same table as CSV, written atomically under ``out_dir``."""
     import pandas as pd
 
-    from galaxy_llava.scoring import score_columns
     from galaxy_llava.io import write_text
-    from galaxy_llava.rules import rule_set
+    from galaxy_llava.scoring import by_caption, score_columns
 
     paths = [getattr(f, "name", f) for f in files or []]  # gradio gives paths (or old wrappers)
     if not paths:
@@ -149,9 +148,9 @@ def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.Pa
     if len(paths) > MAX_BATCH:
         raise UserError(f"{len(paths)} images is more than one request takes ({MAX_BATCH}); "
                         "use `galaxy-llava catalogue` for many images")
-    by_caption = {m.caption(): m for m in rule_set(served.rules).reachable()}
+    captions = by_caption(served.rules)
     rows = [{"file": Path(r["image"]).name, "caption": r["caption"],
-             **score_columns(r["scores"], by_caption)} for r in served.describe(paths)]
+             **score_columns(r["scores"], captions)} for r in served.describe(paths)]
     table = pd.DataFrame(rows)
     csv = _csv_path(out_dir)
     write_text(csv, table.to_csv(index=False))
