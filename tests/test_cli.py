@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import galaxy_llava
-from galaxy_llava.cli import (DESCRIPTION, _global_options, _tiny_model_summary, build_parser,
-                              main, use_threads)
+from galaxy_llava.cli import DESCRIPTION, _global_options, build_parser, main, use_threads
+from galaxy_llava.cli.toy import tiny_model_summary
 from galaxy_llava.config import DEFAULT_THREADS
 from galaxy_llava.errors import UserError
 
@@ -129,12 +129,12 @@ def test_bad_threads_is_one_line(capsys, tmp_path):
 
 def test_tiny_model_summary_says_what_was_written(tmp_path):
     args = argparse.Namespace(preset="tiny", family="llava", out=tmp_path, pretrain_steps=0)
-    untrained = _tiny_model_summary(args)
+    untrained = tiny_model_summary(args)
     assert "random weights (untrained)" in untrained and "pretrained" not in untrained
     (tmp_path / "galaxy_llava.json").write_text(json.dumps({"pretrain_loss": {
         "steps": 40, "start": 9.87654, "final": 2.34567, "final_is_mean_of_last": 10}}))
     args.pretrain_steps = 40
-    line = _tiny_model_summary(args)
+    line = tiny_model_summary(args)
     assert "pretrained from random weights for 40 steps" in line
     assert "loss 9.877 -> 2.346" in line and "last 10" in line
     assert "random-initialised" not in line
@@ -175,19 +175,26 @@ def test_debug_after_train_shows_the_traceback(monkeypatch, capsys):
     """`galaxy-llava train ... --debug`: parsed as galaxy-llava's flag (it once collided with
     TrainingArguments' own --debug: 'expected at least one argument'), so the error's traceback
     shows; without it, one line."""
+    from galaxy_llava.cli import train as train_face
     from galaxy_llava.training import arguments, trainer
 
-    seen = []
+    seen, peeks = [], []
 
-    def fails_after_parsing(argv):
-        seen.append(arguments.parse_cli(argv))
+    def fails_after_parsing(finetune, training):
+        seen.append((finetune, training))
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(trainer, "train_cli", fails_after_parsing)
+    def counted(real):
+        return lambda *a, **k: peeks.append(1) or real(*a, **k)
+
+    monkeypatch.setattr(trainer, "run_training", fails_after_parsing)
+    monkeypatch.setattr(arguments, "precheck", counted(arguments.precheck))
+    monkeypatch.setattr(train_face, "precheck", counted(train_face.precheck))
     argv = ["train", "--data", "D", "--output_dir", "R", "--method", "lora"]
     with pytest.raises(RuntimeError, match="boom"):
         main([*argv, "--debug"])
     assert seen[-1][0].method == "lora" and not seen[-1][1].debug
+    assert len(peeks) == 1  # the flags peeked at once, then parsed once (not three times)
     assert main(argv) == 1
     assert "internal error: RuntimeError: boom" in capsys.readouterr().err
 
@@ -197,7 +204,7 @@ def test_export_names_the_family_it_wrote(family_name, tmp_path):
     """Not "a plain LLaVA checkpoint" for every family: the family and the class that loads it."""
     from transformers import AutoConfig
 
-    from galaxy_llava.cli import export_summary
+    from galaxy_llava.cli.train import export_summary
     from galaxy_llava.models.registry import FAMILIES
 
     family = next(f for f in FAMILIES.values() if f.name == family_name)
@@ -248,6 +255,7 @@ def test_decoding_flags_default_to_the_one_decoding_setting(command, monkeypatch
     import dataclasses
 
     from galaxy_llava import config
+    from galaxy_llava.cli import flags
 
     def defaults():
         sub = next(a for a in build_parser()._actions
@@ -257,5 +265,28 @@ def test_decoding_flags_default_to_the_one_decoding_setting(command, monkeypatch
 
     assert defaults() == {k: v for k, v in dataclasses.asdict(config.DECODING).items()
                           if k in defaults()}
-    monkeypatch.setattr(config, "DECODING", config.Decoding(num_beams=5, max_new_tokens=9))
+    monkeypatch.setattr(flags, "DECODING", config.Decoding(num_beams=5, max_new_tokens=9))
     assert defaults()["num_beams"] == 5 and defaults()["max_new_tokens"] == 9
+
+
+def test_library_functions_take_their_settings_by_keyword():
+    """What a command calls reads the same from Python: the one or two things it acts on
+    positionally, every setting by name (a positional setting would be a silent mix-up)."""
+    import inspect
+
+    from galaxy_llava.catalogue import build_catalogue
+    from galaxy_llava.evaluate import evaluate
+    from galaxy_llava.generate import describe_paths
+    from galaxy_llava.prepare import prepare
+    from galaxy_llava.probe import probe
+    from galaxy_llava.report import build_report
+    from galaxy_llava.saving import export_run
+    from galaxy_llava.serve import serve
+    from galaxy_llava.toy.demo import run_demo
+    from galaxy_llava.toy.synthetic import synthesize
+
+    for function in (build_catalogue, evaluate, describe_paths, prepare, probe, build_report,
+                     export_run, serve, run_demo, synthesize):
+        positional = [p.name for p in inspect.signature(function).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        assert len(positional) <= 2, (function.__name__, positional)

@@ -122,15 +122,14 @@ def _check_eval_folder(folder, kind, n):
 
 @pytest.mark.slow
 def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_path, capsys):
-    from galaxy_llava.evaluate import evaluate_cli
+    from galaxy_llava.cli import main
     from galaxy_llava.records import load_records
 
     n_test = len(load_records(prepared_dir, "test"))
-    args = SimpleNamespace(model=str(tiny_model_dir), data=prepared_dir, split="test",
-                           out=tmp_path / "eval", batch_size=4, num_beams=1, max_new_tokens=8,
-                           limit=3, overwrite=False, allow_outside_paths=False,
-                           no_scores=True, rules=None)
-    evaluate_cli(args)
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--data", str(prepared_dir),
+            "--out", str(tmp_path / "eval"), "--batch-size", "4", "--num-beams", "1",
+            "--max-new-tokens", "8", "--limit", "3", "--no-scores"]
+    assert main(argv) == 0
     metrics, rows = _check_eval_folder(tmp_path / "eval", "vlm", min(3, n_test))
     # --no-scores: beam search only
     assert "grammar" not in metrics and "probabilities" not in rows[0]
@@ -144,9 +143,10 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_pat
     assert metrics["prompt"] == read_prompt(tiny_model_dir)
     # a random model talks nonsense: every answer is still scored
     assert all(isinstance(r["prediction"], str) for r in rows)
-    assert "exact" in capsys.readouterr().out
-    with pytest.raises(UserError, match="train"):
-        evaluate_cli(SimpleNamespace(**{**vars(args), "split": "nope"}))
+    out = capsys.readouterr().out
+    assert "exact" in out and f"and {tmp_path / 'eval' / 'metrics.json'}" in out
+    assert main([*argv, "--split", "nope", "--overwrite"]) == 2
+    assert "train" in capsys.readouterr().err
 
 
 @pytest.mark.slow

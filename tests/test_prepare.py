@@ -456,5 +456,5 @@ def test_galaxy_datasets_layout_through_the_cli_with_images_root(tmp_path):
         assert len(recs) == 6
         byid = df.set_index("id_str")
         for r in recs:
-            assert r["votes"][f"bar-gz2_total-votes"] == byid.loc[r["id_str"], "bar-gz2_total-votes"]
+            assert r["votes"]["bar-gz2_total-votes"] == byid.loc[r["id_str"], "bar-gz2_total-votes"]
             assert col("bulge-size", "dominant") in r["fractions"]

@@ -68,13 +68,12 @@ def test_pooled_features_are_the_mean_of_each_images_encoder_output(tiny_model_d
 
 @pytest.mark.slow
 def test_probe_end_to_end_on_tiny_model(tiny_model_dir, prepared_dir, tmp_path):
-    from galaxy_llava.probe import probe_cli
+    from galaxy_llava.cli import main
     from galaxy_llava.records import load_records
 
     n_test = len(load_records(prepared_dir, "test"))
-    probe_cli(SimpleNamespace(model=str(tiny_model_dir), data=prepared_dir, split="test",
-                              out=tmp_path / "probe", overwrite=False,
-                              allow_outside_paths=False))
+    assert main(["probe", "--model", str(tiny_model_dir), "--data", str(prepared_dir),
+                 "--out", str(tmp_path / "probe")]) == 0
     metrics, rows = _check_eval_folder(tmp_path / "probe", "probe", n_test)
     assert metrics["parse_rate"] is None and metrics["mean_length"] is None
     assert metrics["hallucination_rate"] is None or 0 <= metrics["hallucination_rate"] <= 1

@@ -60,12 +60,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from galaxy_llava import __version__
-from galaxy_llava.catalogue_folder import (COMMAND, FAILURES, LEGACY_MANIFEST, MANIFEST,
+from galaxy_llava.catalogue_folder import (COMMAND, LEGACY_MANIFEST, MANIFEST,
                                            META_KEY, claim_catalogue, fingerprint, part_failures,
                                            part_fingerprint, part_name, part_stamps,
                                            read_manifest, remove_stale, write_failures)
 from galaxy_llava.config import DECODING
-from galaxy_llava.errors import EXIT_SKIPPED, UserError
+from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path, write_json
 from galaxy_llava.morphology import ATTRIBUTES
 from galaxy_llava.scoring import BOOLEAN, score_column_names, score_columns
@@ -238,7 +238,7 @@ def write_part(path: Path, rows: list[dict], schema, provenance: dict, extra=Non
 
 # ----------------------------------------------------------------- the command
 
-def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | None = None,
+def build_catalogue(model: str, out: str | os.PathLike, *, images: Sequence[str] | None = None,
                     source: str | None = None, rules: str = "reference",
                     batch_size: int = DECODING.batch_size, num_beams: int = DECODING.num_beams,
                     max_new_tokens: int = DECODING.max_new_tokens, scores: bool = True,
@@ -411,27 +411,3 @@ def _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, b
             write_part(out / part_name(i), rows, schema,
                        {**provenance, "part": i, "fingerprint": stamps[i],
                         "failures": failures}, extra)
-
-
-def catalogue_cli(args: Any) -> int | None:
-    """Handler of ``galaxy-llava catalogue``: the exit code is
-    :data:`~galaxy_llava.errors.EXIT_SKIPPED` when this process skipped inputs."""
-    from galaxy_llava.fitscutouts import options_from_args
-
-    s = build_catalogue(args.model, args.out, images=args.images, source=args.source,
-                        rules=args.rules, batch_size=args.batch_size, num_beams=args.num_beams,
-                        max_new_tokens=args.max_new_tokens, scores=not args.no_scores,
-                        caption=getattr(args, "caption", None),
-                        shard=args.shard, part_size=args.part_size, overwrite=args.overwrite,
-                        allow_outside_paths=args.allow_outside_paths,
-                        fits=options_from_args(args), strict=args.strict)
-    kept = (f"; continued an unfinished catalogue of other inputs or settings, keeping "
-            f"{s['kept']} part(s) still valid" if s["kept"] is not None else "")
-    print(f"catalogue {s['out']}: {s['items']} images in {s['parts']} part(s); this process "
-          f"wrote {s['written']} and skipped {s['skipped']} already written{kept}; "
-          f"{s['complete']}/{s['parts']} parts done")
-    if s["failed"]:
-        print(f"skipped {s['failed']} input(s) that could not be read (image, id, reason: "
-              f"{Path(s['out']) / FAILURES}); exit code {EXIT_SKIPPED}")
-        return EXIT_SKIPPED
-    return None

@@ -200,7 +200,7 @@ def _add_to_card(model: str | Path, metrics: dict) -> None:
     print(f"added this evaluation to the model card {card}")
 
 
-def evaluate(model: str | Path, data: str | Path, split: str = "test",
+def evaluate(model: str | Path, data: str | Path, *, split: str = "test",
              out: str | Path = "eval", batch_size: int = DECODING.batch_size,
              num_beams: int = DECODING.num_beams,
              max_new_tokens: int = DECODING.max_new_tokens, limit: int | None = None,
@@ -294,14 +294,3 @@ def _grammar(net: Any, processor: Any, prompt: str, rules: str, records: Sequenc
                                        rules=rules),
             "collapse_warning": collapse_warning(best, truth_texts,
                                                  "most probable captions (grammar)")}
-
-
-def evaluate_cli(args: Any) -> dict:
-    """Handler of ``galaxy-llava evaluate``."""
-    m = evaluate(args.model, args.data, split=args.split, out=args.out,
-                 batch_size=args.batch_size, num_beams=args.num_beams,
-                 max_new_tokens=args.max_new_tokens, limit=args.limit,
-                 overwrite=args.overwrite, allow_outside_paths=args.allow_outside_paths,
-                 scores=not getattr(args, "no_scores", False), rules=getattr(args, "rules", None))
-    print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'metrics.json'}")
-    return m

@@ -32,7 +32,7 @@ from typing import Sequence
 from galaxy_llava.errors import UserError
 
 SCALINGS = ("lupton", "percentile")
-_NOISE_STRETCH = 10.0  # the default Lupton stretch, in units of the sky's noise
+NOISE_STRETCH = 10.0  # the default Lupton stretch, in units of the sky's noise
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def planes_to_rgb(path, planes, options: FitsOptions):
         if stretch is None:
             noise = sigma_clipped_stats(mean, sigma=3.0, maxiters=5)[2]
             if noise > 0:
-                stretch = _NOISE_STRETCH * noise
+                stretch = NOISE_STRETCH * noise
             else:  # no noise (a model, a simulation): the 99.5th percentile just saturates
                 top = max(float(np.percentile(mean, 99.5)), float(mean.max()) * 1e-3, 1e-30)
                 stretch = top * options.q / np.sinh(np.arcsinh(0.1 * options.q) / 0.1)
@@ -276,33 +276,3 @@ def read_fits_rgb(paths: str | os.PathLike | Sequence[str | os.PathLike],
     if len(data) not in (1, 3):
         raise UserError(f"{files[0]}: {len(data)} bands; 1 or 3 make a picture")
     return planes_to_rgb(files[0], data, options)
-
-
-def options_from_args(args) -> FitsOptions:
-    """:class:`FitsOptions` from a command's parsed flags (``--fits-hdu``, ``--bands``,
-    ``--scaling``, ``--lupton-stretch``, ``--lupton-q``, ``--keep-sky``)."""
-    return parse_options(args.fits_hdu, args.bands, args.scaling, args.lupton_stretch,
-                         args.lupton_q, args.keep_sky)
-
-
-def add_flags(parser) -> None:
-    """The FITS flags of a command that reads survey images (describe, catalogue)."""
-    g = parser.add_argument_group("survey images (FITS)")
-    g.add_argument("--fits-hdu", default=None, metavar="N|NAME",
-                   help="the HDU to read, by index or EXTNAME (default: the first image HDU "
-                        "with pixels; tables are never read)")
-    g.add_argument("--bands", default=None, metavar="B,B,B",
-                   help="1 or 3 bands, bluest first, by plane index (0 = first) or by the "
-                        "header's BAND<k>/FILTER<k> names, e.g. g,r,z; names also group "
-                        "single-band files of one object (J1234-g.fits, J1234-r.fits, ...); "
-                        "default: a file's 1 or 3 planes as they are")
-    g.add_argument("--scaling", default="lupton", choices=SCALINGS,
-                   help="how bands become colours: lupton (Lupton et al. 2004, the SDSS "
-                        "images GZ2 was classified on) or percentile (asinh between the 0.5th "
-                        "and 99.5th percentiles)")
-    g.add_argument("--lupton-stretch", type=float, default=None,
-                   help=f"Lupton's linear stretch, in the file's flux units (default: "
-                        f"{_NOISE_STRETCH:g} x the sky's sigma-clipped noise)")
-    g.add_argument("--lupton-q", type=float, default=8.0, help="Lupton's asinh softening Q")
-    g.add_argument("--keep-sky", action="store_true",
-                   help="keep the sky level (by default the sigma-clipped sky is subtracted)")

@@ -47,7 +47,7 @@ def _cut_at_eos(ids: list[int], stop_ids: set[int]) -> list[int]:
 
 
 def describe_images(model, processor, images: Iterable[Image.Image | str | os.PathLike],
-                    prompt: str | None = None, batch_size: int = DECODING.batch_size,
+                    prompt: str | None = None, *, batch_size: int = DECODING.batch_size,
                     num_beams: int = DECODING.num_beams,
                     max_new_tokens: int = DECODING.max_new_tokens,
                     do_sample: bool = DECODING.do_sample,
@@ -110,7 +110,7 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def describe_paths(model, paths: Iterable[str | os.PathLike],
+def describe_paths(model, paths: Iterable[str | os.PathLike], *,
                    batch_size: int = DECODING.batch_size, num_beams: int = DECODING.num_beams,
                    max_new_tokens: int = DECODING.max_new_tokens, prompt: str | None = None,
                    device=None, scores_rules: str | None = None, fits=None, strict: bool = True,

@@ -59,7 +59,7 @@ JPEG_QUALITY = 85
 _MAX_WARNINGS = 10
 
 
-def prepare(source: str | os.PathLike, out: str | os.PathLike, n_per_class: int = 1000,
+def prepare(source: str | os.PathLike, out: str | os.PathLike, *, n_per_class: int = 1000,
             seed: int = 42, image_size: int = 336, rules: str = "reference", min_votes: int = 5,
             val_fraction: float = 0.1, test_fraction: float = 0.1, hub_config: str | None = None,
             hub_split: str = "train", workers: int | None = None, overwrite: bool = False,

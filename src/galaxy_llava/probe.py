@@ -186,7 +186,7 @@ def probe_probabilities(conditional: dict[str, dict[str, float]]) -> dict[str, d
     return out
 
 
-def probe(model: str | Path, data: str | Path, split: str = "test",
+def probe(model: str | Path, data: str | Path, *, split: str = "test",
           out: str | Path = "eval-probe", batch_size: int = 16, limit: int | None = None,
           name: str | None = None, overwrite: bool = False,
           allow_outside_paths: bool = False) -> dict:
@@ -248,11 +248,3 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
     print(format_table(with_majority(full, data, records)))
     print(format_calibration([full]))
     return full
-
-
-def probe_cli(args: Any) -> dict:
-    """Handler of ``galaxy-llava probe``."""
-    m = probe(args.model, args.data, split=args.split, out=args.out, overwrite=args.overwrite,
-              allow_outside_paths=args.allow_outside_paths)
-    print(f"wrote {Path(args.out) / 'predictions.jsonl'} and {Path(args.out) / 'metrics.json'}")
-    return m

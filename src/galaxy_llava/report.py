@@ -401,7 +401,7 @@ def _views(evals: Sequence[dict]) -> list[dict]:
     return out
 
 
-def build_report(evals: Sequence[str | Path], out: str | Path = "report.html",
+def build_report(evals: Sequence[str | Path], out: str | Path = "report.html", *,
                  overwrite: bool = False) -> Path:
     """Write ONE self-contained HTML file comparing the given EVAL folders (or the EVAL folders
     inside a parent folder, :func:`eval_folders`); returns its path.

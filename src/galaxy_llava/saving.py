@@ -142,7 +142,7 @@ def save_published(model, folder: str | os.PathLike) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike,
+def export_run(run: str | os.PathLike, out: str | os.PathLike, *,
                license: str | None = None) -> Path:
     """Write a RUN (or one of its ``checkpoint-N`` folders) as a plain checkpoint in the
     family's published layout (:func:`save_published`; a LoRA merged into the base weights, in

@@ -292,24 +292,26 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
                         "not one of this machine's; pass another --port or --host") from None
 
 
-def serve_cli(args) -> None:
-    """Handler of ``galaxy-llava serve``: check the flags, warn about a non-loopback host, load
-    the model once and serve until interrupted."""
+def serve(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 7860,
+          examples: str | os.PathLike | None = None, num_beams: int = DECODING.num_beams,
+          max_new_tokens: int = DECODING.max_new_tokens, rules: str = "reference") -> None:
+    """``galaxy-llava serve``: check the settings, warn about a non-loopback ``host``, load the
+    model once and serve the web app until interrupted (Ctrl-C or SIGTERM)."""
     from galaxy_llava import checks
 
-    checks.number("--port", args.port, 1, 65535, integer=True)
-    checks.check_generation(args.model, 1, args.num_beams, args.max_new_tokens)
+    checks.number("--port", port, 1, 65535, integer=True)
+    checks.check_generation(model, 1, num_beams, max_new_tokens)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool phones no one
     _gradio()  # before the model loads: a missing extra costs no minutes
-    examples = example_images(args.model, args.examples)
-    warning = host_warning(args.host)
+    examples = example_images(model, examples)
+    warning = host_warning(host)
     if warning:
         print(warning, file=sys.stderr)
-    app = build_app(args.model, examples, num_beams=args.num_beams,
-                    max_new_tokens=args.max_new_tokens, rules=args.rules)
-    launch(app, args.host, args.port, block=False)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.model} on http://{host}:{args.port} (Ctrl-C stops)", flush=True)
+    app = build_app(model, examples, num_beams=num_beams,
+                    max_new_tokens=max_new_tokens, rules=rules)
+    launch(app, host, port, block=False)
+    host = f"[{host}]" if ":" in host else host
+    print(f"serving {model} on http://{host}:{port} (Ctrl-C stops)", flush=True)
     # Ctrl-C and SIGTERM (a service manager, `kill`) both stop it, even when the process was
     # started with SIGINT ignored (a background job of a non-interactive shell: seen in CI).
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -41,7 +41,7 @@ def _step(name: str, t0: float) -> None:
     print(f"\n=== {name}  (t = {time.time() - t0:.0f} s)", flush=True)
 
 
-def run_demo(out: str | Path = "demo-out", n_galaxies: int = 600, seed: int = 0,
+def run_demo(out: str | Path = "demo-out", *, n_galaxies: int = 600, seed: int = 0,
              family: str = "llava") -> dict:
     """Run every stage on synthetic galaxies and a tiny model of ``family``; print the table and
     the report's path."""

@@ -350,7 +350,7 @@ def _galaxy_star(args):
     return _galaxy(*args)
 
 
-def synthesize(out_dir: str | os.PathLike, n: int, seed: int = 0, image_size: int = 424,
+def synthesize(out_dir: str | os.PathLike, n: int, *, seed: int = 0, image_size: int = 424,
                shard_rows: int = 1000, workers: int | None = None,
                overwrite: bool = False) -> list[Path]:
     """Render ``n`` galaxies into ``out_dir/data/train-0000i-of-0000K.parquet`` (Hub layout) and

@@ -305,12 +305,15 @@ def help_parser(spec: dict[str, Any]) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_cli(argv: list[str]) -> tuple[FinetuneArguments, Any]:
-    """Parse ``galaxy-llava train`` flags into (FinetuneArguments, TrainingArguments)."""
+def parse_cli(argv: list[str], known: argparse.Namespace | None = None
+              ) -> tuple[FinetuneArguments, Any]:
+    """Parse ``galaxy-llava train`` flags into (FinetuneArguments, TrainingArguments);
+    ``known``: what :func:`precheck` already peeked of them (else it peeks here)."""
     if wants_help(argv):
         print_help()
         raise SystemExit(0)
-    known = precheck(argv, resume=False)
+    if known is None:
+        known = precheck(argv, resume=False)
     parser = build_parser()
     explicit = {k: v for k, v in vars(known).items() if v is not None}
     parser.set_defaults(**_argparse_ready(layered_defaults(

@@ -165,14 +165,6 @@ def train(model: str | None = None, data: str | os.PathLike | None = None,
     return run_training(finetune, args)
 
 
-def train_cli(argv: list[str]) -> dict:
-    """``galaxy-llava train ARGS``: parse flags (and ``--config``), then :func:`run_training`."""
-    from galaxy_llava.training.arguments import parse_cli
-
-    finetune, args = parse_cli(argv)
-    return run_training(finetune, args)
-
-
 # ----------------------------------------------------------------- the recipe
 
 

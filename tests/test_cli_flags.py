@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from galaxy_llava.cli import build_parser
-from galaxy_llava.flags import spellings
+from galaxy_llava.cli.flags import spellings
 
 
 def test_spellings_adds_the_other_one_after_the_given():
