@@ -159,3 +159,45 @@ def test_models_import_nothing_above_them(graph):
     assert len(models) > 5
     for m in models:
         assert all(layer_of(t) >= layer_of("galaxy_llava.models") for t in graph[m]), m
+
+
+def layer_label(layer: list[str]) -> str:
+    """A layer's name in the picture: its modules, packages with a slash."""
+    names = [m + "/" if (PACKAGE / m).is_dir() else m for m in layer if m]
+    return ", ".join(names) if any(layer) else "__init__"
+
+
+def layer_picture(graph: dict[str, set[str]]) -> str:
+    """docs/DESIGN.md's picture (a Mermaid flowchart, drawn by GitHub and most Markdown
+    viewers): one box per layer, top to bottom, and an arrow where a layer imports from a lower
+    one that no other arrow path already reaches (the transitive reduction), so the picture
+    shows the real dependencies without a thicket of arrows."""
+    edges = {(layer_of(m), layer_of(t)) for m, targets in graph.items() for t in targets
+             if layer_of(m) != layer_of(t)}
+    below = {i: {j for a, j in edges if a == i} for i in range(len(LAYERS))}
+
+    def reaches(start: int, goal: int, skip: tuple[int, int]) -> bool:
+        todo, seen = [start], set()
+        while todo:
+            i = todo.pop()
+            for j in below[i]:
+                if (i, j) != skip and j not in seen:
+                    if j == goal:
+                        return True
+                    seen.add(j)
+                    todo.append(j)
+        return False
+
+    kept = sorted(e for e in edges if not reaches(*e, skip=e))
+    lines = ["```mermaid", "flowchart TD"]
+    lines += [f'  L{i}["{layer_label(layer)}"]' for i, layer in enumerate(LAYERS)]
+    lines += [f"  L{a} --> L{b}" for a, b in kept]
+    return "\n".join(lines + ["```"])
+
+
+def test_the_design_documents_picture_is_the_import_graph(graph):
+    """The picture in docs/DESIGN.md is drawn from the code: it fails when an import changes
+    the layers' dependencies, and prints the picture to paste."""
+    design = (PACKAGE.parents[1] / "docs" / "DESIGN.md").read_text()
+    want = layer_picture(graph)
+    assert want in design, f"docs/DESIGN.md's picture is out of date; paste:\n{want}"
