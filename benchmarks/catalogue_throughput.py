@@ -107,7 +107,7 @@ def run_preset(preset: str, args, device: str) -> dict:
     """Every recipe on one preset's model; the numbers per recipe."""
     import torch
 
-    from galaxy_llava.catalogue import caption_batch
+    from galaxy_llava.survey_catalogue import caption_batch
     from galaxy_llava.config import DEFAULT_PROMPT
     from galaxy_llava.generate import describe_images
     from galaxy_llava.models.loading import resolve_dtype

@@ -9,7 +9,7 @@ feature, so ``datasets.load_dataset(folder)`` decodes images exactly as it does 
   ``smooth-or-featured-gz2_smooth_fraction`` (every image decoded by the iterator). When the loop
   passes ``--loop-budget`` seconds it stops and the whole catalogue is extrapolated linearly from
   the measured rate; both numbers are printed.
-* fast: ``galaxy_llava.catalog.load_catalog`` (reads ``id_str`` and the vote columns only) and
+* fast: ``galaxy_llava.gz2_catalog.load_catalog`` (reads ``id_str`` and the vote columns only) and
   ``galaxy_llava.prepare.select`` (vectorised class split and balanced draw), timed end to end:
   its load is included, the reference's ``load_dataset`` is not (printed apart).
 
@@ -113,7 +113,7 @@ def fast_select(folder: Path, n_per_class: int = 1000, seed: int = 42) -> dict:
     usable rows, then ``prepare.select`` (the vectorised class split plus the seeded balanced draw
     of ``n_per_class`` per class, more work than the notebook's loop alone)."""
     from galaxy_llava import prepare
-    from galaxy_llava.catalog import load_catalog
+    from galaxy_llava.gz2_catalog import load_catalog
     from galaxy_llava.rules import is_elliptical
 
     t0 = time.perf_counter()

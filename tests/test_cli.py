@@ -274,7 +274,7 @@ def test_library_functions_take_their_settings_by_keyword():
     positionally, every setting by name (a positional setting would be a silent mix-up)."""
     import inspect
 
-    from galaxy_llava.catalogue import build_catalogue
+    from galaxy_llava.survey_catalogue import build_catalogue
     from galaxy_llava.evaluate import evaluate
     from galaxy_llava.generate import describe_paths
     from galaxy_llava.prepare import prepare

@@ -149,7 +149,7 @@ def _catalogue(w: Path, name: str, payload) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from test_catalog import make_votes
+    from test_gz2_catalog import make_votes
 
     if (w / name).exists():
         return
@@ -162,7 +162,7 @@ def _catalogue(w: Path, name: str, payload) -> None:
 
 
 def _csv_outside(w: Path) -> None:
-    from test_catalog import make_votes
+    from test_gz2_catalog import make_votes
 
     if (w / "csvcat").exists():
         return
@@ -789,7 +789,7 @@ def test_a_failed_catalogue_does_not_block_the_corrected_retry(tiny_model_dir, p
 
     import pandas as pd
 
-    import galaxy_llava.catalogue as catalogue
+    import galaxy_llava.survey_catalogue as catalogue
 
     folder = tmp_path / "imgs"
     files = _galaxies(prepared_dir, folder, 4)

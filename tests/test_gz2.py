@@ -112,7 +112,7 @@ def test_share_is_exact_where_float32_is_not():
 def test_asked_share_is_the_product_of_fractions_down_the_tree():
     """Zoobot's prob_of_asked: for a tree-consistent galaxy it is the question's total votes
     over the root's."""
-    from test_catalog import counted_votes
+    from test_gz2_catalog import counted_votes
 
     df = counted_votes(20, seed=8)
     root = df[gz2.votes_col(gz2.ROOT)]

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from galaxy_llava.catalog import load_catalog
+from galaxy_llava.gz2_catalog import load_catalog
 from galaxy_llava.errors import UserError
 from galaxy_llava.prepare import prepare
-from test_catalog import images_for, make_votes, write_hub_parquet
+from test_gz2_catalog import images_for, make_votes, write_hub_parquet
 
 
 def write_repo(root, readme: str | None = None):

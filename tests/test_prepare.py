@@ -1,5 +1,5 @@
 """prepare: balanced seeded selection, captions equal to the notebook's rules, splits, images,
-re-runs, and every kind of bad input. Catalogues are built here (see test_catalog's builders)."""
+re-runs, and every kind of bad input. Catalogues are built here (see test_gz2_catalog's builders)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from galaxy_llava.prepare import prepare, select
 from galaxy_llava.calibration import vote_record_columns
 from galaxy_llava.rules import REFERENCE_COLUMNS, caption_from_fractions, morphology_from_fractions
 from notebook_oracle import notebook_describe
-from test_catalog import (draw_galaxy, images_for, make_votes, write_csv, write_disk,
+from test_gz2_catalog import (draw_galaxy, images_for, make_votes, write_csv, write_disk,
                           write_hub_parquet)
 
 SMOOTH = col("smooth-or-featured", "smooth")
@@ -442,7 +442,7 @@ def test_galaxy_datasets_layout_through_the_cli_with_images_root(tmp_path):
     """galaxy-datasets' gz2 catalogue (subfolder + filename, images kept elsewhere) prepares
     with --images-root; the records keep each question's total votes and the bulge-size
     dominant fraction whatever the rule set."""
-    from test_catalog import _galaxy_datasets_layout, counted_votes
+    from test_gz2_catalog import _galaxy_datasets_layout, counted_votes
 
     df = counted_votes(30, seed=6)
     path = _galaxy_datasets_layout(tmp_path / "gz2", df)

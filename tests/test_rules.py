@@ -157,11 +157,11 @@ def test_unknown_rule_set_is_one_line_naming_the_known_ones():
 def test_a_new_rule_set_needs_only_its_registry_entry(monkeypatch, tmp_path):
     """Registering one entry makes a rule set usable by the catalogue, prepare, the CLI and the
     synthetic truth, with nothing else changed."""
-    from galaxy_llava.catalog import load_catalog
+    from galaxy_llava.gz2_catalog import load_catalog
     from galaxy_llava.cli import build_parser
     from galaxy_llava.prepare import prepare
     from galaxy_llava.toy.synthetic import draw_truth, truth_morphology
-    from test_catalog import images_for, make_votes, write_hub_parquet
+    from test_gz2_catalog import images_for, make_votes, write_hub_parquet
 
     smooth = col("smooth-or-featured", "smooth")
     plain = RuleSet(

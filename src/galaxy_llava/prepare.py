@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from galaxy_llava import __version__, io as gio, outputs
 from galaxy_llava.calibration import vote_record_columns
-from galaxy_llava.catalog import ID_COLUMN, Catalog, ImageError, decode_image, load_catalog
+from galaxy_llava.gz2_catalog import ID_COLUMN, Catalog, ImageError, decode_image, load_catalog
 from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import col
 from galaxy_llava.hub_dataset import write_hub_layout

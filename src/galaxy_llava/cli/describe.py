@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from galaxy_llava.catalogue_folder import FAILURES
+from galaxy_llava.survey_catalogue_folder import FAILURES
 from galaxy_llava.checks import check_generation
 from galaxy_llava.cli.flags import (add_decoding, add_outside, add_overwrite, add_survey,
                                     decoding, survey)
@@ -98,7 +98,7 @@ def add_catalogue(sub) -> None:
 def _catalogue(args: argparse.Namespace) -> int | None:
     """Build (or continue) the catalogue and say what this process did; the exit code is
     :data:`~galaxy_llava.errors.EXIT_SKIPPED` when it skipped inputs."""
-    from galaxy_llava.catalogue import build_catalogue
+    from galaxy_llava.survey_catalogue import build_catalogue
 
     s = build_catalogue(args.model, args.out, images=args.images, source=args.source,
                         rules=args.rules, **decoding(args), scores=not args.no_scores,

@@ -52,8 +52,8 @@ def fingerprint(identity: dict) -> str:
 
 def part_stamps(inputs, settings: dict, part_size: int) -> list[str]:
     """Each part's stamp: a hash of the settings and of that part's own items (``inputs``: a
-    :class:`galaxy_llava.catalogue.Inputs`; its keys hold paths, sizes and ids; its columns the
-    user's own). A part stays valid while its own inputs do, so a retry with
+    :class:`galaxy_llava.survey_catalogue.Inputs`; its keys hold paths, sizes and ids; its
+    columns the user's own). A part stays valid while its own inputs do, so a retry with
     other inputs keeps the parts they do not change."""
     base = json.dumps({**settings, "source": inputs.identity.get("source")}, sort_keys=True)
     stamps = []

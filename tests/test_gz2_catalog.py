@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from galaxy_llava import catalog as cat_mod
-from galaxy_llava.catalog import ImageError, decode_image, load_catalog
+from galaxy_llava import gz2_catalog as cat_mod
+from galaxy_llava.gz2_catalog import ImageError, decode_image, load_catalog
 from galaxy_llava.errors import UserError
 from galaxy_llava.gz2 import QUESTIONS, col, count_col, votes_col
 from galaxy_llava.rules import rule_set

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from galaxy_llava.catalogue import MANIFEST, part_name
+from galaxy_llava.survey_catalogue import MANIFEST, part_name
 from galaxy_llava.scoring import value_column
 from galaxy_llava.cli import main
 from galaxy_llava.morphology import ATTRIBUTES

@@ -19,7 +19,7 @@ Inputs, in a fixed order (:func:`galaxy_llava.imagefiles.gather_images`):
   id, else the file name without its suffix; stems that collide become the path relative to
   their folder, and ids that still collide (or repeat in a list) are refused in one line. A
   list's paths that leave its folder need ``--allow-outside-paths``.
-* ``--source CATALOGUE``: a GZ2-schema catalogue (:func:`galaxy_llava.catalog.load_catalog`:
+* ``--source CATALOGUE``: a GZ2-schema catalogue (:func:`galaxy_llava.gz2_catalog.load_catalog`:
   parquet shards, ``save_to_disk`` folder, CSV with ``file_loc``, Hub id); only ``id_str``, the
   vote columns and ra, dec, dataset_name (carried to the rows) are held in memory, images are
   read a batch at a time and decoded one by one. The id is ``id_str``; ``image`` is the row.
@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from galaxy_llava import __version__
-from galaxy_llava.catalogue_folder import (COMMAND, LEGACY_MANIFEST, MANIFEST,
+from galaxy_llava.survey_catalogue_folder import (COMMAND, LEGACY_MANIFEST, MANIFEST,
                                            META_KEY, claim_catalogue, fingerprint, part_failures,
                                            part_fingerprint, part_name, part_stamps,
                                            read_manifest, remove_stale, write_failures)
@@ -177,7 +177,7 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
 
 def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Inputs:
     """The rows of a GZ2-schema catalogue (ids and vote columns in memory, images on demand)."""
-    from galaxy_llava.catalog import ID_COLUMN, load_catalog
+    from galaxy_llava.gz2_catalog import ID_COLUMN, load_catalog
 
     cat = load_catalog(source, rules=rules, allow_outside=allow_outside)
     if len(cat) == 0:
@@ -338,7 +338,7 @@ def _batch_images(inputs: Inputs, items: list, fits) -> list:
             except UserError as e:
                 out.append(e)
         return out
-    from galaxy_llava.catalog import ID_COLUMN, ImageError, decode_image
+    from galaxy_llava.gz2_catalog import ID_COLUMN, ImageError, decode_image
 
     payload = {row: (data, err) for row, data, err in inputs.catalog.image_bytes(items)}
     out = []
