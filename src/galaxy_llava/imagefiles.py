@@ -24,22 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.fitscutouts import FITS_SUFFIXES, is_fits
 from galaxy_llava.io import read_json_object
 
 if TYPE_CHECKING:
     import pandas as pd
 
 RASTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + FITS_SUFFIXES
 LIST_SUFFIXES = (".csv", ".parquet")
 PATH_COLUMNS = ("path", "file_loc", "image")
 ID_COLUMNS = ("id", "id_str")
-
-
-def is_fits(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a FITS file (by its suffix, case-insensitive)."""
-    return str(path).lower().endswith(FITS_SUFFIXES)
 
 
 def is_image_name(name: str) -> bool:
