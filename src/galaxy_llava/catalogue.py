@@ -252,9 +252,10 @@ def build_catalogue(model: str, out: str | os.PathLike, images: Sequence[str] | 
     ``out``, each image's header. An input that cannot be read is skipped and recorded in the
     part and in ``OUT/_failures.csv``; with ``strict`` it stops the run instead. ``caption``:
     grammar, beam or both (:func:`caption_mode`)."""
-    from galaxy_llava.checks import check_generation, number
+    from galaxy_llava.checks import number
     from galaxy_llava.fitscutouts import FitsOptions
     from galaxy_llava.models.folders import abs_if_local, is_local, read_prompt, run_kind
+    from galaxy_llava.models.preflight import check_generation
     from galaxy_llava.rules import rule_set
 
     out = Path(out)

@@ -96,11 +96,12 @@ def _cmd_train(argv: list[str]) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from galaxy_llava import checks, outputs
+    from galaxy_llava import outputs
     from galaxy_llava.models.folders import write_marker
+    from galaxy_llava.models.preflight import preflight_model
 
     source = str(args.run.expanduser().resolve())
-    checks.preflight_model(args.run)
+    preflight_model(args.run)
     outputs.claim(args.out, "model", overwrite=args.overwrite,
                   identity={"exported_from": source})
     from galaxy_llava.saving import export_run
@@ -126,9 +127,9 @@ def export_summary(run: Path, out: Path) -> str:
 
 
 def _cmd_describe(args: argparse.Namespace) -> int | None:
-    from galaxy_llava.checks import check_generation
     from galaxy_llava.errors import EXIT_SKIPPED
     from galaxy_llava.fitscutouts import options_from_args
+    from galaxy_llava.models.preflight import check_generation
 
     check_generation(args.model, args.batch_size, args.num_beams, args.max_new_tokens)
     from galaxy_llava.generate import describe_paths

@@ -217,7 +217,7 @@ def evaluate(model: str | Path, data: str | Path, split: str = "test",
     against the truth and the vote fractions. Prints one warning line when the answers collapse
     to one or two captions. Settings, ``out``, the data and the model's files are checked before
     the model loads."""
-    from galaxy_llava.checks import check_generation
+    from galaxy_llava.models.preflight import check_generation
     from galaxy_llava.rules import rule_set
 
     rules = rules or dataset_rules(data) or "reference"

@@ -194,7 +194,8 @@ def probe(model: str | Path, data: str | Path, split: str = "test",
     features, fitted on ``train`` where the attribute applies, scored on ``split``. The type
     prediction decides which of shape / bar / arms is stated; the probabilities
     (:func:`probe_probabilities`) are calibrated like the VLM's. Writes an EVAL folder."""
-    from galaxy_llava.checks import number, preflight_model
+    from galaxy_llava.checks import number
+    from galaxy_llava.models.preflight import preflight_model
 
     number("--batch-size", batch_size, 1, integer=True)
     inputs = eval_inputs("probe", model, data, split, limit=limit)

@@ -296,9 +296,10 @@ def serve_cli(args) -> None:
     """Handler of ``galaxy-llava serve``: check the flags, warn about a non-loopback host, load
     the model once and serve until interrupted."""
     from galaxy_llava import checks
+    from galaxy_llava.models.preflight import check_generation
 
     checks.number("--port", args.port, 1, 65535, integer=True)
-    checks.check_generation(args.model, 1, args.num_beams, args.max_new_tokens)
+    check_generation(args.model, 1, args.num_beams, args.max_new_tokens)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool phones no one
     _gradio()  # before the model loads: a missing extra costs no minutes
     examples = example_images(args.model, args.examples)

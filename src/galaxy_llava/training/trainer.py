@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from galaxy_llava import outputs
-from galaxy_llava.checks import preflight_model
 from galaxy_llava.config import FinetuneArguments
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json, write_text
 from galaxy_llava.models.encoding import IGNORE_INDEX
+from galaxy_llava.models.preflight import preflight_model
 from galaxy_llava.run_layout import WEIGHTS
 from galaxy_llava.training import run_folder
 from galaxy_llava.training.accelerate_fsdp_cpu import enable_fsdp_on_cpu
