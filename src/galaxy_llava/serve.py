@@ -30,7 +30,10 @@ from typing import Any
 
 from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
+from galaxy_llava.io import write_text
+from galaxy_llava.models.folders import checkpoint_run, run_settings
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.records import load_image, load_records
 
 MAX_FILE_SIZE = "25mb"   # per uploaded file; a galaxy cutout is tens of kB
 MAX_BATCH = 64           # images per batch request: one request must not hold the model for long
@@ -107,7 +110,6 @@ class ServedModel:
         (batches of 16, as its default), ``scores`` the
         :class:`~galaxy_llava.scoring.GrammarScores`."""
         from galaxy_llava.generate import describe_images
-        from galaxy_llava.records import load_image
         from galaxy_llava.scoring import grammar_scores
 
         for p in paths:  # every file checked (header only) before the model runs
@@ -139,7 +141,6 @@ def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.Pa
     and the path of the same table as CSV, written atomically under ``out_dir``."""
     import pandas as pd
 
-    from galaxy_llava.io import write_text
     from galaxy_llava.scoring import by_caption, score_columns
 
     paths = [getattr(f, "name", f) for f in files or []]  # gradio gives paths (or old wrappers)
@@ -180,8 +181,6 @@ def example_images(run: str | os.PathLike, examples: str | os.PathLike | None = 
 
     if examples is not None:
         return expand_image_paths([examples])[:limit]
-    from galaxy_llava.models.folders import checkpoint_run, run_settings
-    from galaxy_llava.records import load_records
 
     try:
         data = run_settings(checkpoint_run(run) or run).get("data")

@@ -19,6 +19,7 @@ from pathlib import Path
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
 from galaxy_llava.models.folders import write_marker
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.toy import tiny_idefics3, tiny_qwen2_vl
 from galaxy_llava.toy.bpe import tokenizer_corpus
 
@@ -193,8 +194,6 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
     :mod:`galaxy_llava.toy.pretrain`) so it can see and speak, as a real base model can; its loss
     is saved beside the weights (``pretrain_loss.json``, summary in ``galaxy_llava.json``)."""
     import torch
-
-    from galaxy_llava.models.registry import family_for
 
     out = Path(out)
     if pretrain_steps < 0:

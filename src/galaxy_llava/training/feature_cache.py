@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.records import load_image
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -87,8 +88,6 @@ def build_feature_store(model, family, processor, paths: list[str], *, mode: str
 
     import torch.distributed as dist
     from tqdm.auto import tqdm
-
-    from galaxy_llava.records import load_image
 
     stem = None
     if mode == "disk":
