@@ -55,6 +55,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -350,8 +351,6 @@ def _batch_images(inputs: Inputs, items: list, fits) -> list:
 
 def _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, batch_size,
                  num_beams, max_new_tokens, caption, device, progress, fits, strict, bad) -> None:
-    import warnings
-
     from tqdm.auto import tqdm
 
     from galaxy_llava.models.loading import load_for_inference

@@ -13,7 +13,9 @@ grammar, prompts and generic English) and a CLIP image processor. The other fami
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 from pathlib import Path
 
 from galaxy_llava.errors import UserError
@@ -54,8 +56,6 @@ def preset_shapes(preset: str) -> dict:
 
 def _train_sentencepiece(vocab_size: int) -> bytes:
     """A SentencePiece BPE model, Llama's settings (byte fallback, split digits, dummy prefix)."""
-    import io
-
     import sentencepiece as spm
 
     buf = io.BytesIO()
@@ -74,8 +74,6 @@ def build_tokenizer(max_length: int = 512, vocab_size: int = 640):
     Byte fallback (any text encodes), ``<s>``/``</s>``, ``<image>`` then ``<pad>`` added as special
     tokens (pad != eos, as in TinyLLaVA), words carry their leading space (``▁This``).
     Deterministic."""
-    import tempfile
-
     from tokenizers import AddedToken
     from transformers import LlamaTokenizer
 

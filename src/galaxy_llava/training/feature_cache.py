@@ -9,6 +9,7 @@ gradient with the uncached forward.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -84,8 +85,6 @@ def build_feature_store(model, family, processor, paths: list[str], *, mode: str
     ``cache_dir/features-<key>.npy`` (reused when model, images and dtype match) and reads rows
     on demand. Every image's rows must have one shape: a family whose images vary in size is
     cached only when they are all resized alike."""
-    import contextlib
-
     import torch.distributed as dist
     from tqdm.auto import tqdm
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import Trainer, TrainerCallback
 
 from galaxy_llava import outputs
@@ -306,9 +307,6 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     train_set = CaptionDataset(train_recs, processor, family, ft.prompt, store, rows, train_draw)
     val_set = (CaptionDataset(val_recs, processor, family, ft.prompt, store, rows, val_draw)
                if val_recs else None)
-
-    import yaml
-
     settings = yaml.safe_dump(settings_to_save(ft, args), sort_keys=False)  # output_dir: RUN
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = run.absolute().name  # the Trainer names the repository by its folder
