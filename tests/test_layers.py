@@ -71,20 +71,18 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     for name, path in modules.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                assert node.level == 0, f"{name}: relative import of {node.module}"
-                # `from galaxy_llava.toy import tiny` imports a module; `from x import f` x
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                          else node.module for a in node.names}
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found |= set(_targets(node, modules, name))
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
 
 
-def _targets(node: ast.Import | ast.ImportFrom, modules) -> list[str]:
+def _targets(node: ast.Import | ast.ImportFrom, modules, name: str) -> list[str]:
+    """The modules an import statement of module ``name`` names."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
+    assert node.level == 0, f"{name}: relative import of {node.module}"
+    # `from galaxy_llava.toy import tiny` imports a module; `from x import f` x
     return [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
             for a in node.names]
 
@@ -98,9 +96,8 @@ def imports_by_place(package: Path = PACKAGE):
 
     def visit(name, node, function):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.Import, ast.ImportFrom)) and (
-                    isinstance(child, ast.Import) or child.module):
-                for target in _targets(child, modules):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                for target in _targets(child, modules, name):
                     if function:
                         inner.append((name, function, child.lineno, target))
                     else:
