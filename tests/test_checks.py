@@ -1,5 +1,5 @@
-"""checks: numbers in range, containment, whole weights and checkpoints, model preflight and the
-generation ceiling, all without loading a model."""
+"""checks: numbers in range, containment, whole weights and checkpoints, all without loading a
+model (a model folder's preflight: tests/test_preflight.py)."""
 
 from __future__ import annotations
 
@@ -90,25 +90,3 @@ def test_damaged_torch_files_and_checkpoints(tmp_path):
     with pytest.raises(UserError, match="trainer_state.json is missing or not valid JSON"):
         checks.check_checkpoint(ckpt)
 
-
-def test_preflight_and_generation_ceiling(tmp_path):
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "tiny_llava"}))
-    with pytest.raises(UserError, match="unsupported model type 'tiny_llava'.*supported: .*llava"):
-        checks.preflight_model(model)
-    (model / "config.json").write_text("{not json")
-    with pytest.raises(UserError, match="config.json is not a readable JSON model config"):
-        checks.preflight_model(model)
-    config = {"model_type": "llava", "image_seq_length": 16,
-              "text_config": {"max_position_embeddings": 512}}
-    (model / "config.json").write_text(json.dumps(config))
-    _safetensors(model / "model.safetensors")
-    assert checks.preflight_model(model) == config
-    assert checks.generation_ceiling(config) == (495, 512)
-    checks.check_generation(model, 1, 1, 495)
-    with pytest.raises(UserError, match="--max-new-tokens 496 is more than .* at most 495"):
-        checks.check_generation(model, 1, 1, 496)
-    with pytest.raises(UserError, match="--batch-size must be >= 1"):
-        checks.check_generation(model, 0, 1, 4)
-    assert checks.preflight_model(tmp_path / "missing") is None

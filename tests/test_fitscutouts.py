@@ -12,7 +12,8 @@ from astropy.io import fits
 from astropy.visualization import make_lupton_rgb
 
 from galaxy_llava.errors import UserError
-from galaxy_llava.fitscutouts import FitsOptions, parse_options, plane_names, read_fits_rgb
+from galaxy_llava.fitscutouts import (FitsOptions, is_fits, parse_options, plane_names,
+                                      read_fits_rgb)
 from galaxy_llava.records import load_image
 
 # Real files from astropy's own test data (installed with astropy, offline).
@@ -209,3 +210,13 @@ def test_percentile_scaling_with_the_sky_kept_is_the_earlier_stretch():
     before = grey.round().astype(np.uint8)[::-1]
     now = np.asarray(read_fits_rgb(path, FitsOptions(scaling="percentile", keep_sky=True)))
     assert np.array_equal(now[..., 0], before) and np.array_equal(now[..., 2], before)
+
+
+@pytest.mark.parametrize("name, fits_file", [
+    ("a.fits", True), ("A.FITS.GZ", True), ("dir/b.fit", True), ("c.fits.fz", True),
+    ("d.png", False), ("fits", False), ("e.fits.txt", False)])
+def test_is_fits_by_suffix_case_insensitive(name, fits_file):
+    """Which files are FITS is decided here, by the suffix: the loader and the folder search
+    both ask."""
+    assert is_fits(name) is fits_file
+    assert is_fits(Path(name)) is fits_file

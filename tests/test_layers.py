@@ -1,7 +1,9 @@
 """The import graph of galaxy_llava, read from the source (AST, no import): every import counted
 (function-level ones too); no import cycle, toy/ included; no product module imports toy/ but the
 command-line face; no module imports one of a higher layer (docs/DESIGN.md's order, LAYERS
-below) but the few exceptions named with their reason."""
+below) but the few exceptions named with their reason; an import inside a function only where
+it saves a heavy library's import time (HEAVY below), so the module-level imports show the real
+dependencies."""
 
 from __future__ import annotations
 
@@ -35,19 +37,20 @@ LAYERS = [
     ["config", "errors", "io", ""],  # "": the package's __init__ (its version)
 ]
 # Imports that go up, each with its reason (the test fails once one is gone, so the list shrinks).
-UPWARD = {
-    ("galaxy_llava.checks", "galaxy_llava.models.folders"):
-        "the model preflight reads a folder's marker (lazily, no torch)",
-    ("galaxy_llava.checks", "galaxy_llava.models.loading"):
-        "the model preflight reads a model's config (lazily)",
-    ("galaxy_llava.checks", "galaxy_llava.models.registry"):
-        "the model preflight names the supported model types (lazily)",
-}
+UPWARD: dict[tuple[str, str], str] = {}
 # Cycles there are today, each to be broken (the test fails once one is, so the list shrinks).
-KNOWN_CYCLES = [
-    # imagefiles._dataset_ids reads a prepared folder's records to name its images
-    {"galaxy_llava.imagefiles", "galaxy_llava.records"},
-]
+KNOWN_CYCLES: list[set[str]] = []
+# Libraries whose import costs over ~50 ms: a module that imports one at module level (itself or
+# through the package's modules it imports there) is heavy, and only a heavy module of the package
+# may be imported inside a function. Measured on 2026-12-06 (2 shared CPU cores), the cumulative
+# time of the library's own line, best of 3, with
+#   python -X importtime -c "import LIB" 2>&1 | grep -E "\| LIB$"
+# torch 1559 ms, transformers 729, peft 3950 (it imports torch and transformers), accelerate 1240,
+# gradio 2930, galsim 611, datasets 827, pandas 335, pyarrow 127, astropy 170, matplotlib 234,
+# sklearn 989, scipy 104, numpy 70-102, tqdm 57-83. Light: PIL.Image 32-47, yaml 21-29,
+# huggingface_hub 14.
+HEAVY = {"torch", "transformers", "peft", "accelerate", "gradio", "galsim", "datasets", "pandas",
+         "pyarrow", "astropy", "matplotlib", "sklearn", "scipy", "numpy", "tqdm"}
 
 
 def _module_name(path: Path, package: Path) -> str:
@@ -62,15 +65,61 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     for name, path in modules.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                assert node.level == 0, f"{name}: relative import of {node.module}"
-                # `from galaxy_llava.toy import tiny` imports a module; `from x import f` x
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
-                          else node.module for a in node.names}
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found |= set(_targets(node, modules, name))
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
+
+
+def _targets(node: ast.Import | ast.ImportFrom, modules, name: str) -> list[str]:
+    """The modules an import statement of module ``name`` names."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    assert node.level == 0, f"{name}: relative import of {node.module}"
+    # `from galaxy_llava.toy import tiny` imports a module; `from x import f` x
+    return [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+            for a in node.names]
+
+
+def imports_by_place(package: Path = PACKAGE):
+    """``({module: what it imports at module level}, [(module, function, line, target), ...]
+    for each import inside a function)``, every import named in full (libraries too); imports
+    under ``if TYPE_CHECKING:`` are for annotations only and left out."""
+    modules = {_module_name(p, package): p for p in package.rglob("*.py")}
+    top, inner = {m: set() for m in modules}, []
+
+    def visit(name, node, function):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                for target in _targets(child, modules, name):
+                    if function:
+                        inner.append((name, function, child.lineno, target))
+                    else:
+                        top[name].add(target)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(name, child, function or child.name)
+            elif not (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)):
+                visit(name, child, function)
+
+    for name, path in modules.items():
+        visit(name, ast.parse(path.read_text(), str(path)), None)
+    return top, inner
+
+
+def heavy_libraries(module: str, top: dict[str, set[str]], seen=None) -> set[str]:
+    """The HEAVY libraries importing ``module`` imports: its own module-level imports, those of
+    the package's modules it imports there, and of its parent packages."""
+    seen = set() if seen is None else seen
+    found = set()
+    parents = [module.rsplit(".", k)[0] for k in range(1, module.count(".") + 1)]
+    for target in sorted(top[module]) + [p for p in parents if p in top]:
+        if target in top:
+            if target not in seen:
+                seen.add(target)
+                found |= heavy_libraries(target, top, seen)
+        elif set(target.split(".")) & HEAVY:  # safetensors.torch imports torch
+            found.add(target.split(".")[0])
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
@@ -201,3 +250,43 @@ def test_the_design_documents_picture_is_the_import_graph(graph):
     design = (PACKAGE.parents[1] / "docs" / "DESIGN.md").read_text()
     want = layer_picture(graph)
     assert want in design, f"docs/DESIGN.md's picture is out of date; paste:\n{want}"
+
+
+@pytest.fixture(scope="module")
+def places():
+    return imports_by_place()
+
+
+def test_heavy_modules_are_told_apart(places):
+    """The measure the next test relies on: a module that imports torch (at module level, or
+    through the package's modules) is heavy; the domain and the output contract are light."""
+    top, inner = places
+    assert "torch" in heavy_libraries("galaxy_llava.models.loading", top)
+    assert "torch" in heavy_libraries("galaxy_llava.generate", top)  # through models.encoding
+    for light in ("galaxy_llava.config", "galaxy_llava.rules", "galaxy_llava.outputs",
+                  "galaxy_llava.models.folders", "galaxy_llava.models.preflight"):
+        assert not heavy_libraries(light, top), light
+    assert ("galaxy_llava.toy.bpe", "tokenizer_corpus", "galaxy_llava.toy.pretrain") in {
+        (m, function, target) for m, function, _, target in inner}  # an import in a function
+
+
+def test_function_level_imports_are_of_heavy_modules_only(places):
+    """An import of the package's own module sits inside a function only where that module
+    imports a heavy library (torch, transformers, gradio, ...: HEAVY); else it is at module level,
+    so the import graph shows the real dependencies. (No cycle can force one inside: the full
+    graph has none, see test_no_import_cycle_toy_included.)"""
+    top, inner = places
+    light = sorted(f"{m}.{function} (line {line}) imports {target}"
+                   for m, function, line, target in inner
+                   if target in top and target != m and not heavy_libraries(target, top))
+    assert not light, "import these at module level (they import no heavy library):\n" + \
+        "\n".join(light)
+
+
+def test_the_command_line_imports_no_heavy_library_at_module_level(places):
+    """`galaxy-llava --help` and every `galaxy-llava COMMAND --help` but train's (its flags come
+    from transformers the first time, then from a cache: test_training_arguments) import none of
+    HEAVY: the handlers import the heavy modules when they run."""
+    top, _ = places
+    for face in sorted(m for m in top if m in FACE or m.startswith("galaxy_llava.cli.")):
+        assert not heavy_libraries(face, top), face

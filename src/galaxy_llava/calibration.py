@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from galaxy_llava import gz2
 from galaxy_llava.gz2 import col, votes_col
-from galaxy_llava.metrics import APPLIES, LABELS, UNKNOWN, labels_of, majority_labels
+from galaxy_llava.metrics import APPLIES, LABELS, UNKNOWN, labels_of, majority_labels, predictors
 from galaxy_llava.morphology import ATTRIBUTES, SHAPES, Morphology
 from galaxy_llava.rules import _ARM_ANSWERS  # the caption's arm labels -> GZ2 answers, one home
 from galaxy_llava.rules import RULE_SETS, rule_set
@@ -315,8 +315,6 @@ def format_calibration(metrics_list: Sequence[dict]) -> str:
     """A plain-text table of every predictor's calibration (``calibration`` of each
     ``metrics.json``, and of its ``grammar``): per attribute n, Brier, ECE, AUROC and Zoobot's
     vote MSE with its pairs; "-" where undefined. Empty when no predictor has probabilities."""
-    from galaxy_llava.metrics import predictors
-
     rows = [["predictor", "attribute", "n", "Brier", "ECE", "AUROC", "vote MSE", "pairs"]]
     for name, m in predictors(metrics_list):
         cal = m.get("calibration") or {}

@@ -28,7 +28,12 @@ from galaxy_llava.calibration import (calibration, format_calibration, grammar_p
                                       majority_probabilities)
 from galaxy_llava.metrics import (UNKNOWN, collapse_warning, compute_metrics, format_table, judge,
                                   labels_of, majority_labels, morphology_of, read_answer)
+from galaxy_llava.modelcard import owns_card, update_card
+from galaxy_llava.models.folders import abs_if_local, is_local, read_prompt, run_kind
+from galaxy_llava.models.preflight import check_generation
 from galaxy_llava.morphology import ATTRIBUTES, Morphology
+from galaxy_llava.records import SPLITS, dataset_folder, load_records, split_name
+from galaxy_llava.rules import rule_set
 from galaxy_llava.run_layout import run_path, training_snapshot
 
 # ------------------------------------------------------------------ EVAL folders
@@ -38,8 +43,6 @@ def load_split(data: str | Path, split: str, limit: int | None = None,
     """Records of one split of a prepared dataset; an unknown or empty split is a UserError
     naming the splits the dataset has. Images outside the dataset's folder need
     ``allow_outside``."""
-    from galaxy_llava.records import SPLITS, load_records, split_name
-
     split = split_name(split)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"--limit must be at least 1, got {limit}")
@@ -63,8 +66,6 @@ def truth_of(record: dict) -> Morphology:
 
 def dataset_rules(data: str | Path) -> str | None:
     """The caption rule set a prepared dataset was made with (its ``manifest.json``), or None."""
-    from galaxy_llava.records import dataset_folder
-
     rules = read_json_object(dataset_folder(data) / "manifest.json").get("rules")
     return rules if isinstance(rules, str) else None
 
@@ -112,9 +113,6 @@ def eval_inputs(kind: str, model: str | Path | None, data: str | Path, split: st
     """What an evaluation is made from (stored as ``metrics.json`` ``inputs``): a re-run with
     the same inputs may replace it, other inputs need ``overwrite``. Paths are absolute (a
     model may be a Hub id), so the EVAL folder reads the same from any working directory."""
-    from galaxy_llava.models.folders import abs_if_local
-    from galaxy_llava.records import split_name
-
     return {"kind": kind, "model": None if model is None else abs_if_local(str(model)),
             "data": str(Path(data).expanduser().resolve()), "split": split_name(split),
             **settings}
@@ -170,8 +168,6 @@ def with_majority(metrics: dict, data: str | Path, records: Sequence[dict]) -> l
 
 def _prompt_source(model: str | Path) -> str:
     """"model" when the prompt came stored with the model, else "default" (the family's)."""
-    from galaxy_llava.models.folders import read_prompt
-
     return "model" if Path(model).is_dir() and read_prompt(model) else "default"
 
 
@@ -181,9 +177,6 @@ def _add_to_card(model: str | Path, metrics: dict) -> None:
     what a Hub user reads (:func:`galaxy_llava.modelcard.update_card`). Hub ids and other folders
     (a base model, a tiny model) are never written; a folder we cannot write to gets a one-line
     note, not a failure."""
-    from galaxy_llava.modelcard import owns_card, update_card
-    from galaxy_llava.models.folders import is_local, run_kind
-
     if not is_local(str(model)):
         return
     folder = Path(model).expanduser()
@@ -217,9 +210,6 @@ def evaluate(model: str | Path, data: str | Path, *, split: str = "test",
     against the truth and the vote fractions. Prints one warning line when the answers collapse
     to one or two captions. Settings, ``out``, the data and the model's files are checked before
     the model loads."""
-    from galaxy_llava.checks import check_generation
-    from galaxy_llava.rules import rule_set
-
     rules = rules or dataset_rules(data) or "reference"
     rule_set(rules)  # an unknown name is one line, before any work
     generation = {"batch_size": batch_size, "num_beams": num_beams,

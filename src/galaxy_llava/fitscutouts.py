@@ -32,7 +32,13 @@ from typing import Sequence
 from galaxy_llava.errors import UserError
 
 SCALINGS = ("lupton", "percentile")
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz")
 NOISE_STRETCH = 10.0  # the default Lupton stretch, in units of the sky's noise
+
+
+def is_fits(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a FITS file (by its suffix, case-insensitive)."""
+    return str(path).lower().endswith(FITS_SUFFIXES)
 
 
 @dataclass(frozen=True)

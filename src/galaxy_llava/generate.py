@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
+from galaxy_llava.imagefiles import find_images, gather_images, image_label
 from galaxy_llava.models.encoding import PromptIds
 from galaxy_llava.models.registry import family_for
 from galaxy_llava.records import load_image, unreadable
@@ -97,8 +98,6 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, folders expanded to their image files the way ``catalogue`` does
     (recursive, sorted, a prepared dataset's ``images/`` only: never its ``preview.png``); a
     missing path is an error."""
-    from galaxy_llava.imagefiles import find_images
-
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -127,8 +126,6 @@ def describe_paths(model, paths: Iterable[str | os.PathLike], *,
     An unreadable file is a UserError with ``strict``; without, it gets ``{image, error}`` in
     its place and the others are described. Uses the prompt stored with the model unless
     ``prompt`` is given."""
-    from galaxy_llava.imagefiles import gather_images, image_label
-
     for p in map(Path, paths):
         if not p.exists():
             raise UserError(f"{p} does not exist")

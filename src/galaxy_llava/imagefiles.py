@@ -23,23 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from galaxy_llava.checks import contained
 from galaxy_llava.errors import UserError
+from galaxy_llava.fitscutouts import FITS_SUFFIXES, is_fits
 from galaxy_llava.io import read_json_object
+from galaxy_llava.records import load_records
 
 if TYPE_CHECKING:
     import pandas as pd
 
 RASTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".fits.fz")
 IMAGE_SUFFIXES = RASTER_SUFFIXES + FITS_SUFFIXES
 LIST_SUFFIXES = (".csv", ".parquet")
 PATH_COLUMNS = ("path", "file_loc", "image")
 ID_COLUMNS = ("id", "id_str")
-
-
-def is_fits(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a FITS file (by its suffix, case-insensitive)."""
-    return str(path).lower().endswith(FITS_SUFFIXES)
 
 
 def is_image_name(name: str) -> bool:
@@ -121,8 +118,6 @@ def read_path_list(file: str | os.PathLike, allow_outside: bool = False,
                    flag: str = "--images", bands: tuple[str, ...] = ()) -> PathList:
     """The images listed in a CSV or parquet file (see the module's docstring). Missing columns,
     empty lists, duplicate ids and paths leaving the list's folder are one-line UserErrors."""
-    from galaxy_llava.checks import contained
-
     file = Path(file)
     band_columns = tuple(f"path_{b}" for b in bands)
     table = _read_table(file, flag, PATH_COLUMNS + ID_COLUMNS + band_columns)
@@ -238,8 +233,6 @@ def gather_images(entries, allow_outside: bool = False, bands: tuple[str, ...] =
     across entries."""
     import pandas as pd
 
-    from galaxy_llava.checks import contained
-
     images, ids, given, roots, frames = [], [], [], [], []
     for entry in entries:
         p = Path(entry)
@@ -320,8 +313,6 @@ def _dataset_ids(folder: Path) -> dict[str, str]:
     ``images/`` it is (empty for any other folder, or records without ids)."""
     for root in (folder, folder.parent if folder.name == "images" else None):
         if root is not None and is_prepared_dataset(root) and (root / "dataset.jsonl").is_file():
-            from galaxy_llava.records import load_records
-
             return {os.path.realpath(r["image"]): str(r["id_str"])
                     for r in load_records(root, allow_outside=True)
                     if r.get("id_str") is not None}

@@ -25,6 +25,7 @@ from galaxy_llava.config import TAGS
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import read_json_object, write_text
 from galaxy_llava.models.folders import is_local, read_marker, run_kind, write_marker
+from galaxy_llava.models.registry import FAMILIES
 from galaxy_llava.morphology import ATTRIBUTES
 from galaxy_llava.records import dataset_folder
 
@@ -319,8 +320,6 @@ def _license_text(license: dict, given: bool) -> str:
 
 
 def _family_notes(family: str) -> str:
-    from galaxy_llava.models.registry import FAMILIES
-
     notes = next((f.card_notes for f in FAMILIES.values() if f.name == family), ())
     return "".join(f"\n\n{text}\n\n```python\n{code}\n```" for text, code in notes)
 

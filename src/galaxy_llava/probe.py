@@ -18,11 +18,15 @@ from typing import Any, Sequence
 
 from galaxy_llava.calibration import (MIN_ASKED, STATED_FOR, calibration, format_calibration,
                                       question_predictions)
+from galaxy_llava.checks import number
 from galaxy_llava.evaluate import (claim_eval, dataset_rules, eval_inputs, load_split,
                                    prediction_rows, truth_of, with_majority, write_eval)
 from galaxy_llava.metrics import (APPLIES, DEFAULT_LABEL, compute_metrics, format_table,
                                   labels_of, morphology_of)
+from galaxy_llava.models.preflight import preflight_model
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.records import load_image
 from galaxy_llava.run_layout import run_path, training_snapshot
 
 
@@ -33,9 +37,6 @@ def pooled_features(net: Any, processor: Any, paths: Sequence[str], batch_size: 
     import numpy as np
     import torch
     from tqdm.auto import tqdm
-
-    from galaxy_llava.models.registry import family_for
-    from galaxy_llava.records import load_image
 
     param = next(net.parameters())
     family = family_for(net)
@@ -194,8 +195,6 @@ def probe(model: str | Path, data: str | Path, *, split: str = "test",
     features, fitted on ``train`` where the attribute applies, scored on ``split``. The type
     prediction decides which of shape / bar / arms is stated; the probabilities
     (:func:`probe_probabilities`) are calibrated like the VLM's. Writes an EVAL folder."""
-    from galaxy_llava.checks import number, preflight_model
-
     number("--batch-size", batch_size, 1, integer=True)
     inputs = eval_inputs("probe", model, data, split, limit=limit)
     preflight_model(model)

@@ -16,8 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from galaxy_llava.checks import contained
 from galaxy_llava.errors import UserError
-from galaxy_llava.fitscutouts import FitsOptions, read_fits_rgb
-from galaxy_llava.imagefiles import is_fits
+from galaxy_llava.fitscutouts import FitsOptions, is_fits, read_fits_rgb
 
 # A prepared dataset's splits, by Hugging Face's names (``load_dataset`` gives these too).
 SPLITS = ("train", "validation", "test")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from galaxy_llava.config import read_yaml
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import read_json_object
 
@@ -138,8 +139,6 @@ class RunFolder:
         ``train_metrics.json``), ``train_metrics`` and the ``loss`` log. An evaluation stores it
         in ``metrics.json`` so a later resume (more epochs, other weights) cannot change what a
         report says was evaluated. None when the folder holds none of these."""
-        from galaxy_llava.config import read_yaml
-
         run = self.path
         if not run.is_dir():
             return None

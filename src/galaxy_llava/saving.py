@@ -22,6 +22,8 @@ from galaxy_llava.config import DECODING, DEFAULT_PROMPT
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
 from galaxy_llava.modelcard import write_card
+from galaxy_llava.models.base import unwrap
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.run_layout import WEIGHTS
 from galaxy_llava.models.folders import (TRAINER_STATE, abs_if_local, adapter_base,
                                          checkpoint_run, read_marker, read_prompt, run_kind,
@@ -63,9 +65,6 @@ def install_weights(run: Path, partial: Path, processor, prompt: str, base_model
     (its family and generation config); ``training``: the card's training settings
     (:func:`galaxy_llava.modelcard.training_settings`); ``name``: the run's, when ``run`` is
     the folder it is built in."""
-    from galaxy_llava.models.base import unwrap
-    from galaxy_llava.models.registry import family_for
-
     base_model = abs_if_local(base_model)
     (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; config.yaml has it all
     method = "lora" if kind == "adapter" else "full"
@@ -152,7 +151,6 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *,
     import torch
 
     from galaxy_llava.models.loading import load_adapter_model, load_config, load_model
-    from galaxy_llava.models.registry import family_for
 
     run, out = Path(run), Path(out)
     kind = run_kind(run) if run.is_dir() else None

@@ -20,7 +20,10 @@ from typing import Any
 import torch
 
 from galaxy_llava.models.encoding import PromptIds
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.morphology import ATTRIBUTES, Morphology, value_label
+from galaxy_llava.records import load_image
+from galaxy_llava.rules import rule_set
 
 
 @dataclass
@@ -159,8 +162,6 @@ class CaptionScorer:
     and one over the caption tree (:func:`tree_log_probs`)."""
 
     def __init__(self, model, processor, captions: list[str], prompt: str | None = None):
-        from galaxy_llava.models.registry import family_for
-
         self.model, self.processor, self.captions = model, processor, list(captions)
         self.family = family_for(model)
         self.prompt_ids = PromptIds(processor, self.family,
@@ -257,9 +258,6 @@ def grammar_scores(model, processor, images, rules: str = "reference",
     ``CPU_SCORE_IMAGES`` on a CPU and ``GPU_SCORE_IMAGES`` on a GPU, where each image holds
     its key/value cache over prompt + tree (~1,350 tokens at TinyLLaVA's shapes) and its
     inner nodes' logits over the vocabulary (~650 x 32k)."""
-    from galaxy_llava.records import load_image
-    from galaxy_llava.rules import rule_set
-
     candidates = rule_set(rules).reachable()
     scorer = CaptionScorer(model, processor, [m.caption() for m in candidates], prompt)
     if batch_size is None:
@@ -286,8 +284,6 @@ def value_column(attribute: str, value: str) -> str:
 def by_caption(rules: str) -> dict[str, Morphology]:
     """Each caption of the rule set ``rules`` -> its Morphology: what :func:`score_columns`
     reads a best caption's attributes from."""
-    from galaxy_llava.rules import rule_set
-
     return {m.caption(): m for m in rule_set(rules).reachable()}
 
 

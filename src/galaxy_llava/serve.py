@@ -28,9 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from galaxy_llava import checks
 from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
+from galaxy_llava.io import write_text
+from galaxy_llava.models.folders import checkpoint_run, run_settings
+from galaxy_llava.models.preflight import check_generation
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.records import load_image, load_records
 
 MAX_FILE_SIZE = "25mb"   # per uploaded file; a galaxy cutout is tens of kB
 MAX_BATCH = 64           # images per batch request: one request must not hold the model for long
@@ -107,7 +112,6 @@ class ServedModel:
         (batches of 16, as its default), ``scores`` the
         :class:`~galaxy_llava.scoring.GrammarScores`."""
         from galaxy_llava.generate import describe_images
-        from galaxy_llava.records import load_image
         from galaxy_llava.scoring import grammar_scores
 
         for p in paths:  # every file checked (header only) before the model runs
@@ -139,7 +143,6 @@ def describe_batch(served: ServedModel, files: list | None, out_dir: str | os.Pa
     and the path of the same table as CSV, written atomically under ``out_dir``."""
     import pandas as pd
 
-    from galaxy_llava.io import write_text
     from galaxy_llava.scoring import by_caption, score_columns
 
     paths = [getattr(f, "name", f) for f in files or []]  # gradio gives paths (or old wrappers)
@@ -180,8 +183,6 @@ def example_images(run: str | os.PathLike, examples: str | os.PathLike | None = 
 
     if examples is not None:
         return expand_image_paths([examples])[:limit]
-    from galaxy_llava.models.folders import checkpoint_run, run_settings
-    from galaxy_llava.records import load_records
 
     try:
         data = run_settings(checkpoint_run(run) or run).get("data")
@@ -297,10 +298,8 @@ def serve(model: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 7860
           max_new_tokens: int = DECODING.max_new_tokens, rules: str = "reference") -> None:
     """``galaxy-llava serve``: check the settings, warn about a non-loopback ``host``, load the
     model once and serve the web app until interrupted (Ctrl-C or SIGTERM)."""
-    from galaxy_llava import checks
-
     checks.number("--port", port, 1, 65535, integer=True)
-    checks.check_generation(model, 1, num_beams, max_new_tokens)
+    check_generation(model, 1, num_beams, max_new_tokens)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool phones no one
     _gradio()  # before the model loads: a missing extra costs no minutes
     examples = example_images(model, examples)

@@ -55,6 +55,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,10 +65,17 @@ from galaxy_llava.survey_catalogue_folder import (COMMAND, LEGACY_MANIFEST, MANI
                                            META_KEY, claim_catalogue, fingerprint, part_failures,
                                            part_fingerprint, part_name, part_stamps,
                                            read_manifest, remove_stale, write_failures)
+from galaxy_llava.checks import number
 from galaxy_llava.config import DECODING
 from galaxy_llava.errors import UserError
+from galaxy_llava.fitscutouts import FitsOptions
+from galaxy_llava.imagefiles import gather_images, image_label, refuse_duplicate_ids
 from galaxy_llava.io import atomic_path, write_json
+from galaxy_llava.models.folders import abs_if_local, is_local, read_prompt, run_kind
+from galaxy_llava.models.preflight import check_generation
 from galaxy_llava.morphology import ATTRIBUTES
+from galaxy_llava.records import load_image, unreadable
+from galaxy_llava.rules import rule_set
 from galaxy_llava.scoring import BOOLEAN, score_column_names, score_columns
 
 CAPTIONS = ("grammar", "beam", "both")
@@ -165,8 +173,6 @@ def folder_inputs(images: Sequence[str | os.PathLike], allow_outside: bool = Fal
                   bands: tuple[str, ...] = ()) -> Inputs:
     """The images of ``--images`` entries, in order, with unique ids and the path lists' own
     columns (:func:`galaxy_llava.imagefiles.gather_images`)."""
-    from galaxy_llava.imagefiles import gather_images, image_label
-
     found = gather_images(images, allow_outside, bands)
     keys = [[image_label(x), [_size(f) for f in x] if isinstance(x, tuple) else _size(x), i]
             for x, i in zip(found.images, found.ids)]
@@ -183,8 +189,6 @@ def source_inputs(source: str, rules: str, allow_outside: bool = False) -> Input
     if len(cat) == 0:
         raise UserError(f"--source {source}: the catalogue has no rows")
     ids = cat.votes[ID_COLUMN].tolist()
-    from galaxy_llava.imagefiles import refuse_duplicate_ids
-
     refuse_duplicate_ids(ids, f"--source {source}: ids ({ID_COLUMN}) must be unique; "
                          "repeated", "row")
     where = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() \
@@ -252,11 +256,6 @@ def build_catalogue(model: str, out: str | os.PathLike, *, images: Sequence[str]
     ``out``, each image's header. An input that cannot be read is skipped and recorded in the
     part and in ``OUT/_failures.csv``; with ``strict`` it stops the run instead. ``caption``:
     grammar, beam or both (:func:`caption_mode`)."""
-    from galaxy_llava.checks import check_generation, number
-    from galaxy_llava.fitscutouts import FitsOptions
-    from galaxy_llava.models.folders import abs_if_local, is_local, read_prompt, run_kind
-    from galaxy_llava.rules import rule_set
-
     out = Path(out)
     fits = fits or FitsOptions()
     number("--part-size", part_size, 1, integer=True)
@@ -292,8 +291,6 @@ def build_catalogue(model: str, out: str | os.PathLike, *, images: Sequence[str]
     todo = [i for i in mine if i not in done]
     bad: dict[int, str] = {}
     if inputs.catalog is None:  # unreadable headers are found now, before any model loads
-        from galaxy_llava.records import unreadable
-
         bad = unreadable(inputs.images, (k for i in todo for k in range(
             i * part_size, min((i + 1) * part_size, len(inputs.ids)))), fits, strict)
     manifest = {"command": COMMAND, "identity": identity, "fingerprint": fingerprint(identity),
@@ -328,8 +325,6 @@ def _device(device):
 def _batch_images(inputs: Inputs, items: list, fits) -> list:
     """Each of ``items`` decoded as RGB, or the UserError saying why it cannot be (paths, or
     catalogue rows read together and decoded one by one), in order."""
-    from galaxy_llava.records import load_image
-
     if inputs.catalog is None:
         out = []
         for p in items:
@@ -356,11 +351,8 @@ def _batch_images(inputs: Inputs, items: list, fits) -> list:
 
 def _write_parts(model, out, inputs, todo, part_size, settings, stamps, rules, batch_size,
                  num_beams, max_new_tokens, caption, device, progress, fits, strict, bad) -> None:
-    import warnings
-
     from tqdm.auto import tqdm
 
-    from galaxy_llava.imagefiles import image_label
     from galaxy_llava.models.loading import load_for_inference
 
     with warnings.catch_warnings():

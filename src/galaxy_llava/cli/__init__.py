@@ -5,8 +5,9 @@ subcommands, and how an error ends a command; each group of commands has its mod
 :mod:`~galaxy_llava.cli.evaluate`, and :mod:`~galaxy_llava.cli.toy` for the demo's commands),
 and :mod:`~galaxy_llava.cli.flags` the conventions and flag groups they share.
 
-A handler imports its command's library module when it runs, so `--help` imports neither torch
-nor the libraries a command's work needs.
+A handler imports its command's library module when it runs only where that module imports a
+heavy library (torch, transformers, pandas, ...: `tests/test_layers.py`'s HEAVY), so `--help`
+imports none of them; the light ones are imported at the top, where the import graph shows them.
 
 Errors a user can fix (:class:`galaxy_llava.errors.UserError`, a full disk, a folder that cannot
 be written) print as one line, exit code 2; anything unexpected prints one line too, exit code 1,

@@ -8,12 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from galaxy_llava.survey_catalogue_folder import FAILURES
-from galaxy_llava.checks import check_generation
 from galaxy_llava.cli.flags import (add_decoding, add_outside, add_overwrite, add_survey,
                                     decoding, survey)
 from galaxy_llava.errors import EXIT_SKIPPED
+from galaxy_llava.models.preflight import check_generation
 from galaxy_llava.rules import RULE_SETS
+from galaxy_llava.serve import serve
+from galaxy_llava.survey_catalogue_folder import FAILURES
 
 
 def add_describe(sub) -> None:
@@ -136,7 +137,5 @@ def add_serve(sub) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from galaxy_llava.serve import serve
-
     serve(args.model, host=args.host, port=args.port, examples=args.examples,
           rules=args.rules, **decoding(args))

@@ -8,6 +8,9 @@ import argparse
 from pathlib import Path
 
 from galaxy_llava.cli.flags import add_decoding, add_outside, add_overwrite, decoding
+from galaxy_llava.evaluate import evaluate
+from galaxy_llava.probe import probe
+from galaxy_llava.report import build_report
 from galaxy_llava.rules import RULE_SETS
 
 
@@ -34,8 +37,6 @@ def add_evaluate(sub) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from galaxy_llava.evaluate import evaluate
-
     evaluate(args.model, args.data, split=args.split, out=args.out, **decoding(args),
              limit=args.limit, overwrite=args.overwrite,
              allow_outside_paths=args.allow_outside_paths, scores=not args.no_scores,
@@ -63,8 +64,6 @@ def add_probe(sub) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from galaxy_llava.probe import probe
-
     probe(args.model, args.data, split=args.split, out=args.out, overwrite=args.overwrite,
           allow_outside_paths=args.allow_outside_paths)
     _wrote_eval(args.out)
@@ -81,7 +80,5 @@ def add_report(sub) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from galaxy_llava.report import build_report
-
     out = build_report(args.evals, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")

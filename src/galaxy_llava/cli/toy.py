@@ -10,7 +10,8 @@ from pathlib import Path
 from galaxy_llava import checks, outputs
 from galaxy_llava.cli.flags import add_overwrite
 from galaxy_llava.models.folders import read_marker
-from galaxy_llava.toy.tiny import PRESETS, TINY_BUILDERS
+from galaxy_llava.toy.demo import run_demo
+from galaxy_llava.toy.tiny import PRESETS, TINY_BUILDERS, build_tiny_model
 
 
 def add_synth(sub) -> None:
@@ -58,8 +59,6 @@ def _tiny_model(args: argparse.Namespace) -> None:
     identity = {"kind": "model", "preset": args.preset, "family": args.family,
                 "seed": args.seed, "pretrain_steps": args.pretrain_steps}
     outputs.claim(args.out, "model", overwrite=args.overwrite, identity=identity)
-    from galaxy_llava.toy.tiny import build_tiny_model
-
     with outputs.staged_folder(args.out) as folder:  # nothing half-made, even if killed
         build_tiny_model(folder, preset=args.preset, seed=args.seed,
                          pretrain_steps=args.pretrain_steps, family=args.family)
@@ -94,6 +93,4 @@ def add_demo(sub) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from galaxy_llava.toy.demo import run_demo
-
     run_demo(args.out, n_galaxies=args.n, seed=args.seed, family=args.family)

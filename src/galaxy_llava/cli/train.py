@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from galaxy_llava import checks, outputs
+from galaxy_llava import outputs
 from galaxy_llava.cli.flags import add_overwrite
 from galaxy_llava.models.folders import run_kind, write_marker
+from galaxy_llava.models.preflight import preflight_model
+from galaxy_llava.models.registry import family_for
+from galaxy_llava.saving import export_run
 from galaxy_llava.training.arguments import parse_cli, precheck, print_help, wants_help
 
 
@@ -50,11 +53,9 @@ def add_export(sub) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     source = str(args.run.expanduser().resolve())
-    checks.preflight_model(args.run)
+    preflight_model(args.run)
     outputs.claim(args.out, "model", overwrite=args.overwrite,
                   identity={"exported_from": source})
-    from galaxy_llava.saving import export_run
-
     with outputs.staged_folder(args.out) as folder:  # nothing half-made, even if killed
         export_run(args.run, folder, license=args.license)
         write_marker(folder, exported_from=source)
@@ -65,7 +66,6 @@ def export_summary(run: Path, out: Path) -> str:
     """What ``export`` wrote, in one line naming the family and the architecture class that
     loads it (``Qwen2VLForConditionalGeneration``), and whether a LoRA adapter was merged."""
     from galaxy_llava.models.loading import load_config
-    from galaxy_llava.models.registry import family_for
 
     config = load_config(str(out))
     architecture = (getattr(config, "architectures", None) or [config.model_type])[0]

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from galaxy_llava.config import read_yaml
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import write_json
 from galaxy_llava.run_layout import MARKER, SETTINGS, TRAINER_STATE, WEIGHTS
@@ -146,8 +147,6 @@ def run_settings(run: str | os.PathLike,
     absolute against the run folder, or ``relative_to`` (the run a ``RUN/.next-run/`` being
     built will become). A run written before paths were stored so keeps a path relative to
     where it was started, which only resolves from there."""
-    from galaxy_llava.config import read_yaml
-
     run = Path(run)
     if not (run / SETTINGS).is_file():
         return {}

@@ -14,7 +14,7 @@ import torch
 
 from galaxy_llava.config import DEFAULT_MODEL
 from galaxy_llava.errors import UserError
-from galaxy_llava.models.registry import family_for
+from galaxy_llava.models.registry import FAMILIES, family_for
 from galaxy_llava.models.folders import (adapter_base, is_local, read_prompt, run_kind,
                                          weights_folder)
 
@@ -67,8 +67,6 @@ def load_config(name: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as e:
         unknown = re.search(r"model type `([^`]*)` but Transformers does not recognize", str(e))
         if unknown:  # a checkpoint of a type transformers lacks (tiny_llava): not a Hub problem
-            from galaxy_llava.models.registry import FAMILIES
-
             raise UserError(f"unsupported model type {unknown.group(1)!r} in {name} (this "
                             f"transformers does not know it); supported: "
                             f"{', '.join(sorted(FAMILIES))}") from None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from galaxy_llava.config import DEFAULT_QUESTION
 from galaxy_llava.errors import UserError
+from galaxy_llava.io import write_json
 from galaxy_llava.models.base import ModelFamily, capture_input, chat_prompt, unwrap
 from galaxy_llava.models.llava import LANGUAGE_TARGETS
 
@@ -102,8 +103,6 @@ class Qwen2VLFamily(ModelFamily):
         checkpoints carry it; transformers 5 and vLLM refuse a folder without it): the video
         processor's own where there is one, else written from the image processor's settings
         (no torchvision, no video processor object)."""
-        from galaxy_llava.io import write_json
-
         super().save_processor(processor, folder)
         if getattr(processor, "video_processor", None) is None:
             image = processor.image_processor.to_dict()

@@ -8,6 +8,13 @@ import json
 import time
 from pathlib import Path
 
+from galaxy_llava.calibration import format_calibration
+from galaxy_llava.evaluate import evaluate, majority_baseline
+from galaxy_llava.metrics import format_table
+from galaxy_llava.probe import probe
+from galaxy_llava.report import build_report
+from galaxy_llava.toy.tiny import build_tiny_model
+
 # Settings of the demo's two fine-tuning runs on the tiny model (CPU, minutes). The reference
 # recipe's learning rates are for a pretrained 1.4B model; a 0.7M-parameter model pretrained for a
 # minute needs larger steps to learn the caption grammar in a few epochs.
@@ -45,14 +52,8 @@ def run_demo(out: str | Path = "demo-out", *, n_galaxies: int = 600, seed: int =
              family: str = "llava") -> dict:
     """Run every stage on synthetic galaxies and a tiny model of ``family``; print the table and
     the report's path."""
-    from galaxy_llava.calibration import format_calibration
-    from galaxy_llava.evaluate import evaluate, majority_baseline
-    from galaxy_llava.metrics import format_table
     from galaxy_llava.prepare import prepare
-    from galaxy_llava.probe import probe
-    from galaxy_llava.report import build_report
     from galaxy_llava.toy.synthetic import synthesize
-    from galaxy_llava.toy.tiny import build_tiny_model
     from galaxy_llava.training.trainer import train
 
     import torch

@@ -21,7 +21,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from galaxy_llava.io import write_json
 from galaxy_llava.models.encoding import IGNORE_INDEX, PromptIds, encode_text
+from galaxy_llava.models.folders import write_marker
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.training.batches import Collator
 
 COLOURS = {"red": (1.0, 0.25, 0.2), "green": (0.25, 1.0, 0.3), "blue": (0.3, 0.45, 1.0),
@@ -148,8 +151,6 @@ def pretrain_tiny(model, processor, steps: int = 1200, batch_size: int = 32, lr:
     generic prose; returns the loss per step.
 
     Scenes are drawn fresh every step (no dataset to overfit). Plain HF forward with labels."""
-    from galaxy_llava.models.registry import family_for
-
     rng = np.random.default_rng([seed, 7])
     torch.manual_seed(seed)
     tok = processor.tokenizer
@@ -204,9 +205,6 @@ def save_losses(folder: str | os.PathLike, losses: list[float]) -> dict:
     """Record a pretraining's loss with the model it made: every step in ``folder/``
     :data:`LOSS_FILE`, the :func:`loss_summary` in ``galaxy_llava.json`` (key
     ``pretrain_loss``); both written atomically. Returns the summary."""
-    from galaxy_llava.io import write_json
-    from galaxy_llava.models.folders import write_marker
-
     summary = loss_summary(losses)
     write_json(Path(folder) / LOSS_FILE, {
         **summary, "loss": [float(x) for x in losses],

@@ -13,12 +13,15 @@ grammar, prompts and generic English) and a CLIP image processor. The other fami
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 from pathlib import Path
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path
 from galaxy_llava.models.folders import write_marker
+from galaxy_llava.models.registry import family_for
 from galaxy_llava.toy import tiny_idefics3, tiny_qwen2_vl
 from galaxy_llava.toy.bpe import tokenizer_corpus
 
@@ -53,8 +56,6 @@ def preset_shapes(preset: str) -> dict:
 
 def _train_sentencepiece(vocab_size: int) -> bytes:
     """A SentencePiece BPE model, Llama's settings (byte fallback, split digits, dummy prefix)."""
-    import io
-
     import sentencepiece as spm
 
     buf = io.BytesIO()
@@ -73,8 +74,6 @@ def build_tokenizer(max_length: int = 512, vocab_size: int = 640):
     Byte fallback (any text encodes), ``<s>``/``</s>``, ``<image>`` then ``<pad>`` added as special
     tokens (pad != eos, as in TinyLLaVA), words carry their leading space (``▁This``).
     Deterministic."""
-    import tempfile
-
     from tokenizers import AddedToken
     from transformers import LlamaTokenizer
 
@@ -193,8 +192,6 @@ def build_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0
     :mod:`galaxy_llava.toy.pretrain`) so it can see and speak, as a real base model can; its loss
     is saved beside the weights (``pretrain_loss.json``, summary in ``galaxy_llava.json``)."""
     import torch
-
-    from galaxy_llava.models.registry import family_for
 
     out = Path(out)
     if pretrain_steps < 0:

@@ -4,6 +4,7 @@ images -> 8x8 patches -> 16 image tokens after the 2x2 merger), a 2-layer Qwen2 
 
 from __future__ import annotations
 
+from galaxy_llava.models.qwen2_vl import image_only_processor_class
 from galaxy_llava.toy.bpe import tokenizer_corpus, train_byte_bpe
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -24,8 +25,6 @@ def build_processor():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
-
-    from galaxy_llava.models.qwen2_vl import image_only_processor_class
 
     prompts = [f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n"
                "<|im_start|>assistant\n" for q in ("Describe this galaxy.", "What do you see?")]

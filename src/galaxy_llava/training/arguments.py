@@ -15,11 +15,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from galaxy_llava import __version__
+from galaxy_llava import config as config_module  # its source is part of the help cache's key
+from galaxy_llava.checks import number, seed
 from galaxy_llava.config import (GLOBAL_FLAGS, METHOD_DEFAULTS, TRAINING_DEFAULTS,
                                  FinetuneArguments, find_config, read_yaml, shipped_configs)
 from galaxy_llava.errors import UserError
+from galaxy_llava.io import read_json_object, write_json
 from galaxy_llava.models.folders import SETTINGS as CONFIG_FILE
 from galaxy_llava.models.folders import portable_settings, run_settings
+from galaxy_llava.outputs import check_kind
+from galaxy_llava.training import run_folder
+from galaxy_llava.training.run_folder import resumable
 
 DESCRIPTION = ("Fine-tune a vision-language model on a prepared galaxy dataset with the Hugging "
                "Face Trainer. Every TrainingArguments name works as a flag and as a key of the "
@@ -96,8 +103,6 @@ def saved_settings(output_dir: str | Path | None) -> dict[str, Any]:
     """The settings the run ``--resume_from_checkpoint last`` continues was started with
     (``config.yaml`` of ``OUTPUT_DIR``, or of the new run being built beside it, its paths
     absolute: :func:`~galaxy_llava.models.folders.run_settings`), or {}."""
-    from galaxy_llava.training.run_folder import resumable
-
     if output_dir is None:
         return {}
     return run_settings(resumable(Path(output_dir)), relative_to=output_dir)
@@ -151,8 +156,6 @@ class _Range(NamedTuple):
 
     def check(self, value) -> None:
         """Refuse ``value`` out of range, in one line naming ``--name``."""
-        from galaxy_llava.checks import number
-
         number(f"--{self.name}", value, self.low, self.high, low_open=self.low_open,
                high_open=self.high_open, integer=self.integer, optional=self.optional)
 
@@ -184,8 +187,6 @@ _RANGES = (
 def check_numbers(training) -> None:
     """Every numeric Trainer setting finite and in range, and the seeds ones numpy accepts;
     checked before any data or model is loaded (one line naming the flag)."""
-    from galaxy_llava.checks import seed
-
     for r in _RANGES:
         if hasattr(training, r.name):
             r.check(getattr(training, r.name))
@@ -214,10 +215,6 @@ def precheck(argv: list[str], resume: bool = True) -> argparse.Namespace:
     ``--resume_from_checkpoint`` names (there and whole; with ``resume``); numeric flags out of
     range (the ranges of :func:`check_numbers`, which checks every source of settings again
     after parsing). Returns the peeked flags."""
-    from galaxy_llava.checks import seed
-    from galaxy_llava.outputs import check_kind
-    from galaxy_llava.training import run_folder
-
     peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for name in ("config", "method", "output_dir", "resume_from_checkpoint"):
         peek.add_argument(f"--{name}", f"--{name.replace('_', '-')}", default=None)
@@ -251,8 +248,6 @@ def print_help() -> None:
     TrainingArguments), so its flags are kept as data in the user's cache (keyed by the
     versions and sources they come from) and drawn by plain argparse at the terminal's width:
     the same text, in a fraction of a second after the first time."""
-    from galaxy_llava.io import read_json_object, write_json
-
     path = _help_cache()
     spec = read_json_object(path)
     if spec.get("key") != path.stem:
@@ -268,11 +263,9 @@ def _help_cache() -> Path:
     """Where :func:`print_help` keeps the parser's flags: ``galaxy-llava/train-help-KEY.json``
     in ``$XDG_CACHE_HOME`` (default ``~/.cache``); KEY changes with transformers' version and
     with the source of galaxy-llava's own settings."""
-    from galaxy_llava import __version__, config
-
     key = hashlib.sha256()
     for part in (metadata.version("transformers"), __version__, sys.version,
-                 Path(__file__).read_bytes(), Path(config.__file__).read_bytes(),
+                 Path(__file__).read_bytes(), Path(config_module.__file__).read_bytes(),
                  " ".join(shipped_configs())):
         key.update(part if isinstance(part, bytes) else part.encode())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

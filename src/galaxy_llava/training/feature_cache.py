@@ -9,6 +9,7 @@ gradient with the uncached forward.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from galaxy_llava.errors import UserError
+from galaxy_llava.records import load_image
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -83,12 +85,8 @@ def build_feature_store(model, family, processor, paths: list[str], *, mode: str
     ``cache_dir/features-<key>.npy`` (reused when model, images and dtype match) and reads rows
     on demand. Every image's rows must have one shape: a family whose images vary in size is
     cached only when they are all resized alike."""
-    import contextlib
-
     import torch.distributed as dist
     from tqdm.auto import tqdm
-
-    from galaxy_llava.records import load_image
 
     stem = None
     if mode == "disk":

@@ -20,9 +20,11 @@ import os
 import shutil
 from pathlib import Path
 
+from galaxy_llava.checks import check_checkpoint
 from galaxy_llava.errors import UserError
 from galaxy_llava.io import atomic_path, write_json, write_jsonl
 from galaxy_llava.outputs import clean_leftovers
+from galaxy_llava.records import split_name
 from galaxy_llava.run_layout import (BACKUP, CHECKPOINT, LOSS_LOG, NEXT, REPLACED, TRAIN_METRICS,
                                      WEIGHTS, RunFolder)
 from galaxy_llava.run_layout import complete_checkpoint as _complete
@@ -69,8 +71,6 @@ def checkpoint_to_resume(run: Path, resume_from_checkpoint: str | None) -> Path 
     """The checkpoint a run continues from: None for a fresh run; ``last`` / ``true`` is the
     newest finished one in ``run``; anything else is a checkpoint folder. Its files are checked
     (a truncated optimizer state is one line, not a traceback). One-line errors otherwise."""
-    from galaxy_llava.checks import check_checkpoint
-
     if resume_from_checkpoint is None or str(resume_from_checkpoint).lower() in ("false", ""):
         return None
     if str(resume_from_checkpoint).lower() in ("last", "true"):
@@ -231,8 +231,6 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from galaxy_llava.records import split_name
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for split, style in (("train", "-"), ("validation", "o-")):

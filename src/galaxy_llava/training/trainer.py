@@ -20,18 +20,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import Trainer, TrainerCallback
 
 from galaxy_llava import outputs
-from galaxy_llava.checks import preflight_model
 from galaxy_llava.config import FinetuneArguments
 from galaxy_llava.errors import UserError
-from galaxy_llava.io import write_json, write_text
+from galaxy_llava.io import read_json_object, write_json, write_text
+from galaxy_llava.metrics import collapse_warning
+from galaxy_llava.modelcard import training_settings
 from galaxy_llava.models.encoding import IGNORE_INDEX
+from galaxy_llava.models.folders import is_local
+from galaxy_llava.models.preflight import preflight_model
+from galaxy_llava.models.registry import family_for
+from galaxy_llava.records import dataset_folder, load_records
 from galaxy_llava.run_layout import WEIGHTS
+from galaxy_llava.saving import install_weights
 from galaxy_llava.training import run_folder
 from galaxy_llava.training.accelerate_fsdp_cpu import enable_fsdp_on_cpu
+from galaxy_llava.training.arguments import CONFIG_FILE, parse_settings, settings_to_save
 from galaxy_llava.training.batches import CaptionDataset, Collator
+from galaxy_llava.training.resume import check_fits, read_checkpoint
 
 
 # Validation galaxies described after training to catch a collapsed model (seconds on a CPU).
@@ -157,8 +166,6 @@ def train(model: str | None = None, data: str | os.PathLike | None = None,
 
     ``settings``: any FinetuneArguments or TrainingArguments field by name (``learning_rate``,
     ``num_train_epochs``, ``resume_from_checkpoint="last"``, ...); ``config``: a YAML file."""
-    from galaxy_llava.training.arguments import parse_settings
-
     named = dict(model_name_or_path=model, data=None if data is None else str(data),
                  method=method, output_dir=None if output_dir is None else str(output_dir))
     finetune, args = parse_settings({**named, **settings}, None if config is None else str(config))
@@ -169,8 +176,6 @@ def train(model: str | None = None, data: str | os.PathLike | None = None,
 
 
 def _load_data(ft: FinetuneArguments, main: bool) -> tuple[list[dict], list[dict]]:
-    from galaxy_llava.records import load_records
-
     records = load_records(ft.data, allow_outside=ft.allow_outside_paths)
     train_recs = [r for r in records if r.get("split") == "train"]
     val_recs = [r for r in records if r.get("split") == "validation"]
@@ -187,8 +192,6 @@ def _vote_captions(ft: FinetuneArguments, records: list[dict], seed: int):
     vote columns are refused in one line."""
     if ft.caption_targets != "votes":
         return None
-    from galaxy_llava.io import read_json_object
-    from galaxy_llava.records import dataset_folder
     from galaxy_llava.vote_captions import VoteCaptions
 
     manifest = read_json_object(dataset_folder(ft.data) / "manifest.json")
@@ -203,8 +206,6 @@ def _vote_captions(ft: FinetuneArguments, records: list[dict], seed: int):
 def _setup_model(ft: FinetuneArguments, args):
     """The base model with its encoder frozen, wrapped in LoRA for lora/qlora."""
     from galaxy_llava.models.adapt import apply_lora, freeze_vision_encoder, qlora_config
-    from galaxy_llava.models.registry import family_for
-    from galaxy_llava.models.folders import is_local
     from galaxy_llava.models.loading import load_config, load_model
 
     quant = dtype = None
@@ -265,8 +266,6 @@ def _start_step(checkpoint: Path | None) -> int:
 def run_training(ft: FinetuneArguments, args) -> dict:
     """Train under parsed settings; writes the RUN folder (see :mod:`.run_folder`)."""
     from galaxy_llava.models.adapt import count_parameters
-    from galaxy_llava.training.arguments import CONFIG_FILE, settings_to_save
-    from galaxy_llava.training.resume import check_fits, read_checkpoint
 
     t_start = time.time()
     run, main, world = Path(args.output_dir), args.process_index == 0, args.world_size
@@ -302,9 +301,6 @@ def run_training(ft: FinetuneArguments, args) -> dict:
     train_set = CaptionDataset(train_recs, processor, family, ft.prompt, store, rows, train_draw)
     val_set = (CaptionDataset(val_recs, processor, family, ft.prompt, store, rows, val_draw)
                if val_recs else None)
-
-    import yaml
-
     settings = yaml.safe_dump(settings_to_save(ft, args), sort_keys=False)  # output_dir: RUN
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = run.absolute().name  # the Trainer names the repository by its folder
@@ -416,7 +412,6 @@ def collapse_check(model, processor, val_recs: list[dict], prompt: str,
     :func:`galaxy_llava.metrics.collapse_warning`'s line (or None): a falling validation loss
     does not show a model that answers every image alike."""
     from galaxy_llava.generate import describe_images
-    from galaxy_llava.metrics import collapse_warning
 
     chosen = val_recs[:limit]
     was_training = model.training
@@ -438,8 +433,6 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
     settings; ``name``: the run's) and renames it."""
     from peft import PeftModel
 
-    from galaxy_llava.saving import install_weights
-
     is_adapter = isinstance(trainer.accelerator.unwrap_model(trainer.model), PeftModel)
     kind = WEIGHTS["adapter" if is_adapter else "full"]  # the weights folder's kind and name
     partial = run / f".{kind}.partial"
@@ -448,8 +441,6 @@ def _save_final(trainer: GalaxyTrainer, processor, run: Path, ft: FinetuneArgume
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(partial))
     if main:
-        from galaxy_llava.modelcard import training_settings
-
         val = trainer.eval_dataset
         training = training_settings(ft, trainer.args, steps=trainer.state.global_step,
                                      train_samples=len(trainer.train_dataset),
