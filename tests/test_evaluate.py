@@ -6,7 +6,6 @@ snapshot in test_run_layout.py."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 

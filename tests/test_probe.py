@@ -5,7 +5,6 @@ tiny model."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 
