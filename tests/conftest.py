@@ -229,3 +229,17 @@ def chromium() -> str:
     if path is None:
         require_for_browser_tests("chromium", "apt-get install -y chromium")
     return path
+
+
+def loaded_by(module: str, candidates: tuple[str, ...]) -> list[str]:
+    """Which of ``candidates`` (modules such as torch) a fresh interpreter has loaded after
+    ``import module``: how the tests hold a light module light."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}; "
+            f"print(' '.join(m for m in {candidates!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()

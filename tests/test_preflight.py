@@ -4,12 +4,12 @@ ceiling, checked before any model loads and without importing torch."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+
+from conftest import loaded_by
 
 from galaxy_llava.errors import UserError
 from galaxy_llava.models import preflight
@@ -17,11 +17,7 @@ from galaxy_llava.models import preflight
 
 def test_preflight_imports_no_torch():
     """The checks run before a model loads: importing them must not cost torch's import."""
-    code = ("import sys, galaxy_llava.models.preflight; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert loaded_by("galaxy_llava.models.preflight", ("torch", "transformers")) == []
 
 
 def test_preflight_and_generation_ceiling(tmp_path):

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from galaxy_llava.cli.flags import (add_decoding, add_outside, add_overwrite, add_survey,
-                                    decoding, survey)
+from galaxy_llava.cli.flags import (add_decoding, add_model, add_outside, add_overwrite,
+                                    add_survey, decoding, survey)
 from galaxy_llava.errors import EXIT_SKIPPED
 from galaxy_llava.models.preflight import check_generation
 from galaxy_llava.rules import RULE_SETS
@@ -20,7 +20,7 @@ from galaxy_llava.survey_catalogue_folder import FAILURES
 def add_describe(sub) -> None:
     """``galaxy-llava describe``."""
     s = sub.add_parser("describe", help="describe galaxy images")
-    s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
+    add_model(s)
     s.add_argument("paths", nargs="+", type=Path,
                    help="images, folders of images, or .csv/.parquet lists of paths (their "
                         "other columns, such as ra and dec, come through in --json)")
@@ -67,7 +67,7 @@ def add_catalogue(sub) -> None:
     """``galaxy-llava catalogue``."""
     s = sub.add_parser("catalogue", help="a parquet morphology catalogue of many images: "
                        "captions, attribute probabilities, entropy; resumable, shardable")
-    s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
+    add_model(s)
     s.add_argument("--out", type=Path, required=True, help="folder of part-XXXXX.parquet files")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="folders searched recursively for .jpg/.png/"
@@ -122,7 +122,7 @@ def add_serve(sub) -> None:
     """``galaxy-llava serve``."""
     s = sub.add_parser("serve", help="a web app (Gradio) to describe galaxies by hand: one "
                        "image with its attribute probabilities, or a batch as CSV")
-    s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
+    add_model(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; anything "
                         "else exposes the app, which has no authentication)")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from galaxy_llava.cli.flags import add_decoding, add_outside, add_overwrite, decoding
+from galaxy_llava.cli.flags import (add_dataset, add_decoding, add_model, add_outside,
+                                    add_overwrite, decoding)
 from galaxy_llava.evaluate import evaluate
 from galaxy_llava.probe import probe
 from galaxy_llava.report import build_report
@@ -17,11 +18,8 @@ from galaxy_llava.rules import RULE_SETS
 def add_evaluate(sub) -> None:
     """``galaxy-llava evaluate``."""
     s = sub.add_parser("evaluate", help="describe a split and score the answers")
-    s.add_argument("--model", required=True, help="run folder, model folder or Hub id")
-    s.add_argument("--data", type=Path, required=True,
-                   help="prepared dataset folder (galaxy-llava prepare)")
-    s.add_argument("--split", default="test", help="the split described and scored")
-    s.add_argument("--out", type=Path, required=True, help="EVAL folder to write")
+    add_model(s)
+    add_dataset(s, split_help="the split described and scored")
     add_decoding(s)
     s.add_argument("--limit", type=int, default=None,
                    help="score only the first N galaxies (default: all)")
@@ -51,13 +49,8 @@ def _wrote_eval(out: Path) -> None:
 def add_probe(sub) -> None:
     """``galaxy-llava probe``."""
     s = sub.add_parser("probe", help="linear probe on frozen vision features (baseline)")
-    s.add_argument("--model", required=True,
-                   help="run folder, model folder or Hub id (its vision encoder is used)")
-    s.add_argument("--data", type=Path, required=True,
-                   help="prepared dataset folder (galaxy-llava prepare)")
-    s.add_argument("--split", default="test",
-                   help="the split scored (the probe is fitted on train)")
-    s.add_argument("--out", type=Path, required=True, help="EVAL folder to write")
+    add_model(s, help="run folder, model folder or Hub id (its vision encoder is used)")
+    add_dataset(s, split_help="the split scored (the probe is fitted on train)")
     add_overwrite(s)
     add_outside(s)
     s.set_defaults(func=_probe)

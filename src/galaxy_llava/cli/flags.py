@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 from galaxy_llava.config import DECODING
 from galaxy_llava.errors import EXIT_SKIPPED
@@ -84,6 +85,22 @@ def _both(add, names: tuple[str, ...], kwargs: dict) -> argparse.Action:
 
 
 # ------------------------------------------------------------ flag groups several commands share
+
+
+def add_model(s: argparse.ArgumentParser, help: str = "run folder, model folder or Hub id"
+              ) -> None:
+    """``--model``: what every command that loads a model takes (a run, one of its
+    ``checkpoint-N`` folders, a model folder or a Hub id)."""
+    s.add_argument("--model", required=True, help=help)
+
+
+def add_dataset(s: argparse.ArgumentParser, split_help: str) -> None:
+    """``--data`` (a prepared dataset), ``--split`` and ``--out`` (an EVAL folder): the
+    commands that score a split (evaluate, probe)."""
+    s.add_argument("--data", type=Path, required=True,
+                   help="prepared dataset folder (galaxy-llava prepare)")
+    s.add_argument("--split", default="test", help=split_help)
+    s.add_argument("--out", type=Path, required=True, help="EVAL folder to write")
 
 
 def add_overwrite(s: argparse.ArgumentParser) -> None:
