@@ -68,6 +68,10 @@ def test_fits_guard_and_bad_files_are_user_errors(tmp_path):
     for decode in (True, False):  # refused from the header alone too
         with pytest.raises(UserError, match="a cube of 5 planes .*choose 1 or 3 with --bands"):
             read_fits_rgb(tmp_path / "five.fits", decode=decode)
+    # photutils' PSF grids are cubes of 90 planes: named by their first and last few
+    fits.PrimaryHDU(np.zeros((90, 5, 5), np.float32)).writeto(tmp_path / "psf.fits")
+    with pytest.raises(UserError, match=r"a cube of 90 planes \(0, 1, 2, \.\.\., 88, 89\);"):
+        read_fits_rgb(tmp_path / "psf.fits", decode=False)
     (tmp_path / "junk.fits").write_text("not fits")
     with pytest.raises(UserError, match="junk.fits"):
         load_image(tmp_path / "junk.fits")

@@ -402,7 +402,7 @@ def test_describe_skips_bad_files_on_stderr_and_describes_the_rest(model, prepar
                  "--max-new-tokens", "4"]) == 3
     captured = capsys.readouterr()
     skipped = captured.err.strip().splitlines()
-    assert len(skipped) == 4 and all(s.startswith("galaxy-llava describe: skipped ")
+    assert len(skipped) == 4 and all(s.startswith("galaxy-llava describe: skipped: ")
                                      for s in skipped)
     assert sorted(Path(s.split()[3].rstrip(":")).name for s in skipped) == sorted(BAD)
     assert all(s.count(s.split()[3].rstrip(":")) == 1 for s in skipped), skipped  # named once

@@ -147,7 +147,9 @@ def _plane_indices(path, header, dims: list[int], options: FitsOptions) -> list[
     if len(dims) == 2:
         return None
     names = plane_names(header, planes)
-    listed = ", ".join(n or str(k) for k, n in enumerate(names))
+    labels = [n or str(k) for k, n in enumerate(names)]
+    # A PSF grid or a spectral cube has dozens of planes: the first and last few name it.
+    listed = ", ".join(labels if len(labels) <= 8 else [*labels[:3], "...", *labels[-2:]])
     if not options.bands:
         if planes in (1, 3):
             return list(range(planes))

@@ -55,7 +55,7 @@ def _describe(args: argparse.Namespace) -> int | None:
             error = result["error"]  # most reasons already start with the file's name
             named = error if error.startswith(str(result["image"])) else \
                 f"{result['image']}: {error}"
-            print(f"galaxy-llava describe: skipped {named}", file=sys.stderr)
+            print(f"galaxy-llava describe: skipped: {named}", file=sys.stderr)
         elif args.json or args.scores:
             print(json.dumps(result))
         else:
