@@ -8,6 +8,7 @@ import inspect
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from galaxy_llava import hub_dataset
@@ -167,3 +168,56 @@ def test_question_is_the_families_default():
 
     for family in FAMILIES.values():
         assert inspect.signature(family.default_prompt).parameters["question"].default == QUESTION
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_trains_on_the_prepared_dataset(prepared_dir, tiny_model_dir, tmp_path):
+    """TRL reads our ``messages``/``images`` as its vision-language SFT data: ``load_dataset`` of
+    a prepared folder and a model folder as galaxy-llava saves it (the chat template written
+    beside the weights), loaded by plain ``from_pretrained``, through ``SFTTrainer`` with its own
+    collator. Its assistant-only labels are exactly the caption's tokens and the end token that
+    galaxy-llava's own encoding trains on, and two steps train."""
+    import datasets
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from galaxy_llava.models.encoding import encode_example
+    from galaxy_llava.models.loading import load_model
+    from galaxy_llava.models.registry import family_for
+    from galaxy_llava.saving import save_run_model
+
+    model, processor = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
+    folder = save_run_model(model, processor, tmp_path / "run", base_model=str(tiny_model_dir))
+    family = family_for(model)
+    train = datasets.load_dataset(str(prepared_dir), cache_dir=str(tmp_path / "cache"))["train"]
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                     assistant_only_loss=True, use_cpu=True, report_to="none", logging_steps=1,
+                     save_strategy="no")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=processor)
+    assert isinstance(trainer.data_collator, DataCollatorForVisionLanguageModeling)
+
+    rows = [train[i] for i in range(2)]
+    batch = trainer.data_collator([dict(r) for r in rows])
+    for k, row in enumerate(rows):
+        ours = encode_example(processor, family, row["image"], row["caption"])
+        ids = batch["input_ids"][k][batch["attention_mask"][k] == 1]
+        labels = batch["labels"][k][batch["labels"][k] != -100]
+        caption = family.answer_ids(processor.tokenizer, row["caption"])
+        assert labels.tolist() == caption + family.end_ids(processor.tokenizer)
+        assert labels.tolist() == ours["labels"][ours["labels"] != -100].tolist()
+        # The same sequence as galaxy-llava's own training, image tokens and all, but for the
+        # BOS: TRL tokenizes with add_special_tokens=False and our template writes no BOS.
+        assert ours["input_ids"][0] == processor.tokenizer.bos_token_id
+        assert ids.tolist() == ours["input_ids"][1:].tolist()
+        assert torch.equal(batch["pixel_values"][k], ours["pixel_values"][0])
+
+    before = model.lm_head.weight.detach().clone()
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert result.global_step == 2 and len(losses) == 2
+    assert all(np.isfinite(loss) and loss > 0 for loss in losses)
+    assert not torch.equal(model.lm_head.weight, before)  # the steps changed the weights
