@@ -231,13 +231,15 @@ def chromium() -> str:
     return path
 
 
-def loaded_by(module: str, candidates: tuple[str, ...]) -> list[str]:
+def loaded_by(modules: str | tuple[str, ...], candidates: tuple[str, ...]) -> list[str]:
     """Which of ``candidates`` (modules such as torch) a fresh interpreter has loaded after
-    ``import module``: how the tests hold a light module light."""
+    importing ``modules`` (the test session itself has torch loaded): how the tests hold a
+    light module light."""
     import subprocess
     import sys
 
-    code = (f"import sys, {module}; "
+    names = ", ".join([modules] if isinstance(modules, str) else modules)
+    code = (f"import sys, {names}; "
             f"print(' '.join(m for m in {candidates!r} if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)

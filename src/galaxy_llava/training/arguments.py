@@ -26,7 +26,6 @@ from galaxy_llava.models.folders import SETTINGS as CONFIG_FILE
 from galaxy_llava.models.folders import portable_settings, run_settings
 from galaxy_llava.outputs import check_kind
 from galaxy_llava.training import run_folder
-from galaxy_llava.training.run_folder import resumable
 
 DESCRIPTION = ("Fine-tune a vision-language model on a prepared galaxy dataset with the Hugging "
                "Face Trainer. Every TrainingArguments name works as a flag and as a key of the "
@@ -105,7 +104,7 @@ def saved_settings(output_dir: str | Path | None) -> dict[str, Any]:
     absolute: :func:`~galaxy_llava.models.folders.run_settings`), or {}."""
     if output_dir is None:
         return {}
-    return run_settings(resumable(Path(output_dir)), relative_to=output_dir)
+    return run_settings(run_folder.resumable(Path(output_dir)), relative_to=output_dir)
 
 
 def layered_defaults(parser, explicit: dict[str, Any], config: str | None = None,
